@@ -1,0 +1,114 @@
+"""The provider-neutral sandbox interface: what a workflow step needs from any sandbox.
+
+A `SandboxProvider` creates sandboxes from a `SandboxSpec` and re-attaches to one by id; a `Sandbox` runs shell
+commands with streaming output and timeouts, moves files, and takes and restores portable snapshots through a
+`SnapshotEngine`. Providers translate their own "it is gone" errors into `SandboxLost`; everything above this
+layer (activities, workflows) only ever sees that.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from sandboxes.snapshots import RestoreStats, Selection, SnapshotEngine, SnapshotInfo
+
+OutputCallback = Callable[[bytes], None]
+
+
+@dataclass(frozen=True)
+class SandboxSpec:
+    """How to create a sandbox. Secrets are not here: they are resolved per command, on the worker."""
+
+    network: bool = False
+    isolation: str = "required"  # "required" | "preferred" (local provider: run unisolated if bwrap is missing)
+    options: Mapping[str, Any] = field(default_factory=dict)  # provider-specific (template, image, cpu, ...)
+
+
+@dataclass
+class ExecResult:
+    exit_code: int
+    timed_out: bool
+    duration: float
+    output_tail: bytes  # the last bytes of combined stdout+stderr
+    output_bytes: int  # total bytes produced
+    log_path: str | None = None  # full output, on the worker's disk, if the provider keeps it
+
+
+class Sandbox(abc.ABC):
+    """One live sandbox. Paths are sandbox paths (``/workspace/...``)."""
+
+    id: str
+    provider: str
+
+    @abc.abstractmethod
+    async def exec(
+        self,
+        command: str,
+        *,
+        env: Mapping[str, str],
+        timeout: float | None,
+        cwd: str = "/workspace",
+        on_output: OutputCallback | None = None,
+        labels: Mapping[str, str] | None = None,
+        tail_bytes: int = 4096,
+    ) -> ExecResult:
+        """Run ``sh -c command`` to completion (or timeout, which kills it). Raises `SandboxLost` if the sandbox
+        dies meanwhile. Cancelling the call kills the command's whole process tree."""
+
+    @abc.abstractmethod
+    async def kill_processes(self) -> None:
+        """Kill everything running in the sandbox (orphans of an abandoned attempt included)."""
+
+    @abc.abstractmethod
+    async def alive(self) -> bool: ...
+
+    @abc.abstractmethod
+    async def read_file(self, path: str, *, limit: int | None = None) -> bytes: ...
+
+    @abc.abstractmethod
+    async def write_file(self, path: str, data: bytes, *, mode: int = 0o644) -> None: ...
+
+    @abc.abstractmethod
+    async def make_dirs(self, path: str) -> None: ...
+
+    @abc.abstractmethod
+    async def snapshot(
+        self,
+        engine: SnapshotEngine,
+        *,
+        selection: Selection,
+        parent: str | None,
+        labels: Mapping[str, str],
+    ) -> SnapshotInfo:
+        """Store the selected paths; unchanged files are not re-read when the provider can tell."""
+
+    @abc.abstractmethod
+    async def restore(self, engine: SnapshotEngine, snapshot_id: str, *, selection: Selection) -> RestoreStats:
+        """Make the selected paths equal the snapshot (full restore or rollback, rewriting only what differs)."""
+
+    @abc.abstractmethod
+    async def destroy(self) -> None:
+        """Kill and delete the sandbox. Destroying a sandbox that is already gone is not an error."""
+
+
+class SandboxProvider(abc.ABC):
+    name: str
+    #: True if a sandbox lives on the worker that created it (its activities must be routed to that worker).
+    host_bound: bool
+
+    @abc.abstractmethod
+    async def create(self, spec: SandboxSpec) -> Sandbox: ...
+
+    @abc.abstractmethod
+    async def attach(self, sandbox_id: str) -> Sandbox:
+        """The live sandbox with this id. Raises `SandboxLost` if it no longer exists."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release provider resources when the worker stops."""
+
+
+# A hook the demo and the tests use to destroy a sandbox while a command runs, the way a dead container would.
+FaultInjector = Callable[["Sandbox", Mapping[str, str], Awaitable[Any]], Awaitable[None]]

@@ -1,0 +1,236 @@
+"""Taking a snapshot: walk a folder, store what changed, write the tree last.
+
+Files whose stat matches the stat cache are not read; their tree lines are reused byte for byte. Changed files
+are read once, hashed and packed (large ones cut into content-defined chunks, so an edit stores only the chunks
+around it). The tree is written only after every pack it references is durably stored, and the snapshot record
+only after the tree, so a crash at any point leaves either the old snapshots or the new one - never a tree that
+points at missing data.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import blake3
+import pyfastcdc
+
+from sandboxes.errors import WorkspaceChanged
+from sandboxes.snapshots import tree as t
+from sandboxes.snapshots.packs import KnownBlobs, PackWriter, blob_hash
+from sandboxes.snapshots.selection import Selection
+from sandboxes.snapshots.statcache import StatCacheCursor, StatCacheWriter, stat_key
+from sandboxes.snapshots.walk import Walker
+from sandboxes.stores.base import ObjectStore
+
+LARGE_FILE = 1 << 20  # files from this size on are cut into chunks
+CHUNK_AVG, CHUNK_MIN, CHUNK_MAX = 1 << 20, 256 << 10, 4 << 20
+MAX_HELD_BACK = 20_000  # entries waiting for their pack to seal; past this the pack is sealed early
+MODE_MASK = 0o1777  # setuid/setgid are never recorded: a restored file must not gain privileges on the host
+
+
+@dataclass
+class CreateStats:
+    entries: int = 0
+    bytes: int = 0  # logical size of all files
+    files_read: int = 0
+    files_unchanged: int = 0
+    skipped_special: list[str] = field(default_factory=list)  # sockets, fifos, devices (first few)
+    bytes_new: int = 0
+    bytes_stored: int = 0
+    packs: int = 0
+    tree_written: bool = False
+    seconds: float = 0.0
+
+
+@dataclass
+class CreateResult:
+    snapshot_id: str
+    digest: str
+    stats: CreateStats
+
+
+# (entry, or an unchanged file's cached line; stat key; path; content hash and mode of a cached line)
+_Held = tuple[t.Entry | bytes, str, str, str, int]
+
+
+class TreeBuilder:
+    """Collects the tree body, the digest and the new stat cache, holding back entries whose pack is open."""
+
+    def __init__(self, body: Path, writer: PackWriter, cache: StatCacheWriter | None) -> None:
+        self._body = open(body, "wb")  # noqa: SIM115 - closed in finish()
+        self._hash = blake3.blake3()
+        self._digest = blake3.blake3()
+        self._writer = writer
+        self._cache = cache
+        self._held: list[_Held] = []
+        self.count = 0
+        writer.on_seal = self.release
+
+    def _write(self, line: bytes) -> None:
+        line += b"\n"
+        self._body.write(line)
+        self._hash.update(line)
+        self.count += 1
+
+    def _emit(self, item: t.Entry | bytes, key: str, path: str, content_hash: str, mode: int) -> None:
+        if isinstance(item, bytes):  # an unchanged file's cached line
+            self._write(item)
+            self._digest.update(t.digest_record(path, t.FILE, mode, content_hash, ""))
+            if self._cache is not None:
+                self._cache.add(path, key, content_hash, item)
+            return
+        if item.chunks:
+            item.chunks = [self._writer.resolve(c) for c in item.chunks]
+        line = t.encode_entry(item)
+        self._write(line)
+        self._digest.update(t.entry_digest_record(item))
+        if self._cache is not None and item.kind == t.FILE and key:
+            self._cache.add(item.path, key, item.hash, line)
+
+    def add_entry(self, entry: t.Entry, key: str = "") -> None:
+        self._hold_or_emit((entry, key, entry.path, "", 0), self._writer.open_pack_has(entry.chunks))
+
+    def add_cached(self, path: str, key: str, content_hash: str, mode: int, line: bytes) -> None:
+        self._hold_or_emit((line, key, path, content_hash, mode), False)
+
+    def _hold_or_emit(self, item: _Held, needs_open_pack: bool) -> None:
+        # Order matters: once one entry waits for its pack, everything after it waits too.
+        if self._held or needs_open_pack:
+            self._held.append(item)
+            if len(self._held) >= MAX_HELD_BACK:
+                self._writer.seal()
+        else:
+            self._emit(*item)
+
+    def release(self) -> None:
+        """Called when a pack seals: every held entry can now name its pack."""
+        held, self._held = self._held, []
+        for item in held:
+            self._emit(*item)
+
+    def finish(self, total_bytes: int, selection: Selection) -> tuple[str, str]:
+        assert not self._held, "entries held back after the last pack was sealed"
+        digest = self._digest.hexdigest()
+        footer = t.footer(self.count, total_bytes, digest, selection.to_json())
+        self._body.write(footer)
+        self._hash.update(footer)
+        self._body.close()
+        return self._hash.hexdigest(), digest
+
+    def abort(self) -> None:
+        self._body.close()
+
+
+def _read_file(
+    root_fd: int, path: str, st: os.stat_result, writer: PackWriter, chunker: pyfastcdc.FastCDC
+) -> t.Entry:
+    """Read one regular file into blobs. Retries once if it changes under us, then gives up loudly."""
+    for _ in range(2):
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=root_fd)
+        try:
+            with os.fdopen(fd, "rb", buffering=0, closefd=False) as f:
+                if st.st_size < LARGE_FILE:
+                    data = f.read()
+                    content_hash = blob_hash(data)
+                    chunks = [writer.add(data, content_hash)] if data else []
+                    size = len(data)
+                else:
+                    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+                    chunks, size = [], 0
+                    for chunk in chunker.cut_stream(f):
+                        hasher.update(chunk.data)
+                        chunks.append(writer.add(chunk.data))
+                        size += chunk.length
+                    content_hash = hasher.hexdigest()
+            after = os.fstat(fd)
+        finally:
+            os.close(fd)
+        if size == after.st_size and after.st_mtime_ns == st.st_mtime_ns and size == st.st_size:
+            return t.Entry(
+                path, t.FILE, st.st_mode & MODE_MASK, st.st_mtime_ns, size, content_hash or t.EMPTY_HASH, chunks
+            )
+        st = after
+    raise WorkspaceChanged(f"file {path!r} kept changing while it was snapshotted; is a process still writing it?")
+
+
+def create_snapshot(
+    store: ObjectStore,
+    root: str,
+    *,
+    selection: Selection,
+    known: KnownBlobs,
+    cache_path: Path | None,
+    scratch: Path,
+    publish: Callable[[str, Path], bool],
+) -> CreateResult:
+    """Store everything under ``root`` that ``selection`` covers.
+
+    ``publish(snapshot_id, tree_body)`` stores the tree once all packs are stored and returns whether it wrote
+    it (False: an identical tree already existed). The stat cache is replaced only after that succeeded.
+    """
+    started = time.monotonic()
+    stats = CreateStats()
+    writer = PackWriter(store, known)
+    cursor = StatCacheCursor(cache_path, store.url)
+    cache_out = StatCacheWriter(cache_path, store.url) if cache_path is not None else None
+    body = Path(tempfile.mkstemp(dir=scratch, prefix="tree-")[1])
+    builder = TreeBuilder(body, writer, cache_out)
+    chunker = pyfastcdc.FastCDC(CHUNK_AVG, min_size=CHUNK_MIN, max_size=CHUNK_MAX)
+    hardlinks: dict[tuple[int, int], str] = {}
+    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for path, st, ancestor in Walker(root, selection):
+            mode = st.st_mode
+            if stat.S_ISDIR(mode):
+                # Folders walked only to reach a root keep no mtime: it changes with things we do not cover.
+                builder.add_entry(t.Entry(path, t.DIR, mode & MODE_MASK, 0 if ancestor else st.st_mtime_ns))
+            elif stat.S_ISLNK(mode):
+                link = os.readlink(path, dir_fd=root_fd)
+                builder.add_entry(t.Entry(path, t.SYMLINK, mtime_ns=st.st_mtime_ns, link=link))
+            elif stat.S_ISREG(mode):
+                if st.st_nlink > 1:
+                    first = hardlinks.setdefault((st.st_dev, st.st_ino), path)
+                    if first != path:
+                        builder.add_entry(t.Entry(path, t.HARDLINK, link=first))
+                        continue
+                stats.bytes += st.st_size
+                key = stat_key(st)
+                cached = cursor.seek(path)
+                if cached is not None and cached.stat_key == key:
+                    stats.files_unchanged += 1
+                    builder.add_cached(path, key, cached.hash, mode & MODE_MASK, cached.tree_line)
+                    continue
+                if cached is not None:
+                    # The old version's chunks are the likeliest to recur (an edit in a large file).
+                    for ref in t.decode_entry(cached.tree_line).chunks:
+                        known.add(ref)
+                stats.files_read += 1
+                builder.add_entry(_read_file(root_fd, path, st, writer, chunker), key)
+            elif len(stats.skipped_special) < 20:
+                stats.skipped_special.append(path)
+        writer.finish()
+        snapshot_id, digest = builder.finish(stats.bytes, selection)
+        stats.tree_written = publish(snapshot_id, body)
+    except BaseException:
+        builder.abort()
+        if cache_out is not None:
+            cache_out.abort()
+        raise
+    finally:
+        body.unlink(missing_ok=True)
+        os.close(root_fd)
+        cursor.close()
+    if cache_out is not None:
+        cache_out.commit(snapshot_id)
+    stats.entries = builder.count
+    stats.bytes_new = writer.stats.bytes_raw
+    stats.bytes_stored = writer.stats.bytes_stored
+    stats.packs = writer.stats.packs
+    stats.seconds = time.monotonic() - started
+    return CreateResult(snapshot_id, digest, stats)

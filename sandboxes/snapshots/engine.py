@@ -1,0 +1,301 @@
+"""`SnapshotEngine`: create, restore, verify and list snapshots in one object store.
+
+Layout in the store (all objects immutable, all verified on read):
+    packs/ab/<hash>     compressed blobs (file contents and chunks), named by the hash of the pack
+    index/ab/<hash>     the blobs a pack holds, so later snapshots can reuse them
+    trees/ab/<id>       a snapshot's tree (zstd JSON lines); the snapshot id is the hash of the tree
+    snapshots/<id>      a small record for listing: digest, parent, time, size, labels
+
+A snapshot is usable once its tree exists; the tree is written only after its packs, and the record only after
+the tree. This module holds no Temporal code: activities and the CLI call it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import blake3
+import zstandard
+
+from sandboxes.errors import SnapshotCorrupt, SnapshotError, SnapshotMissing
+from sandboxes.snapshots import tree as t
+from sandboxes.snapshots.create import CreateStats, create_snapshot
+from sandboxes.snapshots.packs import KnownBlobs, blob_hash, decode_blob, pack_key
+from sandboxes.snapshots.restore import RestoreStats, read_footer, restore_tree, tree_entries
+from sandboxes.snapshots.selection import Selection
+from sandboxes.stores.base import ObjectMissing, ObjectStore
+
+_ID = re.compile(r"^[0-9a-f]{64}$")
+_TREE_CACHE_LIMIT = 32
+
+
+def tree_key(snapshot_id: str) -> str:
+    return f"trees/{snapshot_id[:2]}/{snapshot_id}"
+
+
+def record_key(snapshot_id: str) -> str:
+    return f"snapshots/{snapshot_id}"
+
+
+@dataclass
+class SnapshotInfo:
+    """What a snapshot is, as recorded next to it (and returned by `create`)."""
+
+    id: str
+    digest: str
+    parent: str | None = None
+    created_at: float = 0.0
+    entries: int = 0
+    bytes: int = 0
+    labels: dict[str, str] = field(default_factory=dict)
+    stats: CreateStats | None = None  # only on the result of `create`
+
+    def record(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("stats")
+        return d
+
+
+@dataclass
+class VerifyProblem:
+    path: str | None
+    key: str
+    problem: str
+
+
+@dataclass
+class VerifyReport:
+    snapshot_id: str
+    files: int = 0
+    blobs: int = 0
+    packs: int = 0
+    bytes: int = 0
+    problems: list[VerifyProblem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def check_snapshot_id(snapshot_id: str) -> str:
+    if not _ID.match(snapshot_id):
+        raise SnapshotError(f"{snapshot_id!r} is not a snapshot id (64 lowercase hex characters)")
+    return snapshot_id
+
+
+class SnapshotEngine:
+    """Snapshots of folders in one store. Thread-safe; keep one per store for the life of a worker."""
+
+    def __init__(self, store: ObjectStore, *, scratch_dir: Path | None = None) -> None:
+        self.store = store
+        self.scratch = Path(scratch_dir or tempfile.mkdtemp(prefix="tardigrade-scratch-"))
+        self.scratch.mkdir(parents=True, exist_ok=True)
+        self.known = KnownBlobs()
+        self._lock = threading.Lock()
+        self._trees = self.scratch / "trees"
+        self._trees.mkdir(exist_ok=True)
+
+    # -- create -----------------------------------------------------------------------------------------------
+
+    def create(
+        self,
+        root: str | Path,
+        *,
+        selection: Selection | None = None,
+        parent: str | None = None,
+        cache_path: Path | None = None,
+        labels: dict[str, str] | None = None,
+    ) -> SnapshotInfo:
+        """Snapshot ``root``. With a ``cache_path`` from the previous snapshot or restore, unchanged files are
+        not read again. Returns the new snapshot (which may equal ``parent`` if nothing changed)."""
+        selection = selection or Selection.everything()
+
+        def publish(snapshot_id: str, body: Path) -> bool:
+            written = False
+            if not self.store.exists(tree_key(snapshot_id)):
+                compressed = body.with_suffix(".zst")
+                try:
+                    with open(body, "rb") as src, open(compressed, "wb") as dst:
+                        zstandard.ZstdCompressor(level=3).copy_stream(src, dst)
+                    written = self.store.put_file(tree_key(snapshot_id), compressed)
+                finally:
+                    compressed.unlink(missing_ok=True)
+            self._remember_tree(snapshot_id, body)
+            return written
+
+        result = create_snapshot(
+            self.store,
+            str(root),
+            selection=selection,
+            known=self.known,
+            cache_path=cache_path,
+            scratch=self.scratch,
+            publish=publish,
+        )
+        info = SnapshotInfo(
+            id=result.snapshot_id,
+            digest=result.digest,
+            parent=parent,
+            created_at=time.time(),
+            entries=result.stats.entries,
+            bytes=result.stats.bytes,
+            labels=dict(labels or {}),
+            stats=result.stats,
+        )
+        # The record comes last; an identical earlier snapshot keeps its record (and its labels).
+        if result.stats.tree_written or not self.store.exists(record_key(info.id)):
+            self.store.put(record_key(info.id), json.dumps(info.record()).encode())
+        return info
+
+    # -- trees ------------------------------------------------------------------------------------------------
+
+    def _remember_tree(self, snapshot_id: str, body: Path) -> None:
+        """Keep a verified, uncompressed copy of recent trees: rollbacks restore the same tree over and over."""
+        target = self._trees / snapshot_id
+        if target.exists():
+            return
+        tmp = self._trees / f".{snapshot_id}.{threading.get_ident()}"
+        shutil.copyfile(body, tmp)
+        os.replace(tmp, target)
+        cached = sorted(self._trees.iterdir(), key=lambda p: p.stat().st_mtime)
+        for old in cached[:-_TREE_CACHE_LIMIT]:
+            old.unlink(missing_ok=True)
+
+    @contextmanager
+    def open_tree(self, snapshot_id: str) -> Iterator[Path]:
+        """A verified, uncompressed copy of the snapshot's tree. Raises `SnapshotMissing` / `SnapshotCorrupt`."""
+        check_snapshot_id(snapshot_id)
+        cached = self._trees / snapshot_id
+        if cached.exists():
+            os.utime(cached)
+            yield cached
+            return
+        key = tree_key(snapshot_id)
+        fd, name = tempfile.mkstemp(dir=self.scratch, prefix="fetch-")
+        os.close(fd)
+        compressed, body = Path(name), Path(name + ".tree")
+        try:
+            try:
+                self.store.get_file(key, compressed)
+            except ObjectMissing:
+                raise SnapshotMissing(
+                    snapshot_id, self.store.url, "its tree object is missing; was it garbage-collected, or written"
+                    " to another store?"
+                ) from None
+            hasher = blake3.blake3()
+            try:
+                with open(compressed, "rb") as src, open(body, "wb") as dst:
+                    reader = zstandard.ZstdDecompressor().stream_reader(src)
+                    while block := reader.read(1 << 20):
+                        hasher.update(block)
+                        dst.write(block)
+            except zstandard.ZstdError as e:
+                raise SnapshotCorrupt(snapshot_id, None, key, f"cannot be decompressed ({e})") from None
+            if hasher.hexdigest() != snapshot_id:
+                raise SnapshotCorrupt(snapshot_id, None, key, "does not match its hash (the tree is corrupt)")
+            self._remember_tree(snapshot_id, body)
+            yield body
+        finally:
+            compressed.unlink(missing_ok=True)
+            body.unlink(missing_ok=True)
+
+    def entries(self, snapshot_id: str) -> Iterator[t.Entry]:
+        with self.open_tree(snapshot_id) as path:
+            yield from tree_entries(path)
+
+    # -- restore ----------------------------------------------------------------------------------------------
+
+    def restore(
+        self,
+        snapshot_id: str,
+        root: str | Path,
+        *,
+        selection: Selection | None = None,
+        cache_path: Path | None = None,
+    ) -> RestoreStats:
+        """Make ``root`` equal the snapshot within ``selection``: a full restore into an empty folder, or a
+        rollback of a live one that rewrites only what differs."""
+        with self.open_tree(snapshot_id) as tree_path:
+            return restore_tree(
+                self.store,
+                snapshot_id,
+                tree_path,
+                str(root),
+                selection=selection or Selection.everything(),
+                cache_path=cache_path,
+                scratch=self.scratch,
+            )
+
+    # -- inspection -------------------------------------------------------------------------------------------
+
+    def info(self, snapshot_id: str) -> SnapshotInfo:
+        check_snapshot_id(snapshot_id)
+        try:
+            record = json.loads(self.store.get(record_key(snapshot_id)))
+        except ObjectMissing:
+            if not self.store.exists(tree_key(snapshot_id)):
+                raise SnapshotMissing(snapshot_id, self.store.url) from None
+            with self.open_tree(snapshot_id) as path:
+                footer = read_footer(path)
+            return SnapshotInfo(id=snapshot_id, digest=str(footer["digest"]))
+        return SnapshotInfo(**record)
+
+    def list(self) -> list[SnapshotInfo]:
+        """All snapshot records, oldest first."""
+        out = []
+        for obj in self.store.list("snapshots/"):
+            try:
+                out.append(SnapshotInfo(**json.loads(self.store.get(obj.key))))
+            except (ObjectMissing, ValueError, TypeError):
+                continue  # deleted meanwhile, or not ours
+        return sorted(out, key=lambda s: s.created_at)
+
+    def verify(self, snapshot_id: str) -> VerifyReport:
+        """Read back every object the snapshot needs and check each against its hash. Reports all problems."""
+        report = VerifyReport(snapshot_id)
+        try:
+            with self.open_tree(snapshot_id) as path:
+                by_pack: dict[str, dict[str, tuple[t.ChunkRef, str]]] = {}
+                for entry in tree_entries(path):
+                    if entry.kind != t.FILE:
+                        continue
+                    report.files += 1
+                    report.bytes += entry.size
+                    for ref in entry.chunks:
+                        by_pack.setdefault(ref.pack, {}).setdefault(ref.blob, (ref, entry.path))
+        except SnapshotError as e:
+            key = getattr(e, "key", tree_key(snapshot_id))
+            report.problems.append(VerifyProblem(None, key, str(e)))
+            return report
+        for pack, blobs in by_pack.items():
+            report.packs += 1
+            key = pack_key(pack)
+            try:
+                data = self.store.get(key)
+            except ObjectMissing:
+                first_path = next(iter(blobs.values()))[1]
+                report.problems.append(VerifyProblem(first_path, key, "is missing"))
+                continue
+            if blob_hash(data) != pack:
+                report.problems.append(VerifyProblem(None, key, "does not match its hash"))
+            for ref, file_path in blobs.values():
+                report.blobs += 1
+                try:
+                    raw = decode_blob(ref, memoryview(data)[ref.offset : ref.offset + ref.length])
+                    ok = len(raw) == ref.raw_length and blob_hash(raw) == ref.blob
+                except zstandard.ZstdError:
+                    ok = False
+                if not ok:
+                    report.problems.append(VerifyProblem(file_path, key, f"blob {ref.blob[:16]}... is corrupt"))
+        return report

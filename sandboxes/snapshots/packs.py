@@ -1,0 +1,275 @@
+"""Blobs in packs: how file contents are written to and read back from an object store.
+
+A blob is one small file or one content-defined chunk of a large file, named by the BLAKE3 hash of its raw bytes.
+Blobs are compressed (zstd, unless a sample shows they will not shrink) and appended to a pack of up to
+`PACK_TARGET` bytes, so ten thousand small files become a handful of store writes. A pack is named by the hash of
+its bytes and uploaded in the background while the next one fills; next to it goes ``index/<pack>``, the list
+of its blobs, so later snapshots can find existing blobs without reading packs.
+
+Reads are batched: neighbouring blobs of one pack come back in one ranged read, a few batches are fetched ahead
+in parallel, and every blob is checked against its hash before a byte of it is used.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+import blake3
+import zstandard
+
+from sandboxes.errors import SnapshotCorrupt
+from sandboxes.snapshots.tree import CODEC_RAW, CODEC_ZSTD, ChunkRef
+from sandboxes.stores.base import ObjectMissing, ObjectStore
+
+PACK_TARGET = 16 << 20
+SAMPLE = 64 << 10  # bytes test-compressed to decide whether a blob is worth compressing
+MIN_SAVING = 0.92  # store raw unless compression gets the sample below this fraction
+MAX_UPLOADS_IN_FLIGHT = 2
+
+T = TypeVar("T")
+
+
+def pack_key(pack: str) -> str:
+    return f"packs/{pack[:2]}/{pack}"
+
+
+def index_key(pack: str) -> str:
+    return f"index/{pack[:2]}/{pack}"
+
+
+def blob_hash(data: bytes | memoryview) -> str:
+    return blake3.blake3(data).hexdigest()
+
+
+class KnownBlobs:
+    """Blobs this store already holds, by hash: a bounded LRU, so dedupe is best-effort but memory is not."""
+
+    def __init__(self, limit: int = 500_000) -> None:
+        self._refs: OrderedDict[str, ChunkRef] = OrderedDict()
+        self._limit = limit
+
+    def get(self, blob: str) -> ChunkRef | None:
+        ref = self._refs.get(blob)
+        if ref is not None:
+            self._refs.move_to_end(blob)
+        return ref
+
+    def add(self, ref: ChunkRef) -> None:
+        self._refs[ref.blob] = ref
+        if len(self._refs) > self._limit:
+            self._refs.popitem(last=False)
+
+
+@dataclass
+class PackStats:
+    packs: int = 0
+    blobs_new: int = 0
+    blobs_reused: int = 0
+    bytes_raw: int = 0  # new content, before compression
+    bytes_stored: int = 0  # new content as written to the store
+
+
+class PackWriter:
+    """Appends blobs to the open pack; seals and uploads full packs in the background.
+
+    References to blobs in the still-open pack carry a placeholder pack name (``"~3"``) until the pack is sealed;
+    `resolve` swaps in the real name. Callers hold back entries until `open_pack_has` is false for them.
+    """
+
+    def __init__(self, store: ObjectStore, known: KnownBlobs, *, level: int = 3) -> None:
+        self.store = store
+        self.known = known
+        self.stats = PackStats()
+        self._level = level
+        self._local = threading.local()
+        self._buf = bytearray()
+        self._open: dict[str, ChunkRef] = {}  # blobs in the open pack, with a placeholder pack name
+        self._seq = 0
+        self._sealed: dict[str, str] = {}
+        self._pool = ThreadPoolExecutor(MAX_UPLOADS_IN_FLIGHT, thread_name_prefix="pack-upload")
+        self._uploads: list[Future[None]] = []
+        self.on_seal: Callable[[], None] | None = None
+
+    @property
+    def _placeholder(self) -> str:
+        return f"~{self._seq}"
+
+    def _compressor(self) -> zstandard.ZstdCompressor:
+        c = getattr(self._local, "c", None)
+        if c is None:
+            c = self._local.c = zstandard.ZstdCompressor(level=self._level)
+        return c
+
+    def encode(self, data: bytes | memoryview) -> tuple[bytes | memoryview, int]:
+        """Compress if worth it. A sample of random-looking data is cheap to try and saves compressing it all."""
+        if not data:
+            return data, CODEC_RAW
+        c = self._compressor()
+        if len(data) > SAMPLE and len(c.compress(data[:SAMPLE])) > SAMPLE * MIN_SAVING:
+            return data, CODEC_RAW
+        packed = c.compress(data)
+        if len(packed) > len(data) * MIN_SAVING:
+            return data, CODEC_RAW
+        return packed, CODEC_ZSTD
+
+    def add(self, data: bytes | memoryview, blob: str | None = None) -> ChunkRef:
+        """Store one blob (or find it already stored) and return where it lives."""
+        blob = blob or blob_hash(data)
+        ref = self._open.get(blob) or self.known.get(blob)
+        if ref is not None:
+            self.stats.blobs_reused += 1
+            return ref
+        stored, codec = self.encode(data)
+        ref = ChunkRef(blob, self._placeholder, len(self._buf), len(stored), len(data), codec)
+        self._buf += stored
+        self._open[blob] = ref
+        self.stats.blobs_new += 1
+        self.stats.bytes_raw += len(data)
+        self.stats.bytes_stored += len(stored)
+        if len(self._buf) >= PACK_TARGET:
+            self.seal()
+        return ref
+
+    def open_pack_has(self, refs: Iterable[ChunkRef]) -> bool:
+        return any(r.pack.startswith("~") for r in refs)
+
+    def resolve(self, ref: ChunkRef) -> ChunkRef:
+        if ref.pack.startswith("~"):
+            sealed = self._sealed.get(ref.pack)
+            if sealed is not None:
+                return ref._replace(pack=sealed)
+        return ref
+
+    def seal(self) -> None:
+        """Close the open pack and start its upload. Blocks while too many uploads are in flight."""
+        if not self._buf:
+            return
+        data = bytes(self._buf)
+        pack = blob_hash(data)
+        index = [[r.blob, r.offset, r.length, r.raw_length, r.codec] for r in self._open.values()]
+        for ref in self._open.values():
+            self.known.add(ref._replace(pack=pack))
+        self._sealed[self._placeholder] = pack
+        self._seq += 1
+        self._buf = bytearray()
+        self._open = {}
+        self.stats.packs += 1
+        # Bounded memory: wait for the oldest upload before queueing another (and surface its error early).
+        while len(self._uploads) >= MAX_UPLOADS_IN_FLIGHT:
+            self._uploads.pop(0).result()
+        self._uploads.append(self._pool.submit(self._upload, pack, data, index))
+        if self.on_seal is not None:
+            self.on_seal()
+
+    def _upload(self, pack: str, data: bytes, index: list[list[object]]) -> None:
+        self.store.put(pack_key(pack), data)
+        # The index is written after the pack it describes, so an index never names a missing pack.
+        self.store.put(index_key(pack), json.dumps({"pack": pack, "blobs": index}, separators=(",", ":")).encode())
+
+    def finish(self) -> None:
+        """Seal the open pack and wait until every pack is durably stored. Raises the first upload error."""
+        try:
+            self.seal()
+            for f in self._uploads:
+                f.result()
+        finally:
+            self._pool.shutdown(wait=True)
+
+
+def decode_blob(ref: ChunkRef, stored: bytes | memoryview) -> bytes:
+    if ref.codec == CODEC_RAW:
+        return bytes(stored)
+    if ref.codec == CODEC_ZSTD:
+        return zstandard.ZstdDecompressor().decompress(stored, max_output_size=ref.raw_length)
+    raise ValueError(f"unknown codec {ref.codec}")
+
+
+@dataclass
+class _Batch(Generic[T]):
+    pack: str
+    start: int
+    end: int
+    items: list[tuple[ChunkRef, T]]
+
+
+class BlobFetcher:
+    """Reads blobs in the order asked, a few ranged reads ahead, verifying each against its hash."""
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        snapshot_id: str,
+        *,
+        batch_bytes: int = 8 << 20,
+        gap_bytes: int = 1 << 20,
+        ahead: int = 4,
+    ) -> None:
+        self.store = store
+        self.snapshot_id = snapshot_id
+        self.batch_bytes = batch_bytes
+        self.gap_bytes = gap_bytes
+        self.ahead = ahead
+
+    def _batches(self, refs: Iterable[tuple[ChunkRef, T]]) -> Iterator[_Batch[T]]:
+        batch: _Batch[T] | None = None
+        for ref, ctx in refs:
+            end = ref.offset + ref.length
+            if (
+                batch is not None
+                and ref.pack == batch.pack
+                and batch.end <= ref.offset <= batch.end + self.gap_bytes
+                and end - batch.start <= self.batch_bytes
+            ):
+                batch.end = end
+                batch.items.append((ref, ctx))
+                continue
+            if batch is not None:
+                yield batch
+            batch = _Batch(ref.pack, ref.offset, end, [(ref, ctx)])
+        if batch is not None:
+            yield batch
+
+    def _fetch(self, batch: _Batch[T], path_of: Callable[[T], str | None]) -> list[tuple[T, bytes]]:
+        key = pack_key(batch.pack)
+        try:
+            data = self.store.get_range(key, batch.start, batch.end - batch.start)
+        except ObjectMissing:
+            raise SnapshotCorrupt(self.snapshot_id, path_of(batch.items[0][1]), key, "is missing") from None
+        out = []
+        view = memoryview(data)
+        for ref, ctx in batch.items:
+            stored = view[ref.offset - batch.start : ref.offset - batch.start + ref.length]
+            try:
+                raw = decode_blob(ref, stored)
+            except zstandard.ZstdError as e:
+                raise SnapshotCorrupt(self.snapshot_id, path_of(ctx), key, f"cannot be decoded ({e})") from None
+            if len(raw) != ref.raw_length or blob_hash(raw) != ref.blob:
+                raise SnapshotCorrupt(
+                    self.snapshot_id, path_of(ctx), key, f"is corrupt: blob {ref.blob[:16]}... fails its hash check"
+                )
+            out.append((ctx, raw))
+        return out
+
+    def fetch(
+        self, refs: Iterable[tuple[ChunkRef, T]], path_of: Callable[[T], str | None] = lambda _: None
+    ) -> Iterator[tuple[T, bytes]]:
+        """Yield ``(context, raw bytes)`` for each ``(ref, context)`` in order."""
+        with ThreadPoolExecutor(self.ahead, thread_name_prefix="blob-fetch") as pool:
+            pending: list[Future[list[tuple[T, bytes]]]] = []
+            batches = self._batches(refs)
+            try:
+                for batch in batches:
+                    pending.append(pool.submit(self._fetch, batch, path_of))
+                    if len(pending) > self.ahead:
+                        yield from pending.pop(0).result()
+                while pending:
+                    yield from pending.pop(0).result()
+            finally:
+                for f in pending:
+                    f.cancel()

@@ -1,0 +1,382 @@
+"""Restoring a snapshot: make a folder equal a tree, writing only what differs.
+
+The same code does a full restore (into an empty folder) and a rollback (of a live workspace to the snapshot it
+started from). It merges a walk of the folder against the tree: what the tree lacks is deleted, what differs is
+rewritten, what matches - by the stat cache, or failing that by hashing the local file - is left alone.
+
+Safety: the whole tree is validated before anything is touched (paths stay inside the target, nothing beneath a
+symlink). Every write then goes through folder descriptors opened one component at a time with O_NOFOLLOW, so
+even a symlink planted in the folder cannot redirect a write outside it. Anything outside the selection (caches
+that are excluded, data mounts) is never deleted.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import stat
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import blake3
+
+from sandboxes.errors import UnsafeTree
+from sandboxes.snapshots import tree as t
+from sandboxes.snapshots.create import MODE_MASK
+from sandboxes.snapshots.packs import BlobFetcher
+from sandboxes.snapshots.selection import Selection
+from sandboxes.snapshots.statcache import StatCacheCursor, StatCacheWriter, stat_key
+from sandboxes.snapshots.walk import Walker
+from sandboxes.stores.base import ObjectStore
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+@dataclass
+class RestoreStats:
+    files_written: int = 0
+    bytes_written: int = 0
+    files_kept: int = 0
+    deleted: int = 0
+    links_made: int = 0
+    seconds: float = 0.0
+
+
+class SafeFolders:
+    """Folder descriptors along the current path, opened without following symlinks."""
+
+    def __init__(self, root: str, snapshot_id: str) -> None:
+        self.root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.snapshot_id = snapshot_id
+        self._chain: list[tuple[str, int]] = []
+
+    def parent_of(self, path: str) -> tuple[int, str]:
+        """The descriptor of ``path``'s folder and ``path``'s last component."""
+        *folders, name = path.split("/")
+        keep = 0
+        while keep < len(self._chain) and keep < len(folders) and self._chain[keep][0] == folders[keep]:
+            keep += 1
+        self._drop(keep)
+        for component in folders[keep:]:
+            parent = self._chain[-1][1] if self._chain else self.root_fd
+            try:
+                fd = os.open(component, _DIR_FLAGS, dir_fd=parent)
+            except OSError as e:
+                if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise UnsafeTree(self.snapshot_id, path, "would be written through a symlink or a file") from None
+                raise
+            self._chain.append((component, fd))
+        return (self._chain[-1][1] if self._chain else self.root_fd), name
+
+    def _drop(self, keep: int) -> None:
+        for _, fd in self._chain[keep:]:
+            os.close(fd)
+        del self._chain[keep:]
+
+    def forget(self) -> None:
+        """Call after deleting or replacing a folder: descriptors into it are stale."""
+        self._drop(0)
+
+    def close(self) -> None:
+        self._drop(0)
+        os.close(self.root_fd)
+
+
+def _remove(folders: SafeFolders, path: str, is_dir: bool) -> None:
+    parent, name = folders.parent_of(path)
+    if is_dir:
+        _remove_tree_at(parent, name)
+        folders.forget()
+    else:
+        os.unlink(name, dir_fd=parent)
+
+
+def _remove_tree_at(parent_fd: int, name: str) -> None:
+    """Delete a folder by descriptor, never following symlinks, opening up folders a step left read-only."""
+    fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+    try:
+        if os.fstat(fd).st_mode & 0o700 != 0o700:
+            os.fchmod(fd, 0o700)
+        for child in os.listdir(fd):
+            try:
+                os.unlink(child, dir_fd=fd)
+            except IsADirectoryError:
+                _remove_tree_at(fd, child)
+    finally:
+        os.close(fd)
+    os.rmdir(name, dir_fd=parent_fd)
+
+
+def _hash_local(folders: SafeFolders, path: str) -> str:
+    parent, name = folders.parent_of(path)
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
+    try:
+        hasher = blake3.blake3()
+        while block := os.read(fd, 1 << 20):
+            hasher.update(block)
+        return hasher.hexdigest()
+    finally:
+        os.close(fd)
+
+
+class _Plan:
+    """Files and links to write after the merge pass, spooled to disk so memory stays bounded."""
+
+    def __init__(self, scratch: Path) -> None:
+        fd, name = tempfile.mkstemp(dir=scratch, prefix="restore-")
+        self.path = Path(name)
+        self._out: IO[bytes] = os.fdopen(fd, "wb")
+        self.files = 0
+        self.links = 0
+
+    def add(self, entry: t.Entry) -> None:
+        self._out.write(t.encode_entry(entry) + b"\n")
+        if entry.kind == t.FILE:
+            self.files += 1
+        else:
+            self.links += 1
+
+    def entries(self, kind: str) -> Iterator[t.Entry]:
+        self._out.flush()
+        with open(self.path, "rb") as f:
+            for line in f:
+                entry = t.decode_entry(line)
+                if entry.kind == kind:
+                    yield entry
+
+    def close(self) -> None:
+        self._out.close()
+        self.path.unlink(missing_ok=True)
+
+
+def restore_tree(
+    store: ObjectStore,
+    snapshot_id: str,
+    tree_path: Path,
+    root: str,
+    *,
+    selection: Selection,
+    cache_path: Path | None,
+    scratch: Path,
+) -> RestoreStats:
+    """Make ``root`` (within ``selection``) equal the verified, uncompressed tree at ``tree_path``."""
+    started = time.monotonic()
+    _validate(snapshot_id, tree_path)
+    stats = RestoreStats()
+    folders = SafeFolders(root, snapshot_id)
+    plan = _Plan(scratch)
+    dirs: list[tuple[str, int, int]] = []  # (path, mode, mtime) to settle last, deepest first
+    try:
+        _merge(store, snapshot_id, tree_path, root, selection, cache_path, folders, plan, dirs, stats)
+        _write_files(store, snapshot_id, folders, plan, stats)
+        for entry in plan.entries(t.HARDLINK):
+            _make_hardlink(folders, snapshot_id, entry)
+            stats.links_made += 1
+        for path, mode, mtime in reversed(dirs):
+            parent, name = folders.parent_of(path)
+            os.chmod(name, mode, dir_fd=parent)
+            if mtime:
+                os.utime(name, ns=(mtime, mtime), dir_fd=parent, follow_symlinks=False)
+    finally:
+        plan.close()
+        folders.close()
+    if cache_path is not None:
+        _rebuild_cache(store, snapshot_id, tree_path, root, selection, cache_path)
+    stats.seconds = time.monotonic() - started
+    return stats
+
+
+def tree_entries(tree_path: Path) -> Iterator[t.Entry]:
+    """Entries of an uncompressed tree file (the footer line is skipped)."""
+    with open(tree_path, "rb") as f:
+        for line in f:
+            if line.startswith(b'{"p"'):
+                yield t.decode_entry(line)
+
+
+def read_footer(tree_path: Path) -> dict[str, object]:
+    with open(tree_path, "rb") as f:
+        f.seek(max(0, os.path.getsize(tree_path) - 65536))
+        last = f.read().rsplit(b"\n", 1)[-1]
+    footer: dict[str, object] = json.loads(last)
+    return footer
+
+
+def _validate(snapshot_id: str, tree_path: Path) -> None:
+    try:
+        footer = read_footer(tree_path)
+    except ValueError:
+        raise UnsafeTree(snapshot_id, "", "tree has no valid footer") from None
+    if footer.get("format") != t.FORMAT:
+        raise UnsafeTree(snapshot_id, "", f"tree format {footer.get('format')!r} is not {t.FORMAT!r}")
+    validator = t.TreeValidator(snapshot_id)
+    count = 0
+    for entry in tree_entries(tree_path):
+        validator.check(entry)
+        count += 1
+    if count != footer.get("entries"):
+        raise UnsafeTree(snapshot_id, "", f"tree lists {count} entries but its footer says {footer.get('entries')}")
+
+
+def _merge(
+    store: ObjectStore,
+    snapshot_id: str,
+    tree_path: Path,
+    root: str,
+    selection: Selection,
+    cache_path: Path | None,
+    folders: SafeFolders,
+    plan: _Plan,
+    dirs: list[tuple[str, int, int]],
+    stats: RestoreStats,
+) -> None:
+    walker = Walker(root, selection)
+    cursor = StatCacheCursor(cache_path, store.url)
+    target = tree_entries(tree_path)
+    have = next(walker, None)
+    want = next(target, None)
+    try:
+        while have is not None or want is not None:
+            have_key = t.sort_key(have[0]) if have is not None else None
+            want_key = t.sort_key(want.path) if want is not None else None
+            if want is None or (have is not None and have_key is not None and want_key is not None and have_key < want_key):
+                assert have is not None
+                path, st, ancestor = have
+                if not ancestor:  # a folder we only passed through is not ours to delete
+                    if stat.S_ISDIR(st.st_mode):
+                        walker.prune()
+                    _remove(folders, path, stat.S_ISDIR(st.st_mode))
+                    stats.deleted += 1
+                have = next(walker, None)
+                continue
+            if have is None or have_key != want_key:
+                _create(folders, want, plan, dirs)
+                want = next(target, None)
+                continue
+            path, st, ancestor = have
+            if ancestor and not (want.kind == t.DIR and stat.S_ISDIR(st.st_mode)):
+                raise UnsafeTree(snapshot_id, path, "would replace a folder that holds paths outside the selection")
+            if not _matches(folders, cursor, want, st, path):
+                if stat.S_ISDIR(st.st_mode):
+                    walker.prune()
+                if not (stat.S_ISDIR(st.st_mode) and want.kind == t.DIR):
+                    _remove(folders, path, stat.S_ISDIR(st.st_mode))
+                    stats.deleted += 1
+                _create(folders, want, plan, dirs)
+            else:
+                if want.kind == t.DIR:
+                    dirs.append((want.path, want.mode, want.mtime_ns))
+                    if st.st_mode & 0o700 != 0o700:  # so we can write into it; the final mode is set last
+                        parent, name = folders.parent_of(path)
+                        os.chmod(name, 0o700 | stat.S_IMODE(st.st_mode), dir_fd=parent)
+                elif want.kind == t.FILE:
+                    stats.files_kept += 1
+                    _settle_file(folders, want, st)
+            have = next(walker, None)
+            want = next(target, None)
+    finally:
+        cursor.close()
+
+
+def _matches(folders: SafeFolders, cursor: StatCacheCursor, want: t.Entry, st: os.stat_result, path: str) -> bool:
+    """Whether the existing node can stay (mode and mtime are fixed up separately)."""
+    if want.kind == t.DIR:
+        return stat.S_ISDIR(st.st_mode)
+    if want.kind == t.SYMLINK:
+        if not stat.S_ISLNK(st.st_mode):
+            return False
+        parent, name = folders.parent_of(path)
+        return os.readlink(name, dir_fd=parent) == want.link
+    if want.kind == t.HARDLINK:
+        return False  # cheap to remake, and checking needs the target's inode
+    if not stat.S_ISREG(st.st_mode) or st.st_size != want.size or st.st_nlink > 1:
+        return False
+    cached = cursor.seek(path)
+    if cached is not None and cached.stat_key == stat_key(st):
+        return cached.hash == want.hash
+    return _hash_local(folders, path) == want.hash
+
+
+def _settle_file(folders: SafeFolders, want: t.Entry, st: os.stat_result) -> None:
+    if stat.S_IMODE(st.st_mode) == want.mode and st.st_mtime_ns == want.mtime_ns:
+        return
+    parent, name = folders.parent_of(want.path)
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
+    try:
+        os.fchmod(fd, want.mode & MODE_MASK)
+        os.utime(fd, ns=(want.mtime_ns, want.mtime_ns))
+    finally:
+        os.close(fd)
+
+
+def _create(folders: SafeFolders, want: t.Entry, plan: _Plan, dirs: list[tuple[str, int, int]]) -> None:
+    if want.kind == t.DIR:
+        parent, name = folders.parent_of(want.path)
+        try:
+            os.mkdir(name, 0o700, dir_fd=parent)
+        except FileExistsError:
+            pass
+        dirs.append((want.path, want.mode & MODE_MASK, want.mtime_ns))
+    elif want.kind == t.SYMLINK:
+        parent, name = folders.parent_of(want.path)
+        os.symlink(want.link, name, dir_fd=parent)
+        os.utime(name, ns=(want.mtime_ns, want.mtime_ns), dir_fd=parent, follow_symlinks=False)
+    else:
+        plan.add(want)
+
+
+def _write_files(store: ObjectStore, snapshot_id: str, folders: SafeFolders, plan: _Plan, stats: RestoreStats) -> None:
+    fetcher = BlobFetcher(store, snapshot_id)
+    wanted = ((ref, entry.path) for entry in plan.entries(t.FILE) for ref in entry.chunks)
+    blobs = fetcher.fetch(wanted, path_of=lambda p: p)
+    for entry in plan.entries(t.FILE):
+        parent, name = folders.parent_of(entry.path)
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=parent)
+        try:
+            for _ in entry.chunks:
+                _, data = next(blobs)
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+            os.fchmod(fd, entry.mode & MODE_MASK)
+            os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
+        finally:
+            os.close(fd)
+        stats.files_written += 1
+        stats.bytes_written += entry.size
+
+
+def _make_hardlink(folders: SafeFolders, snapshot_id: str, entry: t.Entry) -> None:
+    src_parent, src_name = folders.parent_of(entry.link)
+    src_parent = os.dup(src_parent)  # the next parent_of() may close it
+    try:
+        if not stat.S_ISREG(os.stat(src_name, dir_fd=src_parent, follow_symlinks=False).st_mode):
+            raise UnsafeTree(snapshot_id, entry.path, f"is a hard link to {entry.link!r}, which is not a regular file")
+        dst_parent, dst_name = folders.parent_of(entry.path)
+        os.link(src_name, dst_name, src_dir_fd=src_parent, dst_dir_fd=dst_parent, follow_symlinks=False)
+    finally:
+        os.close(src_parent)
+
+
+def _rebuild_cache(
+    store: ObjectStore, snapshot_id: str, tree_path: Path, root: str, selection: Selection, cache_path: Path
+) -> None:
+    """Record the stat of every restored file so the next snapshot or rollback need not read it."""
+    writer = StatCacheWriter(cache_path, store.url)
+    try:
+        files = (e for e in tree_entries(tree_path) if e.kind == t.FILE)
+        want = next(files, None)
+        for path, st, _ in Walker(root, selection):
+            while want is not None and t.sort_key(want.path) < t.sort_key(path):
+                want = next(files, None)
+            if want is not None and want.path == path and stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+                writer.add(path, stat_key(st), want.hash, t.encode_entry(want))
+    except BaseException:
+        writer.abort()
+        raise
+    writer.commit(snapshot_id)

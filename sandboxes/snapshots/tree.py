@@ -1,0 +1,177 @@
+"""The tree object: one line per path of a snapshot, in canonical order, plus the workspace digest.
+
+A tree is JSON lines, zstd-compressed. Its id - the snapshot id - is the BLAKE3 hash of the uncompressed bytes,
+so a tree can be verified on every read. Entries are sorted depth-first with siblings by name (the order a walk
+produces), which lets create and restore stream-merge a tree against a live folder in bounded memory.
+
+Entry fields (short keys keep trees small): ``p`` path, ``k`` kind (``d`` folder, ``f`` file, ``l`` symlink,
+``h`` hard link to an earlier file), ``m`` permission bits, ``t`` mtime in ns, ``s`` size, ``h`` BLAKE3 of the
+content, ``c`` chunks as ``[blob, pack, offset, stored length, raw length, codec]``, ``l`` link target.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import blake3
+
+from sandboxes.errors import UnsafeTree
+
+FORMAT = "tardigrade-tree/1"
+EMPTY_HASH = blake3.blake3(b"").hexdigest()
+
+DIR, FILE, SYMLINK, HARDLINK = "d", "f", "l", "h"
+
+CODEC_RAW, CODEC_ZSTD = 0, 1
+
+
+class ChunkRef(NamedTuple):
+    """Where one piece of a file lives: blob ``blob`` (BLAKE3 of its raw bytes) at ``offset`` in pack ``pack``."""
+
+    blob: str
+    pack: str
+    offset: int
+    length: int  # bytes stored in the pack
+    raw_length: int  # bytes after decoding
+    codec: int
+
+
+@dataclass(slots=True)
+class Entry:
+    path: str
+    kind: str
+    mode: int = 0
+    mtime_ns: int = 0
+    size: int = 0
+    hash: str = ""
+    chunks: list[ChunkRef] = field(default_factory=list)
+    link: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"p": self.path, "k": self.kind}
+        if self.kind == HARDLINK:
+            d["l"] = self.link
+            return d
+        d["t"] = self.mtime_ns
+        if self.kind == SYMLINK:
+            d["l"] = self.link
+            return d
+        d["m"] = self.mode
+        if self.kind == FILE:
+            d["s"] = self.size
+            d["h"] = self.hash
+            d["c"] = [list(c) for c in self.chunks]
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Entry:
+        return cls(
+            path=d["p"],
+            kind=d["k"],
+            mode=d.get("m", 0),
+            mtime_ns=d.get("t", 0),
+            size=d.get("s", 0),
+            hash=d.get("h", ""),
+            chunks=[ChunkRef(*c) for c in d.get("c", ())],
+            link=d.get("l", ""),
+        )
+
+
+def encode_entry(entry: Entry) -> bytes:
+    return json.dumps(entry.to_json(), separators=(",", ":"), ensure_ascii=False).encode("utf-8", "surrogateescape")
+
+
+def decode_entry(line: bytes) -> Entry:
+    return Entry.from_json(json.loads(line.decode("utf-8", "surrogateescape")))
+
+
+def digest_record(path: str, kind: str, mode: int, content_hash: str, link: str) -> bytes:
+    """What the workspace digest covers of one entry: never mtimes, owners or how content is chunked."""
+    return f"{json.dumps(path, ensure_ascii=False)}\0{kind}\0{mode:o}\0{content_hash}\0{link}\n".encode(
+        "utf-8", "surrogateescape"
+    )
+
+
+def entry_digest_record(entry: Entry) -> bytes:
+    return digest_record(entry.path, entry.kind, entry.mode, entry.hash, entry.link)
+
+
+def sort_key(path: str) -> list[str]:
+    """Canonical order: depth-first, siblings by name. Comparing component lists gives exactly that."""
+    return path.split("/")
+
+
+def footer(entries: int, total_bytes: int, digest: str, selection: dict[str, list[str]]) -> bytes:
+    return json.dumps(
+        {"format": FORMAT, "entries": entries, "bytes": total_bytes, "digest": digest, "selection": selection},
+        separators=(",", ":"),
+    ).encode()
+
+
+def check_path(snapshot_id: str, path: str) -> None:
+    """A tree path must be relative, normalized and free of control surprises."""
+    if not path or path.startswith("/"):
+        raise UnsafeTree(snapshot_id, path, "is absolute or empty")
+    parts = path.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise UnsafeTree(snapshot_id, path, "has an empty, '.' or '..' component")
+    if "\0" in path:
+        raise UnsafeTree(snapshot_id, path, "contains a NUL byte")
+
+
+class TreeValidator:
+    """Streaming checks that make a tree safe to restore: paths stay inside the target, entries are in canonical
+    order without duplicates, nothing is written beneath a symlink, and hard links point at earlier files."""
+
+    def __init__(self, snapshot_id: str) -> None:
+        self.snapshot_id = snapshot_id
+        self._last: list[str] | None = None
+        self._symlinks: set[str] = set()  # bounded by the number of symlinks in the tree
+
+    def check(self, entry: Entry) -> None:
+        sid = self.snapshot_id
+        check_path(sid, entry.path)
+        if entry.kind not in (DIR, FILE, SYMLINK, HARDLINK):
+            raise UnsafeTree(sid, entry.path, f"has an unknown kind {entry.kind!r}")
+        key = sort_key(entry.path)
+        if self._last is not None and key <= self._last:
+            raise UnsafeTree(sid, entry.path, "is out of order or duplicated")
+        self._last = key
+        # Any ancestor that is a symlink would make the write go through it.
+        parts = entry.path.split("/")
+        for i in range(1, len(parts)):
+            if "/".join(parts[:i]) in self._symlinks:
+                raise UnsafeTree(sid, entry.path, "lies beneath a symlink in the same tree (write through a symlink)")
+        if entry.kind == SYMLINK:
+            if not entry.link or "\0" in entry.link:
+                raise UnsafeTree(sid, entry.path, "is a symlink without a valid target")
+            self._symlinks.add(entry.path)
+        elif entry.kind == FILE:
+            if entry.size != sum(c.raw_length for c in entry.chunks):
+                raise UnsafeTree(sid, entry.path, "has chunks that do not add up to its size")
+        elif entry.kind == HARDLINK:
+            # The target must come earlier; that it is a regular file is checked when the link is made.
+            check_path(sid, entry.link)
+            if sort_key(entry.link) >= key:
+                raise UnsafeTree(sid, entry.path, f"is a hard link to {entry.link!r}, which is not an earlier entry")
+            link_parts = entry.link.split("/")
+            for i in range(1, len(link_parts) + 1):
+                if "/".join(link_parts[:i]) in self._symlinks:
+                    raise UnsafeTree(sid, entry.path, "is a hard link through a symlink")
+        if entry.mode & ~0o7777:
+            raise UnsafeTree(sid, entry.path, "has invalid mode bits")
+
+
+def iter_lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """Split a byte stream into lines without holding more than one line and one chunk."""
+    pending = b""
+    for chunk in chunks:
+        data = pending + chunk
+        lines = data.split(b"\n")
+        pending = lines.pop()
+        yield from lines
+    if pending:
+        yield pending

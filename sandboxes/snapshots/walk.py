@@ -1,0 +1,65 @@
+"""A walk of a folder in canonical tree order (depth-first, siblings by name), never following symlinks.
+
+Snapshot and restore both merge this walk against a sorted stream (the stat cache, the target tree), so the walk
+must produce exactly the order `tree.sort_key` defines. The consumer may `prune()` the folder it was just given
+(restore does, before deleting or replacing it).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterator
+
+from sandboxes.snapshots.selection import Selection
+
+
+class Walker(Iterator[tuple[str, os.stat_result, bool]]):
+    """Yields ``(path, lstat, is_ancestor)``; ``is_ancestor`` marks folders walked only to reach a selected root."""
+
+    def __init__(self, root: str, selection: Selection) -> None:
+        self.root = root
+        self.selection = selection
+        self._stack: list[tuple[str, list[str]]] = []
+        self._descend_into: str | None = None
+        self._push("")
+
+    def _push(self, rel: str) -> None:
+        wanted = self.selection.wanted_children(rel)
+        try:
+            names = os.listdir(os.path.join(self.root, rel) if rel else self.root)
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        if wanted is not None:
+            names = [n for n in names if n in wanted]
+        names.sort(reverse=True)  # pop() from the end yields ascending order
+        self._stack.append((rel, names))
+
+    def prune(self) -> None:
+        """Do not descend into the folder just yielded."""
+        self._descend_into = None
+
+    def __next__(self) -> tuple[str, os.stat_result, bool]:
+        if self._descend_into is not None:
+            self._push(self._descend_into)
+            self._descend_into = None
+        selection = self.selection
+        has_excludes = bool(selection.excludes)
+        while self._stack:
+            rel, names = self._stack[-1]
+            if not names:
+                self._stack.pop()
+                continue
+            name = names.pop()
+            path = f"{rel}/{name}" if rel else name
+            ancestor = not selection.covers(path)
+            if has_excludes and not ancestor and selection.excluded(path):
+                continue
+            try:
+                st = os.lstat(os.path.join(self.root, path))
+            except FileNotFoundError:
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                self._descend_into = path
+            return path, st, ancestor
+        raise StopIteration

@@ -1,0 +1,82 @@
+"""The object-store interface every snapshot store implements.
+
+The snapshot engine only ever talks to an `ObjectStore`: a flat namespace of immutable objects named by keys such
+as ``packs/ab/ab12...``. Objects are never overwritten: `put` is create-only (if-none-match), so two writers racing
+on the same content-addressed key cannot clobber each other, and a reader never sees a half-written object.
+Backends (local folder, S3/R2, GCS, Azure Blob) live in sibling modules and are chosen by URL in `open_store`.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class StoreError(Exception):
+    """A snapshot store could not do what was asked (bad URL, unreachable, refused)."""
+
+
+class ObjectMissing(StoreError):
+    """The object does not exist in the store."""
+
+    def __init__(self, key: str, store_url: str) -> None:
+        super().__init__(f"object {key!r} is missing from snapshot store {store_url}")
+        self.key = key
+        self.store_url = store_url
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    modified: float  # seconds since the epoch, as the store reports it
+
+
+class ObjectStore(abc.ABC):
+    """A flat, create-only object store. Implementations must be safe to call from several threads."""
+
+    #: The URL this store was opened from, without credentials. Shown in errors and recorded in history.
+    url: str
+
+    @abc.abstractmethod
+    def put(self, key: str, data: bytes) -> bool:
+        """Create ``key`` with ``data`` unless it exists. Returns False (and writes nothing) if it already existed."""
+
+    def put_file(self, key: str, path: Path) -> bool:
+        """Like `put`, streaming the content from a local file. Backends override this to avoid reading it whole."""
+        return self.put(key, path.read_bytes())
+
+    @abc.abstractmethod
+    def get(self, key: str) -> bytes:
+        """The whole object. Raises `ObjectMissing`."""
+
+    @abc.abstractmethod
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        """``length`` bytes from ``offset``. Raises `ObjectMissing`; a short read is an error of the backend."""
+
+    def get_file(self, key: str, path: Path) -> None:
+        """Stream the object into a local file. Backends override this to avoid holding it in memory."""
+        path.write_bytes(self.get(key))
+
+    @abc.abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abc.abstractmethod
+    def stat(self, key: str) -> ObjectInfo:
+        """Size and modification time. Raises `ObjectMissing`."""
+
+    @abc.abstractmethod
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Every object whose key starts with ``prefix``, in no particular order."""
+
+    @abc.abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove ``key``; deleting a missing key is not an error (garbage collection may race)."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections. The default does nothing."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.url!r})"

@@ -1,0 +1,154 @@
+"""`file://` snapshot store: objects as files in a local folder.
+
+The embedded default. Objects are written to a temporary file, fsynced, and hard-linked into place: ``link(2)``
+fails if the name exists, which gives the same create-only semantics as an object store's if-none-match, and a
+crash leaves at worst a stray temporary file, never a truncated object under its final name.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from sandboxes.stores.base import ObjectInfo, ObjectMissing, ObjectStore, StoreError
+
+_TMP_DIR = ".tmp"
+
+
+def check_key(key: str) -> str:
+    """Keys are relative, slash-separated and never climb out of the store."""
+    parts = key.split("/")
+    if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts) or parts[0] == _TMP_DIR:
+        raise StoreError(f"invalid object key {key!r}")
+    return key
+
+
+class FileStore(ObjectStore):
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root).expanduser().absolute()
+        self.url = self.root.as_uri()
+        try:
+            (self.root / _TMP_DIR).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"cannot create snapshot store folder {self.root}: {e.strerror}") from e
+
+    def _path(self, key: str) -> Path:
+        return self.root / check_key(key)
+
+    def _publish(self, tmp: str, key: str) -> bool:
+        final = self._path(key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(tmp, final)
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+        dir_fd = os.open(final.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        return True
+
+    def _temp(self) -> tuple[int, str]:
+        return tempfile.mkstemp(dir=self.root / _TMP_DIR, prefix="put-")
+
+    def put(self, key: str, data: bytes) -> bool:
+        if self._path(key).exists():
+            return False
+        fd, tmp = self._temp()
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+        finally:
+            os.close(fd)
+        return self._publish(tmp, key)
+
+    def put_file(self, key: str, path: Path) -> bool:
+        if self._path(key).exists():
+            return False
+        fd, tmp = self._temp()
+        try:
+            with open(path, "rb") as src, os.fdopen(fd, "wb", closefd=False) as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+            os.fsync(fd)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+        finally:
+            os.close(fd)
+        return self._publish(tmp, key)
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            raise ObjectMissing(key, self.url) from None
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        try:
+            fd = os.open(self._path(key), os.O_RDONLY)
+        except FileNotFoundError:
+            raise ObjectMissing(key, self.url) from None
+        try:
+            data = os.pread(fd, length, offset)
+        finally:
+            os.close(fd)
+        if len(data) != length:
+            raise StoreError(f"object {key!r} in {self.url} is shorter than expected (truncated?)")
+        return data
+
+    def get_file(self, key: str, path: Path) -> None:
+        try:
+            shutil.copyfile(self._path(key), path)
+        except FileNotFoundError:
+            raise ObjectMissing(key, self.url) from None
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).exists()
+
+    def stat(self, key: str) -> ObjectInfo:
+        try:
+            st = self._path(key).stat()
+        except FileNotFoundError:
+            raise ObjectMissing(key, self.url) from None
+        return ObjectInfo(key, st.st_size, st.st_mtime)
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        # Walk only the folders that can hold matching keys.
+        head, _, _ = prefix.rpartition("/")
+        start = self.root / head if head else self.root
+        if not start.is_dir():
+            return
+        for dirpath, dirnames, filenames in os.walk(start):
+            rel_dir = os.path.relpath(dirpath, self.root)
+            if rel_dir == ".":
+                dirnames[:] = [d for d in dirnames if d != _TMP_DIR]
+                rel_dir = ""
+            for name in filenames:
+                key = f"{rel_dir}/{name}" if rel_dir else name
+                if key.startswith(prefix):
+                    try:
+                        st = os.stat(os.path.join(dirpath, name))
+                    except FileNotFoundError:
+                        continue  # deleted while we listed
+                    yield ObjectInfo(key, st.st_size, st.st_mtime)
+
+    def delete(self, key: str) -> None:
+        try:
+            self._path(key).unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            if e.errno != errno.ENOENT:
+                raise
