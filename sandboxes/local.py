@@ -258,7 +258,12 @@ class LocalSandbox(Sandbox):
             engine.restore, snapshot_id, self.fs, selection=selection, cache_path=self.cache_path
         )
         await self._require_alive("restoring a snapshot")
+        self._make_mount_points()  # a tree that lacks one must not leave bubblewrap without a bind source
         return stats
+
+    def _make_mount_points(self) -> None:
+        for folder in (self.fs / "workspace", self.fs / HOME.lstrip("/")):
+            folder.mkdir(parents=True, exist_ok=True)
 
     # -- lifecycle --------------------------------------------------------------------------------------------
 
@@ -360,8 +365,8 @@ class LocalSandboxProvider(SandboxProvider):
             )
         sandbox_id = f"local-{uuid.uuid4().hex[:16]}"
         sandbox = LocalSandbox(self, sandbox_id, spec)
-        for folder in (sandbox.fs / "workspace", sandbox.fs / HOME.lstrip("/"), sandbox.state):
-            folder.mkdir(parents=True, exist_ok=True)
+        sandbox.state.mkdir(parents=True)
+        sandbox._make_mount_points()
         meta = {"worker_id": self.worker_id, "network": spec.network, "options": dict(spec.options)}
         (sandbox.dir / "sandbox.json").write_text(json.dumps(meta))
         self._live[sandbox_id] = sandbox

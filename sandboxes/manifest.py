@@ -46,6 +46,10 @@ def tree_path(sandbox_abs_path: str) -> str:
     return sandbox_abs_path.lstrip("/")
 
 
+# The seed (the Manifest's files and folders) is restored into an empty sandbox, so it covers all writable areas.
+SEED_SELECTION = Selection(roots=tuple(tree_path(p) for p in WRITABLE_ROOTS))
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 

@@ -1,0 +1,303 @@
+"""Sandbox activities: the thin layer between the workflow and sandboxes/.
+
+Each activity attaches to a sandbox by id, does one thing through the provider or the snapshot engine,
+heartbeats while it works (so a dead worker is noticed in seconds, not at a timeout of minutes), and maps
+provider errors onto Temporal failures the workflow can act on:
+
+* ``SandboxLost`` (non-retryable): the sandbox is gone; the workflow provisions a fresh one from the last snapshot.
+* ``SecretMissing``, ``SetupFailed``, ``IsolationUnavailable``, snapshot errors (non-retryable): retrying the
+  same thing cannot help; the run fails with a message that says what to fix.
+* anything else: retried by the activity's retry policy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any, ParamSpec, TypeVar
+
+import blake3
+import zstandard
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from activities.models import (
+    CHECKPOINT,
+    DESTROY,
+    OUTPUT_TAIL_BYTES,
+    PROVISION,
+    ROLLBACK,
+    RUN_STEP,
+    CheckpointInput,
+    ProvisionInput,
+    RollbackInput,
+    RollbackResult,
+    RunStepInput,
+    SandboxRef,
+    SnapshotRef,
+    StepOutcome,
+)
+from activities.secrets import Redactor, resolve_secrets
+from sandboxes.errors import IsolationUnavailable, SandboxError, SandboxLost, SnapshotError
+from sandboxes.local import LocalSandboxProvider
+from sandboxes.manifest import SEED_SELECTION
+from sandboxes.provider import FaultInjector, Sandbox, SandboxProvider, SandboxSpec
+from sandboxes.snapshots import SnapshotEngine
+from sandboxes.stores import open_store
+from tardigrade.pipeline import Pipeline
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _failure(error: Exception, redactor: Redactor | None = None) -> ApplicationError:
+    message = str(error) if redactor is None else redactor.text(str(error))
+    return ApplicationError(message, type=type(error).__name__, non_retryable=True)
+
+
+def maps_sandbox_errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    """Turn the errors retrying cannot fix into non-retryable failures the workflow can tell apart by type."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await fn(*args, **kwargs)
+        except (SandboxLost, SnapshotError, IsolationUnavailable) as e:
+            raise _failure(e) from e
+
+    return wrapper
+
+
+@contextlib.asynccontextmanager
+async def heartbeating(details: Callable[[], Any] = lambda: None) -> AsyncIterator[None]:
+    """Heartbeat in the background for as long as the block runs."""
+    timeout = activity.info().heartbeat_timeout
+    interval = max(0.5, timeout.total_seconds() / 4) if timeout else 5.0
+
+    async def beat() -> None:
+        while True:
+            activity.heartbeat(details())
+            await asyncio.sleep(interval)
+
+    task = asyncio.create_task(beat())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def sandbox_spec(pipeline: Pipeline) -> SandboxSpec:
+    cfg = pipeline.sandbox
+    return SandboxSpec(network=cfg.network, isolation=cfg.isolation, options=dict(cfg.options))
+
+
+class SandboxActivities:
+    """The activities of one worker process. Holds its providers and one snapshot engine per store."""
+
+    def __init__(
+        self,
+        *,
+        shared_queue: str,
+        host_queue: str,
+        state_dir: Path,
+        providers: Mapping[str, SandboxProvider] | None = None,
+        fault_injector: FaultInjector | None = None,
+    ) -> None:
+        self.shared_queue = shared_queue
+        self.host_queue = host_queue
+        self.state_dir = state_dir
+        self._providers: dict[str, SandboxProvider] = dict(providers or {})
+        self._fault_injector = fault_injector
+        self._engines: dict[str, SnapshotEngine] = {}
+
+    # -- plumbing ---------------------------------------------------------------------------------------------
+
+    def provider(self, name: str) -> SandboxProvider:
+        if name not in self._providers:
+            if name != "local":
+                raise ApplicationError(
+                    f"sandbox provider {name!r} is not configured on this worker", type="ProviderUnavailable"
+                )
+            self._providers[name] = LocalSandboxProvider(
+                self.state_dir / "sandboxes", worker_id=self.host_queue, fault_injector=self._fault_injector
+            )
+        return self._providers[name]
+
+    def engine(self, store_url: str) -> SnapshotEngine:
+        if store_url not in self._engines:
+            scratch = self.state_dir / "scratch" / blake3.blake3(store_url.encode()).hexdigest()[:16]
+            self._engines[store_url] = SnapshotEngine(open_store(store_url), scratch_dir=scratch)
+        return self._engines[store_url]
+
+    async def _attach(self, ref: SandboxRef) -> Sandbox:
+        return await self.provider(ref.provider).attach(ref.sandbox_id)
+
+    def ref_for(self, sandbox: Sandbox, provider: SandboxProvider) -> SandboxRef:
+        return SandboxRef(
+            provider=provider.name,
+            sandbox_id=sandbox.id,
+            task_queue=self.host_queue if provider.host_bound else self.shared_queue,
+            host_bound=provider.host_bound,
+            worker=self.host_queue,
+        )
+
+    async def close(self) -> None:
+        for provider in self._providers.values():
+            await provider.close()
+        for engine in self._engines.values():
+            engine.store.close()
+
+    def all(self) -> list[Callable[..., Any]]:
+        return [self.provision, self.run_step, self.checkpoint, self.rollback, self.destroy]
+
+    # -- activities -------------------------------------------------------------------------------------------
+
+    @activity.defn(name=PROVISION)
+    @maps_sandbox_errors
+    async def provision(self, input: ProvisionInput) -> SandboxRef:
+        """Create a sandbox on this worker: Manifest files, setup commands, and (rehydrating) the last snapshot."""
+        pipeline = input.pipeline
+        secrets = resolve_secrets(pipeline.manifest.secrets)
+        redactor = Redactor(secrets.values())
+        provider = self.provider(pipeline.sandbox.provider)
+        engine = self.engine(input.store)
+        phase = {"phase": "creating"}
+        async with heartbeating(lambda: phase):
+            sandbox = await provider.create(sandbox_spec(pipeline))
+            try:
+                if input.seed_snapshot:
+                    phase["phase"] = "placing manifest files"
+                    await sandbox.restore(engine, input.seed_snapshot, selection=SEED_SELECTION)
+                env = {**pipeline.manifest.env, **secrets}
+                for i, command in enumerate(pipeline.manifest.setup):
+                    phase["phase"] = f"setup command {i + 1}/{len(pipeline.manifest.setup)}"
+                    result = await sandbox.exec(
+                        command, env=env, timeout=pipeline.timeouts.provision, labels={"setup": str(i + 1)}
+                    )
+                    if result.exit_code != 0 or result.timed_out:
+                        why = "timed out" if result.timed_out else f"exited with code {result.exit_code}"
+                        tail = redactor.bytes(result.output_tail).decode(errors="replace")[-OUTPUT_TAIL_BYTES:]
+                        raise ApplicationError(
+                            f"setup command {i + 1} ({redactor.text(command)!r}) {why}. Its output ends with:\n{tail}",
+                            type="SetupFailed",
+                            non_retryable=True,
+                        )
+                if input.restore is not None:
+                    phase["phase"] = f"restoring the snapshot of step {input.restore.step + 1}"
+                    selection = pipeline.manifest.snapshot.selection()
+                    await sandbox.restore(engine, input.restore.snapshot_id, selection=selection)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await sandbox.destroy()
+                raise
+        return self.ref_for(sandbox, provider)
+
+    @activity.defn(name=RUN_STEP)
+    @maps_sandbox_errors
+    async def run_step(self, input: RunStepInput) -> StepOutcome:
+        """Run one step's command to completion, heartbeating; a retry never sees an orphan of the last try."""
+        step = input.pipeline.steps[input.index]
+        assert step.run is not None
+        secrets = resolve_secrets(input.pipeline.manifest.secrets)
+        redactor = Redactor(secrets.values())
+        sandbox = await self._attach(input.sandbox)
+        await sandbox.kill_processes()
+        progress = {"output_bytes": 0}
+
+        def count(chunk: bytes) -> None:
+            progress["output_bytes"] += len(chunk)
+
+        async with heartbeating(lambda: progress):
+            result = await sandbox.exec(
+                step.run,
+                env={**input.pipeline.manifest.env, **step.env, **secrets},
+                timeout=step.timeout,
+                cwd=step.cwd,
+                on_output=count,
+                labels={"step": str(input.index + 1), "attempt": str(input.attempt)},
+                tail_bytes=OUTPUT_TAIL_BYTES + redactor.overlap,
+            )
+        tail = redactor.bytes(result.output_tail)[-OUTPUT_TAIL_BYTES:].decode(errors="replace")
+        output_log = None
+        if result.output_bytes > len(result.output_tail) and result.log_path:
+            output_log = await asyncio.to_thread(self._store_log, input.store, Path(result.log_path), redactor)
+        return StepOutcome(
+            index=input.index,
+            exit_code=result.exit_code,
+            timed_out=result.timed_out,
+            seconds=round(result.duration, 3),
+            output_tail=tail,
+            output_bytes=result.output_bytes,
+            output_log=output_log,
+        )
+
+    def _store_log(self, store_url: str, log_path: Path, redactor: Redactor) -> str:
+        """Keep a step's full output (redacted, compressed, content-addressed) where history cannot bloat."""
+        store = self.engine(store_url).store
+        with tempfile.NamedTemporaryFile(dir=self.state_dir, prefix="log-", delete=False) as raw:
+            redactor.copy(log_path, raw)
+        compressed = Path(raw.name + ".zst")
+        try:
+            hasher = blake3.blake3()
+            with open(raw.name, "rb") as src:
+                while block := src.read(1 << 20):
+                    hasher.update(block)
+            with open(raw.name, "rb") as src, open(compressed, "wb") as dst:
+                zstandard.ZstdCompressor(level=3).copy_stream(src, dst)
+            key = f"logs/{hasher.hexdigest()}.zst"
+            store.put_file(key, compressed)
+            return key
+        finally:
+            Path(raw.name).unlink(missing_ok=True)
+            compressed.unlink(missing_ok=True)
+            log_path.unlink(missing_ok=True)
+
+    @activity.defn(name=CHECKPOINT)
+    @maps_sandbox_errors
+    async def checkpoint(self, input: CheckpointInput) -> SnapshotRef:
+        """Snapshot the sandbox after a step. Only what changed since the last snapshot is read and stored."""
+        sandbox = await self._attach(input.sandbox)
+        engine = self.engine(input.store)
+        labels = {"pipeline": input.pipeline.name, "run": input.run_id, "step": str(input.step + 1)}
+        async with heartbeating():
+            info = await sandbox.snapshot(
+                engine, selection=input.pipeline.manifest.snapshot.selection(), parent=input.parent, labels=labels
+            )
+        stats = info.stats
+        return SnapshotRef(
+            snapshot_id=info.id,
+            digest=info.digest,
+            step=input.step,
+            files=stats.entries if stats else info.entries,
+            bytes=info.bytes,
+            bytes_new=stats.bytes_new if stats else 0,
+            seconds=round(stats.seconds, 3) if stats else 0.0,
+        )
+
+    @activity.defn(name=ROLLBACK)
+    @maps_sandbox_errors
+    async def rollback(self, input: RollbackInput) -> RollbackResult:
+        """Put a live sandbox back to a snapshot before a step is retried: kill orphans, rewrite what differs."""
+        sandbox = await self._attach(input.sandbox)
+        async with heartbeating():
+            stats = await sandbox.restore(
+                self.engine(input.store),
+                input.snapshot.snapshot_id,
+                selection=input.pipeline.manifest.snapshot.selection(),
+            )
+        return RollbackResult(files_written=stats.files_written, deleted=stats.deleted, seconds=round(stats.seconds, 3))
+
+    @activity.defn(name=DESTROY)
+    async def destroy(self, ref: SandboxRef) -> None:
+        """Best effort: a sandbox that is already gone is fine."""
+        try:
+            sandbox = await self._attach(ref)
+        except (SandboxLost, SandboxError):
+            return
+        await sandbox.destroy()

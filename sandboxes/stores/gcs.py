@@ -1,0 +1,271 @@
+"""`gs://` snapshot store: Google Cloud Storage via google-cloud-storage.
+
+Create-only writes use a generation precondition (``if_generation_match=0``: "only if no live object has this
+name"), which GCS checks atomically, so racing writers cannot clobber each other; the loser gets 412 and `put`
+returns False. Objects larger than one chunk go up as resumable uploads, one chunk in memory at a time, and the
+precondition holds for the whole upload. Credentials come from Application Default Credentials; with
+``STORAGE_EMULATOR_HOST`` set (fake-gcs-server in the tests) the client talks to the emulator anonymously.
+Retries are ours (`retry.py`), so every SDK call passes ``retry=None``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import google.auth.exceptions
+from google.api_core import exceptions as gexc
+from google.auth.credentials import AnonymousCredentials
+from google.cloud import storage
+
+from sandboxes.stores.base import ObjectInfo, ObjectMissing, ObjectStore, StoreError
+from sandboxes.stores.local import check_key
+from sandboxes.stores.retry import DEFAULT_POLICY, RetryPolicy, is_network_error, is_transient_status, retry_call
+
+T = TypeVar("T")
+
+_MiB = 1 << 20
+_PAGE = 1000
+_TIMEOUT = (10, 60)  # (connect, read) seconds per request
+
+
+def _status(e: BaseException) -> int | None:
+    code = getattr(e, "code", None)
+    return code if isinstance(code, int) else None
+
+
+def is_transient(e: BaseException) -> bool:
+    """429, 5xx, dropped connections, token-endpoint hiccups and checksum mismatches in transit; never 404/412."""
+    if isinstance(e, gexc.GoogleAPICallError):
+        return is_transient_status(_status(e))
+    if isinstance(e, google.auth.exceptions.TransportError):
+        return True
+    # A download whose bytes do not match the server's checksum was damaged in transit: fetch it again.
+    return type(e).__name__ == "DataCorruption" or is_network_error(e)
+
+
+class GCSStore(ObjectStore):
+    """Objects under ``prefix/`` in one GCS bucket. Thread-safe: the client is shared across threads, which
+    google-cloud-storage documents as safe; each call makes its own `Blob` object."""
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        *,
+        project: str | None = None,
+        chunk_size: int = 8 * _MiB,
+        retry: RetryPolicy = DEFAULT_POLICY,
+    ) -> None:
+        self.prefix = prefix.strip("/")
+        self._key_prefix = f"{self.prefix}/" if self.prefix else ""
+        self.url = f"gs://{bucket}" + (f"/{self.prefix}" if self.prefix else "") + (f"?project={project}" if project else "")
+        self._chunk_size = max(256 << 10, chunk_size // (256 << 10) * (256 << 10))  # GCS wants multiples of 256 KiB
+        self._retry = retry
+        self._emulator = os.environ.get("STORAGE_EMULATOR_HOST")
+        self._client = self._make_client(project)
+        self._bucket = self._client.bucket(bucket)
+        self.bucket = bucket
+        self._check_bucket()
+
+    def _make_client(self, project: str | None) -> storage.Client:
+        if self._emulator:
+            return storage.Client(project=project or "tardigrade", credentials=AnonymousCredentials())
+        try:
+            try:
+                if project:
+                    return storage.Client(project=project)
+                return storage.Client()
+            except OSError:
+                # No project could be inferred. Object reads and writes do not need one.
+                return storage.Client(project=None)
+        except google.auth.exceptions.DefaultCredentialsError:
+            raise StoreError(
+                f"no Google Cloud credentials found for {self.url}: set GOOGLE_APPLICATION_CREDENTIALS to a service"
+                " account key file, run `gcloud auth application-default login`, or run with a workload identity"
+            ) from None
+
+    # -- plumbing ---------------------------------------------------------------------------------------------
+
+    def _blob(self, key: str) -> storage.Blob:
+        blob = self._bucket.blob(self._key_prefix + check_key(key))
+        blob.chunk_size = self._chunk_size  # otherwise resumable uploads buffer 100 MiB chunks
+        return blob
+
+    def _call(self, op: str, key: str | None, fn: Callable[[], T]) -> T:
+        what = f"{op} {key!r} in {self.url}" if key else f"{op} {self.url}"
+        try:
+            return retry_call(fn, is_transient=is_transient, what=what, policy=self._retry)
+        except StoreError:
+            raise
+        except gexc.NotFound:
+            # The bucket was checked at open, so a 404 on an object request means the object is missing.
+            if key is not None:
+                raise ObjectMissing(key, self.url) from None
+            raise self._no_bucket() from None
+        except Exception as e:
+            raise self._explain(what, e) from e
+
+    def _explain(self, what: str, e: BaseException) -> StoreError:
+        if isinstance(e, gexc.Forbidden | gexc.Unauthorized | google.auth.exceptions.RefreshError):
+            return StoreError(
+                f"{what}: access denied ({type(e).__name__}). Check that the credentials are valid and grant"
+                f" roles/storage.objectAdmin (or storage.objects.create/get/list/delete) on bucket {self.bucket!r}"
+            )
+        if isinstance(e, gexc.GoogleAPICallError):
+            detail = f"{_status(e)} {e.message}".strip()
+            if is_transient(e):
+                detail += f" (still failing after {self._retry.attempts} attempts; the service is throttling or down)"
+            return StoreError(f"{what} failed: {detail}")
+        if is_transient(e):
+            endpoint = self._emulator or "https://storage.googleapis.com"
+            return StoreError(
+                f"{what}: cannot reach GCS at {endpoint} ({type(e).__name__}) after {self._retry.attempts} attempts;"
+                " check the network (and STORAGE_EMULATOR_HOST if you use an emulator)"
+            )
+        return StoreError(f"{what} failed: {type(e).__name__}: {e}")
+
+    def _no_bucket(self) -> StoreError:
+        endpoint = self._emulator or "https://storage.googleapis.com"
+        return StoreError(
+            f"bucket {self.bucket!r} does not exist at endpoint {endpoint} (store {self.url}); create it or fix the URL"
+        )
+
+    def _check_bucket(self) -> None:
+        """Fail at open, not at the first snapshot: the bucket must exist and be listable with these credentials."""
+
+        def probe() -> None:
+            pages = self._client.list_blobs(
+                self._bucket, prefix=self._key_prefix, max_results=1, retry=None, timeout=_TIMEOUT
+            )
+            next(iter(pages), None)
+
+        self._call("list", None, probe)
+
+    # -- writes -----------------------------------------------------------------------------------------------
+
+    def _create(self, upload: Callable[[], object]) -> bool:
+        try:
+            upload()
+            return True
+        except gexc.PreconditionFailed:
+            return False
+
+    def put(self, key: str, data: bytes) -> bool:
+        blob = self._blob(key)
+        return self._call(
+            "put",
+            key,
+            lambda: self._create(
+                lambda: blob.upload_from_string(
+                    data, content_type="application/octet-stream", if_generation_match=0, retry=None, timeout=_TIMEOUT
+                )
+            ),
+        )
+
+    def put_file(self, key: str, path: Path) -> bool:
+        blob = self._blob(key)
+        size = path.stat().st_size
+
+        def attempt() -> bool:
+            with open(path, "rb") as f:  # reopened per attempt: a failed upload has consumed the stream
+                return self._create(
+                    lambda: blob.upload_from_file(
+                        f,
+                        size=size,
+                        content_type="application/octet-stream",
+                        if_generation_match=0,
+                        retry=None,
+                        timeout=_TIMEOUT,
+                    )
+                )
+
+        return self._call("put", key, attempt)
+
+    # -- reads ------------------------------------------------------------------------------------------------
+
+    def get(self, key: str) -> bytes:
+        blob = self._blob(key)
+        return self._call("get", key, lambda: bytes(blob.download_as_bytes(retry=None, timeout=_TIMEOUT)))
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        if length <= 0:
+            self.stat(key)  # still report a missing object
+            return b""
+        blob = self._blob(key)
+
+        def attempt() -> bytes:
+            try:
+                # `end` is inclusive. Partial content carries no whole-object checksum to compare against.
+                return bytes(
+                    blob.download_as_bytes(
+                        start=offset, end=offset + length - 1, checksum=None, retry=None, timeout=_TIMEOUT
+                    )
+                )
+            except gexc.RequestRangeNotSatisfiable:
+                return b""  # starts past the end: reported as a short read below
+
+        data = self._call("get range of", key, attempt)
+        if len(data) != length:
+            raise StoreError(
+                f"object {key!r} in {self.url} is shorter than expected: asked for {length} bytes at offset {offset},"
+                f" got {len(data)} (truncated or overwritten?)"
+            )
+        return data
+
+    def get_file(self, key: str, path: Path) -> None:
+        blob = self._blob(key)
+
+        def attempt() -> None:
+            with open(path, "wb") as f:  # truncates what an interrupted attempt left
+                blob.download_to_file(f, retry=None, timeout=_TIMEOUT)
+
+        self._call("get", key, attempt)
+
+    def _get_blob(self, key: str) -> Any:
+        name = self._key_prefix + check_key(key)
+        return self._call("stat", key, lambda: self._bucket.get_blob(name, retry=None, timeout=_TIMEOUT))
+
+    def exists(self, key: str) -> bool:
+        return self._get_blob(key) is not None
+
+    def stat(self, key: str) -> ObjectInfo:
+        blob = self._get_blob(key)
+        if blob is None:
+            raise ObjectMissing(key, self.url)
+        return ObjectInfo(key, int(blob.size), blob.updated.timestamp())
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        start = len(self._key_prefix)
+        token: str | None = None
+        while True:
+
+            def fetch(token: str | None = token) -> tuple[list[Any], str | None]:
+                pages = self._client.list_blobs(
+                    self._bucket,
+                    prefix=self._key_prefix + prefix,
+                    page_token=token,
+                    page_size=_PAGE,
+                    retry=None,
+                    timeout=_TIMEOUT,
+                )
+                page = next(pages.pages, None)  # one request per page, so each page is retried on its own
+                return (list(page) if page is not None else []), pages.next_page_token
+
+            blobs, token = self._call("list", None, fetch)
+            for blob in blobs:
+                yield ObjectInfo(blob.name[start:], int(blob.size), blob.updated.timestamp())
+            if not token:
+                return
+
+    def delete(self, key: str) -> None:
+        blob = self._blob(key)
+        try:
+            self._call("delete", key, lambda: blob.delete(retry=None, timeout=_TIMEOUT))
+        except ObjectMissing:
+            pass
+
+    def close(self) -> None:
+        self._client.close()

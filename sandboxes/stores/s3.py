@@ -1,0 +1,405 @@
+"""`s3://` and `r2://` snapshot stores: Amazon S3 and S3-compatible services (Cloudflare R2, MinIO, moto) via boto3.
+
+Create-only writes use S3's conditional write (``If-None-Match: *``), so two workers racing to upload the same
+content-addressed pack cannot clobber each other: the loser gets 412 and `put` returns False. Large files go up as
+multipart uploads whose parts stream from the file (bounded memory) and whose completion carries the same
+condition. Credentials come only from boto3's usual chain (env, profile, instance role); they never appear in the
+store's URL, its errors or its logs. Retries are ours (`retry.py`), not botocore's, so every backend behaves alike.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlencode
+
+import boto3
+import botocore.exceptions
+from botocore.config import Config
+
+from sandboxes.stores.base import ObjectInfo, ObjectMissing, ObjectStore, StoreError
+from sandboxes.stores.local import check_key
+from sandboxes.stores.retry import DEFAULT_POLICY, RetryPolicy, Transient, is_network_error, is_transient_status, retry_call
+
+T = TypeVar("T")
+
+_MiB = 1 << 20
+_PAGE = 1000  # S3's maximum page size for ListObjectsV2
+_MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
+_PRECONDITION_CODES = {"PreconditionFailed", "412"}
+# 409 ConditionalRequestConflict: another conditional write to the same key is in flight; the winner is unknown yet.
+_CONFLICT_CODES = {"ConditionalRequestConflict", "OperationAborted"}
+_DENIED_CODES = {"AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled"}
+_THROTTLE_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestLimitExceeded",
+                   "InternalError", "ServiceUnavailable", "TooManyRequests"}
+
+
+def _code(e: botocore.exceptions.ClientError) -> str:
+    return str(e.response.get("Error", {}).get("Code", ""))
+
+
+def _status(e: botocore.exceptions.ClientError) -> int | None:
+    status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return int(status) if status is not None else None
+
+
+def is_transient(e: BaseException) -> bool:
+    """Throttling, 5xx and dropped connections; never 404 or 412."""
+    if isinstance(e, botocore.exceptions.ClientError):
+        return _code(e) in _THROTTLE_CODES or is_transient_status(_status(e))
+    return isinstance(
+        e,
+        botocore.exceptions.HTTPClientError  # connection closed, read/connect timeouts, streaming errors
+        | botocore.exceptions.ConnectionError
+        | botocore.exceptions.IncompleteReadError,
+    ) or is_network_error(e)
+
+
+class _FileSlice:
+    """A seekable read-only window on a file, so botocore can stream (and checksum) one part of it without the
+    part ever being held in memory."""
+
+    def __init__(self, path: Path, start: int, size: int) -> None:
+        self._file = open(path, "rb")  # noqa: SIM115 - closed by close(), which botocore's caller drives
+        self._start = start
+        self._size = size
+        self._pos = 0
+        self._file.seek(start)
+
+    def read(self, n: int = -1) -> bytes:
+        remaining = self._size - self._pos
+        n = remaining if n is None or n < 0 else min(n, remaining)
+        data = self._file.read(n)
+        self._pos += len(data)
+        return data
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: self._size}[whence]
+        self._pos = max(0, min(self._size, base + offset))
+        self._file.seek(self._start + self._pos)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def __len__(self) -> int:
+        return self._size
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> _FileSlice:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class S3Store(ObjectStore):
+    """Objects under ``prefix/`` in one S3 (or S3-compatible) bucket. Thread-safe: one boto3 client is shared,
+    which boto3 supports (sessions are not shared; this store makes its own)."""
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        *,
+        endpoint: str | None = None,
+        region: str | None = None,
+        r2_account: str | None = None,
+        part_size: int = 8 * _MiB,
+        multipart_threshold: int = 16 * _MiB,
+        part_concurrency: int = 4,
+        retry: RetryPolicy = DEFAULT_POLICY,
+    ) -> None:
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self._key_prefix = f"{self.prefix}/" if self.prefix else ""
+        self._part_size = max(part_size, 5 * _MiB)  # S3's minimum for every part but the last
+        self._multipart_threshold = max(multipart_threshold, self._part_size)
+        self._part_concurrency = part_concurrency
+        self._retry = retry
+        if r2_account:
+            endpoint = endpoint or f"https://{r2_account}.r2.cloudflarestorage.com"
+            region = region or "auto"
+            self.url = f"r2://{r2_account}/{bucket}" + (f"/{self.prefix}" if self.prefix else "")
+        else:
+            query = urlencode({k: v for k, v in (("endpoint", endpoint), ("region", region)) if v})
+            self.url = f"s3://{bucket}" + (f"/{self.prefix}" if self.prefix else "") + (f"?{query}" if query else "")
+
+        # An endpoint other than AWS's (R2, MinIO, moto) gets path-style addressing and checksums only where the
+        # API requires them: many S3-compatibles reject botocore's newer default (aws-chunked CRC32 trailers).
+        custom = endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        options: dict[str, Any] = {
+            "retries": {"total_max_attempts": 1, "mode": "standard"},  # retry_call does the retrying
+            "max_pool_connections": 32,
+            "connect_timeout": 10,
+            "read_timeout": 60,
+            "user_agent_extra": "tardigrade",
+        }
+        if custom:
+            options |= {
+                "s3": {"addressing_style": "path"},
+                "request_checksum_calculation": "when_required",
+                "response_checksum_validation": "when_required",
+            }
+        try:
+            session = boto3.session.Session()
+            self._client: Any = session.client(
+                "s3", endpoint_url=endpoint, region_name=region, config=Config(**options)
+            )
+        except botocore.exceptions.BotoCoreError as e:
+            raise StoreError(f"cannot set up an S3 client for {self.url}: {type(e).__name__}; check the endpoint,"
+                             " region and AWS configuration") from None
+        self.endpoint: str = self._client.meta.endpoint_url
+        self._check_bucket()
+
+    # -- plumbing ---------------------------------------------------------------------------------------------
+
+    def _key(self, key: str) -> str:
+        return self._key_prefix + check_key(key)
+
+    def _call(self, op: str, key: str | None, fn: Callable[[], T]) -> T:
+        """Run one request with retries; turn whatever is left into an `ObjectMissing` or an explained error."""
+        what = f"{op} {key!r} in {self.url}" if key else f"{op} {self.url}"
+        try:
+            return retry_call(fn, is_transient=is_transient, what=what, policy=self._retry)
+        except StoreError:
+            raise
+        except botocore.exceptions.ClientError as e:
+            if key is not None and _code(e) in _MISSING_CODES:
+                raise ObjectMissing(key, self.url) from None
+            raise self._explain(what, e) from e
+        except Exception as e:
+            raise self._explain(what, e) from e
+
+    def _explain(self, what: str, e: BaseException) -> StoreError:
+        if isinstance(e, botocore.exceptions.NoCredentialsError | botocore.exceptions.PartialCredentialsError):
+            return StoreError(
+                f"{what}: no AWS credentials found. Set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE,"
+                " or run with an instance/task role (for R2 use an R2 API token's access key pair)"
+            )
+        if isinstance(e, botocore.exceptions.ClientError):
+            code, status = _code(e), _status(e)
+            if code == "NoSuchBucket":
+                return self._no_bucket()
+            if code in _DENIED_CODES:
+                return StoreError(
+                    f"{what}: access denied ({code}). Check that the credentials are valid and allow"
+                    f" s3:GetObject, s3:PutObject, s3:DeleteObject and s3:ListBucket on bucket {self.bucket!r}"
+                )
+            message = str(e.response.get("Error", {}).get("Message", "")).strip()
+            return StoreError(f"{what} failed: {code or status} {message}".rstrip() + self._advice(status))
+        if isinstance(e, Transient):
+            return StoreError(f"{what}: {e}; another writer kept the key busy, try again later")
+        if is_transient(e):
+            return StoreError(
+                f"{what}: cannot reach the S3 endpoint {self.endpoint} ({type(e).__name__}) after"
+                f" {self._retry.attempts} attempts; check the endpoint and the network"
+            )
+        return StoreError(f"{what} failed: {type(e).__name__}: {e}")
+
+    def _advice(self, status: int | None) -> str:
+        if is_transient_status(status):
+            return f" (still failing after {self._retry.attempts} attempts; the service is throttling or down)"
+        return ""
+
+    def _no_bucket(self) -> StoreError:
+        return StoreError(
+            f"bucket {self.bucket!r} does not exist at endpoint {self.endpoint} (store {self.url}); create it or fix"
+            " the URL"
+        )
+
+    def _check_bucket(self) -> None:
+        """Fail at open, not at the first snapshot: the bucket must exist and be listable with these credentials."""
+        self._call(
+            "list", None, lambda: self._client.list_objects_v2(Bucket=self.bucket, Prefix=self._key_prefix, MaxKeys=1)
+        )
+
+    def _head(self, full_key: str) -> dict[str, Any] | None:
+        try:
+            head: dict[str, Any] = self._client.head_object(Bucket=self.bucket, Key=full_key)
+            return head
+        except botocore.exceptions.ClientError as e:
+            if _code(e) in _MISSING_CODES:
+                return None
+            raise
+
+    # -- writes -----------------------------------------------------------------------------------------------
+
+    def _conditional(self, full_key: str, request: Callable[[], object]) -> bool:
+        """One create-only request: True if it created the key, False if the key already existed."""
+        try:
+            request()
+            return True
+        except botocore.exceptions.ClientError as e:
+            if _code(e) in _PRECONDITION_CODES or _status(e) == 412:
+                return False
+            if _code(e) in _CONFLICT_CODES or _status(e) == 409:
+                if self._head(full_key) is not None:
+                    return False
+                raise Transient(f"conditional write conflict ({_code(e)})") from e
+            raise
+
+    def put(self, key: str, data: bytes) -> bool:
+        full = self._key(key)
+        return self._call(
+            "put",
+            key,
+            lambda: self._conditional(
+                full, lambda: self._client.put_object(Bucket=self.bucket, Key=full, Body=data, IfNoneMatch="*")
+            ),
+        )
+
+    def put_file(self, key: str, path: Path) -> bool:
+        full = self._key(key)
+        size = path.stat().st_size
+        if size <= self._multipart_threshold:
+
+            def single() -> bool:
+                with _FileSlice(path, 0, size) as body:
+                    return self._conditional(
+                        full,
+                        lambda: self._client.put_object(
+                            Bucket=self.bucket, Key=full, Body=body, ContentLength=size, IfNoneMatch="*"
+                        ),
+                    )
+
+            return self._call("put", key, single)
+        # Don't upload a large object that is already there (the completion is still conditional: this is only
+        # a shortcut, not the guarantee).
+        if self._call("stat", key, lambda: self._head(full)) is not None:
+            return False
+        return self._multipart(key, full, path, size)
+
+    def _multipart(self, key: str, full: str, path: Path, size: int) -> bool:
+        upload_id: str = self._call(
+            "start multipart upload of", key, lambda: self._client.create_multipart_upload(Bucket=self.bucket, Key=full)
+        )["UploadId"]
+        try:
+
+            def upload(number: int) -> dict[str, Any]:
+                start = (number - 1) * self._part_size
+                length = min(self._part_size, size - start)
+
+                def attempt() -> dict[str, Any]:
+                    with _FileSlice(path, start, length) as body:
+                        response = self._client.upload_part(
+                            Bucket=self.bucket, Key=full, UploadId=upload_id, PartNumber=number, Body=body,
+                            ContentLength=length,
+                        )
+                    return {"PartNumber": number, "ETag": response["ETag"]}
+
+                return self._call(f"upload part {number} of", key, attempt)
+
+            count = (size + self._part_size - 1) // self._part_size
+            with ThreadPoolExecutor(min(self._part_concurrency, count), thread_name_prefix="s3-part") as pool:
+                parts = list(pool.map(upload, range(1, count + 1)))
+            created = self._call(
+                "complete multipart upload of",
+                key,
+                lambda: self._conditional(
+                    full,
+                    lambda: self._client.complete_multipart_upload(
+                        Bucket=self.bucket, Key=full, UploadId=upload_id, MultipartUpload={"Parts": parts},
+                        IfNoneMatch="*",
+                    ),
+                ),
+            )
+        except BaseException:
+            self._abort(full, upload_id)
+            raise
+        if not created:
+            self._abort(full, upload_id)  # a refused completion leaves the parts behind, billed until aborted
+        return created
+
+    def _abort(self, full: str, upload_id: str) -> None:
+        try:
+            self._client.abort_multipart_upload(Bucket=self.bucket, Key=full, UploadId=upload_id)
+        except Exception:  # noqa: S110 - best effort; a lifecycle rule for incomplete uploads catches the rest
+            pass
+
+    # -- reads ------------------------------------------------------------------------------------------------
+
+    def get(self, key: str) -> bytes:
+        full = self._key(key)
+        return self._call(
+            "get", key, lambda: bytes(self._client.get_object(Bucket=self.bucket, Key=full)["Body"].read())
+        )
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        full = self._key(key)
+        if length <= 0:
+            self.stat(key)  # still report a missing object
+            return b""
+
+        def attempt() -> bytes:
+            try:
+                response = self._client.get_object(
+                    Bucket=self.bucket, Key=full, Range=f"bytes={offset}-{offset + length - 1}"
+                )
+            except botocore.exceptions.ClientError as e:
+                if _code(e) == "InvalidRange" or _status(e) == 416:
+                    return b""  # starts past the end: reported as a short read below
+                raise
+            return bytes(response["Body"].read())
+
+        data = self._call("get range of", key, attempt)
+        if len(data) != length:
+            raise StoreError(
+                f"object {key!r} in {self.url} is shorter than expected: asked for {length} bytes at offset {offset},"
+                f" got {len(data)} (truncated or overwritten?)"
+            )
+        return data
+
+    def get_file(self, key: str, path: Path) -> None:
+        full = self._key(key)
+
+        def attempt() -> None:
+            body = self._client.get_object(Bucket=self.bucket, Key=full)["Body"]
+            try:
+                with open(path, "wb") as out:  # truncates what an interrupted attempt left
+                    for chunk in body.iter_chunks(_MiB):
+                        out.write(chunk)
+            finally:
+                body.close()
+
+        self._call("get", key, attempt)
+
+    def exists(self, key: str) -> bool:
+        full = self._key(key)
+        return self._call("stat", key, lambda: self._head(full)) is not None
+
+    def stat(self, key: str) -> ObjectInfo:
+        full = self._key(key)
+        head = self._call("stat", key, lambda: self._head(full))
+        if head is None:
+            raise ObjectMissing(key, self.url)
+        return ObjectInfo(key, int(head["ContentLength"]), head["LastModified"].timestamp())
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        start = len(self._key_prefix)
+        token: str | None = None
+        while True:
+            args: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self._key_prefix + prefix, "MaxKeys": _PAGE}
+            if token:
+                args["ContinuationToken"] = token
+            page: dict[str, Any] = self._call("list", None, lambda: self._client.list_objects_v2(**args))
+            for obj in page.get("Contents", ()):
+                yield ObjectInfo(obj["Key"][start:], int(obj["Size"]), obj["LastModified"].timestamp())
+            token = page.get("NextContinuationToken")
+            if not page.get("IsTruncated") or not token:
+                return
+
+    def delete(self, key: str) -> None:
+        full = self._key(key)
+        try:
+            self._call("delete", key, lambda: self._client.delete_object(Bucket=self.bucket, Key=full))
+        except ObjectMissing:
+            pass
+
+    def close(self) -> None:
+        self._client.close()

@@ -1,0 +1,115 @@
+"""Client helpers: connect, stage a pipeline's files, start a run, read its status and result.
+
+Staging is why no file content ever enters workflow history: the Manifest's files (inline or copied from next
+to the pipeline file) become a *seed snapshot* in the snapshot store, and the workflow input carries only its id.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
+from temporalio.service import RPCError
+
+from activities.models import RunInput, RunResult, RunStatus
+from sandboxes.manifest import SEED_SELECTION, tree_path
+from sandboxes.snapshots import SnapshotEngine
+from sandboxes.stores import open_store
+from tardigrade import config
+from tardigrade.pipeline import LoadedPipeline
+from tardigrade.plugin import TardigradePlugin
+from workflows.pipeline import PipelineWorkflow
+
+# Inline files get a fixed mtime, so the same Manifest always makes the same seed snapshot.
+INLINE_MTIME_NS = 946_684_800 * 10**9  # 2000-01-01
+
+
+async def connect(address: str, *, namespace: str | None = None, plugin: TardigradePlugin | None = None) -> Client:
+    return await Client.connect(
+        address, namespace=config.namespace(namespace), plugins=[plugin or TardigradePlugin()]
+    )
+
+
+def stage_pipeline(loaded: LoadedPipeline, store_url: str | None = None) -> RunInput:
+    """Upload the Manifest's files and folders as a seed snapshot; return the workflow input that names it."""
+    pipeline = loaded.pipeline
+    store_url = store_url or pipeline.store or config.default_store_url()
+    manifest = pipeline.manifest
+    seed = None
+    if manifest.files or manifest.directories:
+        staging = Path(tempfile.mkdtemp(prefix="tardigrade-stage-"))
+        try:
+            for folder in (*SEED_SELECTION.roots, *(tree_path(d) for d in manifest.directories)):
+                (staging / folder).mkdir(parents=True, exist_ok=True)
+            for f in manifest.files:
+                target = staging / tree_path(f.path)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                if f.content is not None:
+                    target.write_text(f.content)
+                    mtime = INLINE_MTIME_NS
+                else:
+                    assert f.source is not None
+                    source = loaded.base_dir / f.source
+                    shutil.copyfile(source, target)
+                    mtime = source.stat().st_mtime_ns
+                os.chmod(target, 0o755 if f.executable else 0o644)
+                os.utime(target, ns=(mtime, mtime))
+            for folder in sorted(staging.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+                if folder.is_dir():
+                    os.utime(folder, ns=(INLINE_MTIME_NS, INLINE_MTIME_NS))
+            engine = SnapshotEngine(open_store(store_url))
+            seed = engine.create(staging, selection=SEED_SELECTION, labels={"pipeline": pipeline.name, "seed": "1"}).id
+            engine.store.close()
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    staged = pipeline.model_copy(
+        update={"manifest": manifest.model_copy(update={"files": [], "directories": []}), "store": store_url}
+    )
+    return RunInput(pipeline=staged, store=store_url, seed_snapshot=seed)
+
+
+def new_workflow_id(pipeline_name: str) -> str:
+    safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in pipeline_name)[:60]
+    return f"{safe}-{uuid.uuid4().hex[:12]}"
+
+
+async def start_pipeline(
+    client: Client,
+    loaded: LoadedPipeline,
+    *,
+    task_queue: str | None = None,
+    workflow_id: str | None = None,
+    store_url: str | None = None,
+) -> WorkflowHandle[PipelineWorkflow, RunResult]:
+    run_input = stage_pipeline(loaded, store_url)
+    return await client.start_workflow(
+        PipelineWorkflow.run,
+        run_input,
+        id=workflow_id or new_workflow_id(loaded.pipeline.name),
+        task_queue=config.task_queue(task_queue),
+        static_summary=f"pipeline {loaded.pipeline.name} · {len(loaded.pipeline.steps)} steps",
+    )
+
+
+async def run_result(client: Client, workflow_id: str) -> RunResult:
+    """Wait for the run (following continue-as-new) and return its result. Raises if it failed."""
+    handle = client.get_workflow_handle_for(PipelineWorkflow.run, workflow_id)
+    return await handle.result()
+
+
+async def run_status(client: Client, workflow_id: str) -> RunStatus | RunResult:
+    """Live status of a running pipeline, or the result of a finished one."""
+    handle = client.get_workflow_handle_for(PipelineWorkflow.run, workflow_id)
+    description = await handle.describe()
+    if description.status == WorkflowExecutionStatus.RUNNING:
+        try:
+            return await handle.query(PipelineWorkflow.status)
+        except RPCError as e:
+            raise RuntimeError(
+                f"run {workflow_id} is running but no worker answered ({e.message}); is `python worker.py` up?"
+            ) from e
+    return await handle.result()

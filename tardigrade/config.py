@@ -1,0 +1,35 @@
+"""Defaults shared by the CLI, the worker and the client helpers: task queue, state folder, store, address.
+
+Every default can be overridden by an environment variable, so one `export` configures both `python worker.py`
+and `tardigrade run`: TEMPORAL_ADDRESS, TEMPORAL_NAMESPACE, TARDIGRADE_TASK_QUEUE, TARDIGRADE_STORE,
+TARDIGRADE_HOME.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DEFAULT_TASK_QUEUE = "tardigrade"
+DEFAULT_NAMESPACE = "default"
+
+
+def state_dir() -> Path:
+    """Where the worker keeps sandboxes, caches, the embedded server's database and the default store."""
+    if explicit := os.environ.get("TARDIGRADE_HOME"):
+        return Path(explicit).expanduser()
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "tardigrade"
+
+
+def task_queue(explicit: str | None = None) -> str:
+    return explicit or os.environ.get("TARDIGRADE_TASK_QUEUE") or DEFAULT_TASK_QUEUE
+
+
+def namespace(explicit: str | None = None) -> str:
+    return explicit or os.environ.get("TEMPORAL_NAMESPACE") or DEFAULT_NAMESPACE
+
+
+def default_store_url() -> str:
+    """The snapshot store used when a pipeline names none: TARDIGRADE_STORE, else a folder in the state dir."""
+    return os.environ.get("TARDIGRADE_STORE") or (state_dir() / "snapshots").absolute().as_uri()

@@ -1,0 +1,114 @@
+"""`tardigrade demo`: the 40-step example pipeline loses its sandbox at step 22 and finishes anyway.
+
+Everything runs in this process except the Temporal dev server (a subprocess, unless --address is given): a
+worker with the plugin, and a fault injector that really kills the sandbox's processes and deletes its folder
+while step N runs. The workflow knows nothing of the injector; it notices the loss like it would in production.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from temporalio.worker import Worker
+
+from activities.models import RunResult, RunStatus
+from sandboxes.faults import DestroySandboxDuringStep
+from tardigrade.client import connect, new_workflow_id, start_pipeline
+from tardigrade.devserver import EmbeddedTemporal, resolve_address
+from tardigrade.pipeline import PipelineError, load_pipeline
+from workflows.pipeline import PipelineWorkflow
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "data-pipeline.yaml"
+
+
+async def run_demo(
+    *,
+    crash_at_step: int = 22,
+    address: str | None = None,
+    keep_server: bool = False,
+    say: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    loaded = load_pipeline(EXAMPLE)
+    steps = loaded.pipeline.steps
+    if not 0 <= crash_at_step <= len(steps):
+        raise PipelineError(f"--crash-at-step must be between 0 (no crash) and {len(steps)}")
+    address = resolve_address(address)
+    server = None
+    if address is None:
+        server = EmbeddedTemporal()
+        await server.start()
+        address = server.address
+        if keep_server:
+            server.write_state_file()
+        say(f"Temporal dev server on {address} (SQLite: {server.db_file}); Web UI: {server.ui_url}")
+    injector = DestroySandboxDuringStep(crash_at_step) if crash_at_step else None
+    try:
+        from tardigrade.plugin import TardigradePlugin
+
+        client = await connect(address, plugin=TardigradePlugin(fault_injector=injector))
+        # A queue of its own, so the in-process worker (with the fault injector) is the one that runs it.
+        task_queue = f"tardigrade-demo-{uuid.uuid4().hex[:8]}"
+        workflow_id = new_workflow_id(f"demo-{loaded.pipeline.name}")
+        started = time.monotonic()
+        async with Worker(client, task_queue=task_queue):
+            handle = await start_pipeline(client, loaded, task_queue=task_queue, workflow_id=workflow_id)
+            crash = f"; its sandbox will be destroyed during step {crash_at_step}" if crash_at_step else ""
+            say(f"Running {loaded.pipeline.name} ({len(steps)} steps) as workflow {workflow_id}{crash}.")
+            progress = _Progress([s.name for s in steps], say)
+            watcher = asyncio.create_task(progress.watch(handle))
+            try:
+                result: RunResult = await handle.result()
+            finally:
+                watcher.cancel()
+            progress.show_completed(result.steps_completed)
+        seconds = time.monotonic() - started
+    finally:
+        if server is not None and not keep_server:
+            server.stop()
+    ui = server.workflow_url(workflow_id) if server else None
+    reran = result.step_runs - result.steps_total
+    say(
+        f"Done in {seconds:.1f} s: {result.steps_completed}/{result.steps_total} steps, "
+        f"{result.rehydrations} rehydration(s), {result.step_runs} step runs ({reran} re-run after a loss)."
+    )
+    say(f"  final snapshot    {result.final_snapshot}")
+    say(f"  workspace digest  {result.workspace_digest}")
+    say(f"  snapshot store    {result.store}")
+    if ui:
+        say(f"  Web UI            {ui}" + ("" if keep_server else "  (the server stopped; --keep-server keeps it)"))
+    out = result.model_dump()
+    out.update({"seconds": round(seconds, 2), "web_ui": ui, "crash_at_step": crash_at_step or None})
+    return out
+
+
+class _Progress:
+    """Prints each step as it completes, and every rehydration, by querying the workflow."""
+
+    def __init__(self, step_names: list[str], say: Callable[[str], None]) -> None:
+        self.step_names = step_names
+        self.say = say
+        self.shown = 0
+        self.rehydrations = 0
+
+    def show_completed(self, completed: int) -> None:
+        while self.shown < completed:
+            self.say(f"  step {self.shown + 1:>2}/{len(self.step_names)} · {self.step_names[self.shown]} ✓")
+            self.shown += 1
+
+    async def watch(self, handle: Any) -> None:
+        while True:
+            await asyncio.sleep(0.3)
+            try:
+                status: RunStatus = await handle.query(PipelineWorkflow.status)
+            except Exception:
+                continue  # a query can race a workflow task; the next one will do
+            self.show_completed(status.steps_completed)
+            if status.rehydrations > self.rehydrations:
+                self.rehydrations = status.rehydrations
+                self.say(f"  !! {status.last_error}")
+                self.say("  -> fresh sandbox: manifest applied, last snapshot restored, resuming at the failed step")

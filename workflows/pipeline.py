@@ -1,0 +1,405 @@
+"""`PipelineWorkflow`: run a pipeline's steps in a sandbox, checkpoint after each, survive losing the sandbox.
+
+Read top to bottom, the loop is the durability contract:
+
+1. Make sure there is a live sandbox whose files equal the last snapshot: provision one (Manifest, setup, restore
+   the last snapshot) if there is none, or roll the live one back if a failed attempt may have dirtied it.
+2. Run the next step as an activity that heartbeats, so a dead worker is noticed within seconds.
+3. Checkpoint: snapshot the sandbox and record the snapshot id in history.
+4. If the sandbox or its worker is lost at any point, forget it and go back to 1: a fresh sandbox is rehydrated
+   from the last snapshot and the run resumes at the first step that snapshot does not include.
+
+History holds ids, digests, exit codes and short output tails only. The run continues-as-new every
+`steps_per_run` steps (or when Temporal suggests it), carrying its state, so a 1,000-step pipeline stays far
+below Temporal's history limits. Deterministic: no I/O, clocks or randomness here - only activities do that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from typing import Any
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError, ApplicationError
+
+with workflow.unsafe.imports_passed_through():
+    from activities.models import (
+        CHECKPOINT,
+        DESTROY,
+        PROVISION,
+        ROLLBACK,
+        RUN_STEP,
+        CheckpointInput,
+        CheckpointRecord,
+        ProvisionInput,
+        RollbackInput,
+        RollbackResult,
+        RunInput,
+        RunResult,
+        RunState,
+        RunStatus,
+        RunStepInput,
+        SandboxRef,
+        SnapshotRef,
+        StepOutcome,
+        step_label,
+    )
+    from tardigrade.pipeline import Pipeline
+
+# Failures that no new sandbox can fix: the run stops and says what to change.
+FATAL_ERRORS = frozenset(
+    {
+        "SecretMissing",
+        "SetupFailed",
+        "IsolationUnavailable",
+        "ProviderUnavailable",
+        "SnapshotMissing",
+        "SnapshotCorrupt",
+        "UnsafeTree",
+        "SnapshotError",
+        "StoreError",
+    }
+)
+NO_RETRY = RetryPolicy(maximum_attempts=1)  # sandbox activities: the workflow itself decides what a failure means
+MAX_RETRY_BACKOFF = 300.0
+
+
+def _fatal(error: ActivityError) -> bool:
+    cause = error.cause
+    return isinstance(cause, ApplicationError) and cause.type in FATAL_ERRORS
+
+
+def _describe(error: BaseException) -> str:
+    cause = error.cause if isinstance(error, ActivityError) and error.cause else error
+    if isinstance(cause, ApplicationError):
+        return f"{cause.type}: {cause.message}"
+    return f"{type(cause).__name__}: {cause}"
+
+
+@workflow.defn(name="TardigradePipeline")
+class PipelineWorkflow:
+    def __init__(self) -> None:
+        self._input: RunInput | None = None
+        self._state = RunState()
+        self._phase = "starting"
+        self._last_error: str | None = None
+        self._segment_steps = 0
+
+    # -- the run ----------------------------------------------------------------------------------------------
+
+    @workflow.run
+    async def run(self, input: RunInput) -> RunResult:
+        self._input = input
+        self._state = state = input.state or RunState()
+        steps = input.pipeline.steps
+        try:
+            while state.next_step < len(steps):
+                if self._time_to_continue_as_new():
+                    self._continue_as_new()
+                await self._ready_sandbox()
+                await self._attempt(state.next_step)
+        except workflow.ContinueAsNewError:
+            raise  # the sandbox lives on into the next run
+        except BaseException as e:  # cancelled, or failed: do not leave a sandbox running
+            self._phase = "failed" if not isinstance(e, asyncio.CancelledError) else "cancelled"
+            await self._destroy_sandbox()
+            raise
+        await self._destroy_sandbox()
+        self._set_phase("completed", None)
+        return self._result("completed")
+
+    async def _ready_sandbox(self) -> None:
+        """Loop until there is a live sandbox whose files equal the last snapshot."""
+        state = self._state
+        while True:
+            if state.sandbox is None:
+                await self._provision()
+            try:
+                if state.last_snapshot is None:
+                    # The state right after setup: what step 1 starts from, and what its retries roll back to.
+                    await self._checkpoint(step=-1)
+                elif state.needs_rollback:
+                    await self._rollback()
+                return
+            except ActivityError as e:
+                self._sandbox_lost(e)
+
+    async def _attempt(self, index: int) -> None:
+        state, pipeline = self._state, self._pipeline
+        step = pipeline.steps[index]
+        self._set_phase("running", index)
+        state.step_runs += 1
+        try:
+            outcome = await self._run_step(index)
+        except ActivityError as e:
+            self._sandbox_lost(e)
+            return
+        if not outcome.ok:
+            failures = state.failures[index] = state.failures.get(index, 0) + 1
+            if failures > step.retries:
+                raise self._step_failed(index, outcome, failures)
+            self._last_error = f"{step_label(pipeline, index)} failed ({self._exit_text(outcome)}); retrying"
+            self._back_to_last_checkpoint(rollback=True)
+            await workflow.sleep(min(step.retry_backoff * 2 ** (failures - 1), MAX_RETRY_BACKOFF))
+            return
+        if pipeline.checkpoint_after(index):
+            try:
+                await self._checkpoint(step=index)
+            except ActivityError as e:
+                self._sandbox_lost(e)  # the step's effects died with the sandbox: it runs again
+                return
+        state.next_step = index + 1
+        state.steps_completed = max(state.steps_completed, index + 1)
+        state.consecutive_losses = 0
+        self._segment_steps += 1
+
+    # -- losing a sandbox -------------------------------------------------------------------------------------
+
+    def _sandbox_lost(self, error: ActivityError) -> None:
+        """Anything but a fatal error means the sandbox (or its worker) is gone or cannot be trusted."""
+        if _fatal(error):
+            raise error
+        state = self._state
+        state.rehydrations += 1
+        state.consecutive_losses += 1
+        self._last_error = f"sandbox lost at {self._where()}: {_describe(error)}"
+        workflow.logger.warning("%s; rehydrating from the last snapshot", self._last_error)
+        if state.consecutive_losses > self._pipeline.max_rehydrations:
+            raise ApplicationError(
+                f"gave up after losing the sandbox {state.consecutive_losses} times in a row at {self._where()}."
+                f" Last error: {_describe(error)}. Is a step killing its own sandbox (out of memory, disk full)?"
+                f" Raise max_rehydrations if the infrastructure is just flaky.",
+                type="TooManySandboxLosses",
+                non_retryable=True,
+            )
+        if state.sandbox is not None:
+            # Kill orphans of the dead attempt if their worker still lives; a dead worker took them with it.
+            # Not awaited: the new sandbox does not share files with the old one.
+            self._start_destroy(state.sandbox)
+        state.sandbox = None
+        self._back_to_last_checkpoint(rollback=False)
+
+    def _back_to_last_checkpoint(self, *, rollback: bool) -> None:
+        state = self._state
+        state.next_step = state.last_snapshot.step + 1 if state.last_snapshot else 0
+        state.needs_rollback = rollback
+
+    # -- activities -------------------------------------------------------------------------------------------
+
+    async def _provision(self) -> None:
+        state, pipeline = self._state, self._pipeline
+        restore = state.last_snapshot
+        if restore is not None:
+            after = "setup" if restore.step < 0 else f"step {restore.step + 1}"
+            summary = f"rehydrate: new sandbox from the snapshot after {after}"
+            self._set_phase("rehydrating", state.next_step)
+        else:
+            summary = "provision sandbox: manifest files and setup"
+            self._set_phase("provisioning", None)
+        state.sandbox = await workflow.execute_activity(
+            PROVISION,
+            ProvisionInput(
+                run_id=workflow.info().workflow_id,
+                pipeline=pipeline,
+                store=self._run_input.store,
+                seed_snapshot=self._run_input.seed_snapshot,
+                restore=restore,
+                reason="rehydrate" if restore else "start",
+            ),
+            result_type=SandboxRef,
+            task_queue=workflow.info().task_queue,
+            start_to_close_timeout=timedelta(seconds=pipeline.timeouts.provision),
+            heartbeat_timeout=timedelta(seconds=pipeline.timeouts.heartbeat),
+            retry_policy=RetryPolicy(maximum_attempts=3, non_retryable_error_types=list(FATAL_ERRORS)),
+            summary=summary,
+        )
+        state.needs_rollback = False
+
+    async def _run_step(self, index: int) -> StepOutcome:
+        pipeline, state = self._pipeline, self._state
+        assert state.sandbox is not None
+        attempt = state.failures.get(index, 0) + 1
+        label = step_label(pipeline, index)
+        return await workflow.execute_activity(
+            RUN_STEP,
+            RunStepInput(
+                sandbox=state.sandbox, pipeline=pipeline, store=self._run_input.store, index=index, attempt=attempt
+            ),
+            result_type=StepOutcome,
+            start_to_close_timeout=timedelta(seconds=pipeline.steps[index].timeout + 60),
+            summary=label if attempt == 1 else f"{label} (attempt {attempt})",
+            **self._sandbox_options(state.sandbox),
+        )
+
+    async def _checkpoint(self, *, step: int) -> None:
+        pipeline, state = self._pipeline, self._state
+        assert state.sandbox is not None
+        self._set_phase("checkpointing", step if step >= 0 else None)
+        snapshot = await workflow.execute_activity(
+            CHECKPOINT,
+            CheckpointInput(
+                sandbox=state.sandbox,
+                pipeline=pipeline,
+                store=self._run_input.store,
+                run_id=workflow.info().workflow_id,
+                step=step,
+                parent=state.last_snapshot.snapshot_id if state.last_snapshot else None,
+            ),
+            result_type=SnapshotRef,
+            start_to_close_timeout=timedelta(seconds=pipeline.timeouts.checkpoint),
+            summary="checkpoint after setup" if step < 0 else f"checkpoint after {step_label(pipeline, step)}",
+            **self._sandbox_options(state.sandbox),
+        )
+        state.last_snapshot = snapshot
+        state.checkpoints.append(CheckpointRecord(step=step, snapshot_id=snapshot.snapshot_id))
+
+    async def _rollback(self) -> None:
+        pipeline, state = self._pipeline, self._state
+        assert state.sandbox is not None and state.last_snapshot is not None
+        self._set_phase("rolling back", state.next_step)
+        where = "setup" if state.last_snapshot.step < 0 else f"step {state.last_snapshot.step + 1}"
+        await workflow.execute_activity(
+            ROLLBACK,
+            RollbackInput(
+                sandbox=state.sandbox, pipeline=pipeline, store=self._run_input.store, snapshot=state.last_snapshot
+            ),
+            result_type=RollbackResult,
+            start_to_close_timeout=timedelta(seconds=pipeline.timeouts.checkpoint),
+            summary=f"roll back to the snapshot after {where} before retrying",
+            **self._sandbox_options(state.sandbox),
+        )
+        state.needs_rollback = False
+
+    def _sandbox_options(self, sandbox: SandboxRef) -> dict[str, Any]:
+        timeouts = self._pipeline.timeouts
+        options: dict[str, Any] = {
+            "task_queue": sandbox.task_queue,
+            "heartbeat_timeout": timedelta(seconds=timeouts.heartbeat),
+            "retry_policy": NO_RETRY,
+        }
+        if sandbox.host_bound:
+            # Work waiting longer than this on a host's own queue means the host is gone.
+            options["schedule_to_start_timeout"] = timedelta(seconds=timeouts.host_pickup)
+        return options
+
+    def _start_destroy(self, sandbox: SandboxRef) -> None:
+        workflow.start_activity(
+            DESTROY,
+            sandbox,
+            task_queue=sandbox.task_queue,
+            start_to_close_timeout=timedelta(seconds=120),
+            schedule_to_start_timeout=timedelta(seconds=self._pipeline.timeouts.host_pickup),
+            retry_policy=NO_RETRY,
+            summary="destroy the lost sandbox and any orphaned processes",
+        )
+
+    async def _destroy_sandbox(self) -> None:
+        sandbox = self._state.sandbox
+        if sandbox is None:
+            return
+        self._state.sandbox = None
+        try:
+            await workflow.execute_activity(
+                DESTROY,
+                sandbox,
+                task_queue=sandbox.task_queue,
+                start_to_close_timeout=timedelta(seconds=120),
+                schedule_to_start_timeout=timedelta(seconds=self._pipeline.timeouts.host_pickup),
+                retry_policy=RetryPolicy(maximum_attempts=2),
+                summary="destroy the sandbox",
+            )
+        except ActivityError:
+            workflow.logger.warning("could not destroy sandbox %s; its worker will clean it up", sandbox.sandbox_id)
+
+    # -- continue-as-new --------------------------------------------------------------------------------------
+
+    def _time_to_continue_as_new(self) -> bool:
+        return self._segment_steps >= self._pipeline.steps_per_run or workflow.info().is_continue_as_new_suggested()
+
+    def _continue_as_new(self) -> None:
+        state = self._state.model_copy(update={"segment": self._state.segment + 1})
+        workflow.continue_as_new(self._run_input.model_copy(update={"state": state}))
+
+    # -- reporting --------------------------------------------------------------------------------------------
+
+    @workflow.query
+    def status(self) -> RunStatus:
+        state, index = self._state, self._state.next_step
+        pipeline = self._input.pipeline if self._input else None
+        running = pipeline is not None and index < len(pipeline.steps) and self._phase != "completed"
+        return RunStatus(
+            workflow_id=workflow.info().workflow_id,
+            pipeline=pipeline.name if pipeline else "",
+            phase=self._phase,
+            current_step=index + 1 if running else None,
+            current_step_name=pipeline.steps[index].name if running and pipeline else None,
+            steps_total=len(pipeline.steps) if pipeline else 0,
+            steps_completed=state.steps_completed,
+            rehydrations=state.rehydrations,
+            sandbox=state.sandbox,
+            last_snapshot=state.last_snapshot,
+            checkpoints=state.checkpoints[-50:],
+            last_error=self._last_error,
+        )
+
+    def _set_phase(self, phase: str, index: int | None) -> None:
+        self._phase = phase
+        pipeline = self._pipeline
+        where = step_label(pipeline, index) if index is not None else pipeline.name
+        workflow.set_current_details(f"{where} — {phase} (rehydrations: {self._state.rehydrations})")
+
+    def _where(self) -> str:
+        index = self._state.next_step
+        steps = self._pipeline.steps
+        return step_label(self._pipeline, index) if index < len(steps) else "the end of the run"
+
+    @staticmethod
+    def _exit_text(outcome: StepOutcome) -> str:
+        return "timed out" if outcome.timed_out else f"exit code {outcome.exit_code}"
+
+    def _step_failed(self, index: int, outcome: StepOutcome, attempts: int) -> ApplicationError:
+        pipeline, last = self._pipeline, self._state.last_snapshot
+        restore_hint = ""
+        if last is not None:
+            after = "setup" if last.step < 0 else f"step {last.step + 1}"
+            restore_hint = (
+                f" The workspace after {after} is snapshot {last.snapshot_id}; inspect it with `tardigrade snapshot"
+                f" restore {last.snapshot_id} DIR --store {self._run_input.store}`."
+            )
+        log_hint = f" Full output: {outcome.output_log} in the store." if outcome.output_log else ""
+        self._last_error = f"{step_label(pipeline, index)} failed: {self._exit_text(outcome)}"
+        return ApplicationError(
+            f"{step_label(pipeline, index)} failed ({self._exit_text(outcome)}) after {attempts} attempt(s)."
+            f"{restore_hint}{log_hint} Output ends with:\n{outcome.output_tail}",
+            {"step": index + 1, "exit_code": outcome.exit_code, "last_snapshot": last.snapshot_id if last else None},
+            type="StepFailed",
+            non_retryable=True,
+        )
+
+    def _result(self, status: str) -> RunResult:
+        state, last = self._state, self._state.last_snapshot
+        return RunResult(
+            workflow_id=workflow.info().workflow_id,
+            pipeline=self._pipeline.name,
+            status=status,
+            steps_total=len(self._pipeline.steps),
+            steps_completed=state.steps_completed,
+            step_runs=state.step_runs,
+            rehydrations=state.rehydrations,
+            final_snapshot=last.snapshot_id if last else None,
+            workspace_digest=last.digest if last else None,
+            seed_snapshot=self._run_input.seed_snapshot,
+            store=self._run_input.store,
+            checkpoints=state.checkpoints,
+        )
+
+    @property
+    def _run_input(self) -> RunInput:
+        assert self._input is not None
+        return self._input
+
+    @property
+    def _pipeline(self) -> Pipeline:
+        return self._run_input.pipeline
