@@ -268,6 +268,7 @@ class LocalSandbox(Sandbox):
     # -- lifecycle --------------------------------------------------------------------------------------------
 
     async def destroy(self) -> None:
+        _mark_gone(self.dir)
         await self.kill_processes()
         await asyncio.to_thread(_remove_sandbox_dir, self.dir)
         self._provider._forget(self.id)
@@ -282,10 +283,15 @@ def _refuse_symlinks(root: Path, target: Path) -> None:
             raise SandboxError(f"{target.relative_to(root)} goes through a symlink ({part}); refusing")
 
 
-def _remove_sandbox_dir(path: Path) -> None:
-    # Removing sandbox.json first makes the sandbox count as gone even if the rest takes a while.
+def _mark_gone(path: Path) -> None:
+    """Removing sandbox.json makes the sandbox count as gone at once, before its processes die: a command that
+    ends because its sandbox was destroyed is then reported as a loss, not as a failing step."""
     with contextlib.suppress(FileNotFoundError):
         (path / "sandbox.json").unlink()
+
+
+def _remove_sandbox_dir(path: Path) -> None:
+    _mark_gone(path)
 
     def make_writable(func: object, p: str, exc: object) -> None:
         with contextlib.suppress(OSError):
@@ -405,5 +411,6 @@ def _lock_held(path: Path) -> bool:
 async def destroy_like_a_crash(sandbox: LocalSandbox) -> None:
     """Kill every process and delete the sandbox's disk, as a dead container loses both. The worker that owns
     it is not told; it finds out the way it would in production."""
+    _mark_gone(sandbox.dir)
     await sandbox.kill_processes()
     await asyncio.to_thread(_remove_sandbox_dir, sandbox.dir)

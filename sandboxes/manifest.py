@@ -31,13 +31,14 @@ def sandbox_path(path: str, *, field: str = "path") -> str:
     Only paths inside the workspace or home may be written."""
     if not path or not path.strip():
         raise ValueError(f"{field} is empty")
+    original = path
     if path == "~" or path.startswith("~/"):
         path = HOME + path[1:]
     elif not path.startswith("/"):
         path = f"{WORKSPACE}/{path}"
     normalized = posixpath.normpath(path)
     if not any(normalized == root or normalized.startswith(root + "/") for root in WRITABLE_ROOTS):
-        raise ValueError(f"{field} {path!r} is outside the sandbox's writable areas ({WORKSPACE} and {HOME})")
+        raise ValueError(f"{field} {original!r} is outside the sandbox's writable areas ({WORKSPACE} and {HOME})")
     return normalized
 
 
