@@ -24,13 +24,14 @@ from sandboxes.errors import WorkspaceChanged
 from sandboxes.snapshots import tree as t
 from sandboxes.snapshots.packs import KnownBlobs, PackWriter, blob_hash
 from sandboxes.snapshots.selection import Selection
-from sandboxes.snapshots.statcache import StatCacheCursor, StatCacheWriter, stat_key
+from sandboxes.snapshots.statcache import CachedFile, StatCacheCursor, StatCacheWriter, stat_key
 from sandboxes.snapshots.walk import Walker
 from sandboxes.stores.base import ObjectStore
 
 LARGE_FILE = 1 << 20  # files from this size on are cut into chunks
-CHUNK_AVG, CHUNK_MIN, CHUNK_MAX = 1 << 20, 256 << 10, 4 << 20
+CHUNK_AVG, CHUNK_MIN, CHUNK_MAX = 1 << 20, 512 << 10, 4 << 20
 MAX_HELD_BACK = 20_000  # entries waiting for their pack to seal; past this the pack is sealed early
+MAX_WALK_KEPT = 100_000  # walked entries kept between the fingerprint pass and the snapshot pass
 MODE_MASK = 0o1777  # setuid/setgid are never recorded: a restored file must not gain privileges on the host
 
 
@@ -55,67 +56,74 @@ class CreateResult:
     stats: CreateStats
 
 
-# (entry, or an unchanged file's cached line; stat key; path; content hash and mode of a cached line)
-_Held = tuple[t.Entry | bytes, str, str, str, int]
-
-
 class TreeBuilder:
-    """Collects the tree body, the digest and the new stat cache, holding back entries whose pack is open."""
+    """Collects the tree body, the digest and the new stat cache, holding back entries whose pack is open.
+
+    An unchanged file arrives as its cached line and is passed through without being parsed or re-encoded:
+    that is what makes a snapshot of an unchanged workspace cost little more than the walk."""
 
     def __init__(self, body: Path, writer: PackWriter, cache: StatCacheWriter | None) -> None:
         self._body = open(body, "wb")  # noqa: SIM115 - closed in finish()
+        self._lines: list[bytes] = []  # buffered, hashed and written in blocks
+        self._digests: list[bytes] = []
         self._hash = blake3.blake3()
         self._digest = blake3.blake3()
         self._writer = writer
         self._cache = cache
-        self._held: list[_Held] = []
+        self._held: list[tuple[t.Entry | CachedFile, str]] = []  # (entry or cached file, stat key)
         self.count = 0
         writer.on_seal = self.release
 
-    def _write(self, line: bytes) -> None:
-        line += b"\n"
-        self._body.write(line)
-        self._hash.update(line)
-        self.count += 1
-
-    def _emit(self, item: t.Entry | bytes, key: str, path: str, content_hash: str, mode: int) -> None:
-        if isinstance(item, bytes):  # an unchanged file's cached line
-            self._write(item)
-            self._digest.update(t.digest_record(path, t.FILE, mode, content_hash, ""))
+    def _emit(self, item: t.Entry | CachedFile, key: str) -> None:
+        if isinstance(item, CachedFile):
+            self._lines.append(item.tree_line + b"\n")
+            self._digests.append(item.digest_record())
             if self._cache is not None:
-                self._cache.add(path, key, content_hash, item)
-            return
-        if item.chunks:
-            item.chunks = [self._writer.resolve(c) for c in item.chunks]
-        line = t.encode_entry(item)
-        self._write(line)
-        self._digest.update(t.entry_digest_record(item))
-        if self._cache is not None and item.kind == t.FILE and key:
-            self._cache.add(item.path, key, item.hash, line)
+                self._cache.add_line(item.line)
+        else:
+            if item.chunks:
+                item.chunks = [self._writer.resolve(c) for c in item.chunks]
+            line = t.encode_entry(item)
+            self._lines.append(line + b"\n")
+            self._digests.append(t.entry_digest_record(item))
+            if self._cache is not None and item.kind == t.FILE and key:
+                self._cache.add(item.path, key, item.hash, item.mode, line)
+        self.count += 1
+        if len(self._lines) >= 4096:
+            self._flush()
+
+    def _flush(self) -> None:
+        block, digests = b"".join(self._lines), b"".join(self._digests)
+        self._lines, self._digests = [], []
+        self._body.write(block)
+        self._hash.update(block)
+        self._digest.update(digests)
 
     def add_entry(self, entry: t.Entry, key: str = "") -> None:
-        self._hold_or_emit((entry, key, entry.path, "", 0), self._writer.open_pack_has(entry.chunks))
+        self._hold_or_emit(entry, key, self._writer.open_pack_has(entry.chunks))
 
-    def add_cached(self, path: str, key: str, content_hash: str, mode: int, line: bytes) -> None:
-        self._hold_or_emit((line, key, path, content_hash, mode), False)
+    def add_cached(self, cached: CachedFile) -> None:
+        self._hold_or_emit(cached, cached.stat_key, False)
 
-    def _hold_or_emit(self, item: _Held, needs_open_pack: bool) -> None:
+    def _hold_or_emit(self, item: t.Entry | CachedFile, key: str, needs_open_pack: bool) -> None:
         # Order matters: once one entry waits for its pack, everything after it waits too.
         if self._held or needs_open_pack:
-            self._held.append(item)
+            self._held.append((item, key))
             if len(self._held) >= MAX_HELD_BACK:
                 self._writer.seal()
         else:
-            self._emit(*item)
+            self._emit(item, key)
 
     def release(self) -> None:
         """Called when a pack seals: every held entry can now name its pack."""
         held, self._held = self._held, []
-        for item in held:
-            self._emit(*item)
+        for item, key in held:
+            self._emit(item, key)
 
     def finish(self, total_bytes: int, selection: Selection) -> tuple[str, str]:
-        assert not self._held, "entries held back after the last pack was sealed"
+        """Call after the pack writer finished: every pack is sealed, so nothing needs holding back."""
+        self.release()
+        self._flush()
         digest = self._digest.hexdigest()
         footer = t.footer(self.count, total_bytes, digest, selection.to_json())
         self._body.write(footer)
@@ -159,6 +167,41 @@ def _read_file(
     raise WorkspaceChanged(f"file {path!r} kept changing while it was snapshotted; is a process still writing it?")
 
 
+class Fingerprint:
+    """A hash over every walked path and its stat: equal to the one the stat cache recorded means the folder is
+    exactly as it was at the last snapshot or restore, and the whole tree can be reused without looking further."""
+
+    def __init__(self, selection: Selection) -> None:
+        self._hash = blake3.blake3(repr(selection.to_json()).encode())
+        self._parts: list[str] = []
+
+    def add(self, path: str, st: os.stat_result) -> None:
+        self._parts.append(f"{path}\0{st.st_mode}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}\n")
+        if len(self._parts) >= 4096:
+            self._drain()
+
+    def _drain(self) -> None:
+        self._hash.update("".join(self._parts).encode("utf-8", "surrogateescape"))
+        self._parts = []
+
+    def hexdigest(self) -> str:
+        self._drain()
+        return self._hash.hexdigest()
+
+
+def _scan(root: str, selection: Selection) -> tuple[str, list[tuple[str, os.stat_result, bool]] | None]:
+    """Walk once for the fingerprint, keeping the walk for reuse unless it is too large to hold."""
+    fingerprint = Fingerprint(selection)
+    kept: list[tuple[str, os.stat_result, bool]] | None = []
+    for item in Walker(root, selection):
+        fingerprint.add(item[0], item[1])
+        if kept is not None:
+            kept.append(item)
+            if len(kept) > MAX_WALK_KEPT:
+                kept = None  # walk again later rather than hold it all
+    return fingerprint.hexdigest(), kept
+
+
 def create_snapshot(
     store: ObjectStore,
     root: str,
@@ -168,6 +211,7 @@ def create_snapshot(
     cache_path: Path | None,
     scratch: Path,
     publish: Callable[[str, Path], bool],
+    tree_exists: Callable[[str], bool],
 ) -> CreateResult:
     """Store everything under ``root`` that ``selection`` covers.
 
@@ -176,8 +220,15 @@ def create_snapshot(
     """
     started = time.monotonic()
     stats = CreateStats()
-    writer = PackWriter(store, known)
     cursor = StatCacheCursor(cache_path, store.url)
+    fingerprint, walked = _scan(root, selection)
+    if cursor.snapshot and cursor.digest and cursor.fingerprint == fingerprint and tree_exists(cursor.snapshot):
+        # Nothing changed since the last snapshot or restore: same tree, nothing to read or write.
+        cursor.close()
+        stats.entries, stats.bytes = cursor.entries, cursor.bytes
+        stats.seconds = time.monotonic() - started
+        return CreateResult(cursor.snapshot, cursor.digest, stats)
+    writer = PackWriter(store, known)
     cache_out = StatCacheWriter(cache_path, store.url) if cache_path is not None else None
     body = Path(tempfile.mkstemp(dir=scratch, prefix="tree-")[1])
     builder = TreeBuilder(body, writer, cache_out)
@@ -185,7 +236,7 @@ def create_snapshot(
     hardlinks: dict[tuple[int, int], str] = {}
     root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        for path, st, ancestor in Walker(root, selection):
+        for path, st, ancestor in walked if walked is not None else Walker(root, selection):
             mode = st.st_mode
             if stat.S_ISDIR(mode):
                 # Folders walked only to reach a root keep no mtime: it changes with things we do not cover.
@@ -204,7 +255,7 @@ def create_snapshot(
                 cached = cursor.seek(path)
                 if cached is not None and cached.stat_key == key:
                     stats.files_unchanged += 1
-                    builder.add_cached(path, key, cached.hash, mode & MODE_MASK, cached.tree_line)
+                    builder.add_cached(cached)
                     continue
                 if cached is not None:
                     # The old version's chunks are the likeliest to recur (an edit in a large file).
@@ -227,7 +278,9 @@ def create_snapshot(
         os.close(root_fd)
         cursor.close()
     if cache_out is not None:
-        cache_out.commit(snapshot_id)
+        if walked is None:
+            fingerprint = _scan(root, selection)[0]  # the walk was too large to keep; take it again
+        cache_out.commit(snapshot_id, fingerprint, digest, builder.count, stats.bytes)
     stats.entries = builder.count
     stats.bytes_new = writer.stats.bytes_raw
     stats.bytes_stored = writer.stats.bytes_stored

@@ -31,7 +31,7 @@ import zstandard
 from sandboxes.errors import SnapshotCorrupt, SnapshotError, SnapshotMissing
 from sandboxes.snapshots import tree as t
 from sandboxes.snapshots.create import CreateStats, create_snapshot
-from sandboxes.snapshots.packs import KnownBlobs, blob_hash, decode_blob, pack_key
+from sandboxes.snapshots.packs import KnownBlobs, blob_hash, decode_blob, index_key, pack_key
 from sandboxes.snapshots.restore import RestoreStats, read_footer, restore_tree, tree_entries
 from sandboxes.snapshots.selection import Selection
 from sandboxes.stores.base import ObjectMissing, ObjectStore
@@ -142,6 +142,7 @@ class SnapshotEngine:
             cache_path=cache_path,
             scratch=self.scratch,
             publish=publish,
+            tree_exists=lambda snapshot_id: self.store.exists(tree_key(snapshot_id)),
         )
         info = SnapshotInfo(
             id=result.snapshot_id,
@@ -262,6 +263,25 @@ class SnapshotEngine:
                 continue  # deleted meanwhile, or not ours
         return sorted(out, key=lambda s: s.created_at)
 
+    def _check_pack_index(self, pack: str, blobs: dict[str, tuple[t.ChunkRef, str]], size: int) -> list[VerifyProblem]:
+        """A pack is named by the hash of its index: check the index against the name, and the tree's references
+        against the index (the blobs themselves are checked one by one against their own hashes)."""
+        key = index_key(pack)
+        try:
+            index = self.store.get(key)
+        except ObjectMissing:
+            return [VerifyProblem(None, key, "is missing (the data is intact; later snapshots cannot reuse it)")]
+        if blob_hash(index) != pack:
+            return [VerifyProblem(None, key, "does not match its hash (the pack's name)")]
+        listed = {b[0]: tuple(b[1:]) for b in json.loads(index)["blobs"]}
+        problems = []
+        for ref, file_path in blobs.values():
+            if listed.get(ref.blob) != (ref.offset, ref.length, ref.raw_length, ref.codec):
+                problems.append(VerifyProblem(file_path, key, f"does not list blob {ref.blob[:16]}... as the tree says"))
+        if any(offset + length > size for offset, length, *_ in listed.values()):
+            problems.append(VerifyProblem(None, pack_key(pack), "is shorter than its index says (truncated?)"))
+        return problems
+
     def verify(self, snapshot_id: str) -> VerifyReport:
         """Read back every object the snapshot needs and check each against its hash. Reports all problems."""
         report = VerifyReport(snapshot_id)
@@ -288,8 +308,7 @@ class SnapshotEngine:
                 first_path = next(iter(blobs.values()))[1]
                 report.problems.append(VerifyProblem(first_path, key, "is missing"))
                 continue
-            if blob_hash(data) != pack:
-                report.problems.append(VerifyProblem(None, key, "does not match its hash"))
+            report.problems += self._check_pack_index(pack, blobs, len(data))
             for ref, file_path in blobs.values():
                 report.blobs += 1
                 try:

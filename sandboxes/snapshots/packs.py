@@ -3,8 +3,10 @@
 A blob is one small file or one content-defined chunk of a large file, named by the BLAKE3 hash of its raw bytes.
 Blobs are compressed (zstd, unless a sample shows they will not shrink) and appended to a pack of up to
 `PACK_TARGET` bytes, so ten thousand small files become a handful of store writes. A pack is named by the hash of
-its bytes and uploaded in the background while the next one fills; next to it goes ``index/<pack>``, the list
-of its blobs, so later snapshots can find existing blobs without reading packs.
+its index - the list of its blobs' hashes, offsets, lengths and codecs - a Merkle name that is known the moment
+the pack is sealed, without hashing its bytes again. The pack is uploaded in the background while the next one
+fills; next to it goes ``index/<pack>`` (those exact index bytes, so it verifies against the name), which lets
+later snapshots find existing blobs without reading packs.
 
 Reads are batched: neighbouring blobs of one pack come back in one ranged read, a few batches are fetched ahead
 in parallel, and every blob is checked against its hash before a byte of it is used.
@@ -43,8 +45,14 @@ def index_key(pack: str) -> str:
     return f"index/{pack[:2]}/{pack}"
 
 
-def blob_hash(data: bytes | memoryview) -> str:
+def blob_hash(data: bytes | bytearray | memoryview) -> str:
     return blake3.blake3(data).hexdigest()
+
+
+def pack_index(refs: list[ChunkRef]) -> bytes:
+    """The canonical index of a pack; its hash is the pack's name."""
+    blobs = sorted([r.blob, r.offset, r.length, r.raw_length, r.codec] for r in refs)
+    return json.dumps({"format": "tardigrade-pack/1", "blobs": blobs}, separators=(",", ":")).encode()
 
 
 class KnownBlobs:
@@ -88,7 +96,8 @@ class PackWriter:
         self.stats = PackStats()
         self._level = level
         self._local = threading.local()
-        self._buf = bytearray()
+        self._parts: list[bytes | memoryview] = []  # the open pack, never concatenated in memory
+        self._size = 0
         self._open: dict[str, ChunkRef] = {}  # blobs in the open pack, with a placeholder pack name
         self._seq = 0
         self._sealed: dict[str, str] = {}
@@ -126,18 +135,22 @@ class PackWriter:
             self.stats.blobs_reused += 1
             return ref
         stored, codec = self.encode(data)
-        ref = ChunkRef(blob, self._placeholder, len(self._buf), len(stored), len(data), codec)
-        self._buf += stored
+        if isinstance(stored, memoryview):
+            stored = bytes(stored)  # the caller's buffer may be reused (a chunker's window)
+        ref = ChunkRef(blob, self._placeholder, self._size, len(stored), len(data), codec)
+        self._parts.append(stored)
+        self._size += len(stored)
         self._open[blob] = ref
         self.stats.blobs_new += 1
         self.stats.bytes_raw += len(data)
         self.stats.bytes_stored += len(stored)
-        if len(self._buf) >= PACK_TARGET:
+        if self._size >= PACK_TARGET:
             self.seal()
         return ref
 
     def open_pack_has(self, refs: Iterable[ChunkRef]) -> bool:
-        return any(r.pack.startswith("~") for r in refs)
+        """Whether any of these blobs is in the pack still being filled (so its name is not known yet)."""
+        return any(r.pack.startswith("~") and r.pack not in self._sealed for r in refs)
 
     def resolve(self, ref: ChunkRef) -> ChunkRef:
         if ref.pack.startswith("~"):
@@ -148,29 +161,28 @@ class PackWriter:
 
     def seal(self) -> None:
         """Close the open pack and start its upload. Blocks while too many uploads are in flight."""
-        if not self._buf:
+        if not self._parts:
             return
-        data = bytes(self._buf)
-        pack = blob_hash(data)
-        index = [[r.blob, r.offset, r.length, r.raw_length, r.codec] for r in self._open.values()]
+        index = pack_index(list(self._open.values()))
+        pack = blob_hash(index)
         for ref in self._open.values():
             self.known.add(ref._replace(pack=pack))
         self._sealed[self._placeholder] = pack
+        parts = self._parts
         self._seq += 1
-        self._buf = bytearray()
-        self._open = {}
+        self._parts, self._size, self._open = [], 0, {}
         self.stats.packs += 1
         # Bounded memory: wait for the oldest upload before queueing another (and surface its error early).
         while len(self._uploads) >= MAX_UPLOADS_IN_FLIGHT:
             self._uploads.pop(0).result()
-        self._uploads.append(self._pool.submit(self._upload, pack, data, index))
+        self._uploads.append(self._pool.submit(self._upload, pack, parts, index))
         if self.on_seal is not None:
             self.on_seal()
 
-    def _upload(self, pack: str, data: bytes, index: list[list[object]]) -> None:
-        self.store.put(pack_key(pack), data)
-        # The index is written after the pack it describes, so an index never names a missing pack.
-        self.store.put(index_key(pack), json.dumps({"pack": pack, "blobs": index}, separators=(",", ":")).encode())
+    def _upload(self, pack: str, parts: list[bytes | memoryview], index: bytes) -> None:
+        self.store.put_deferred(pack_key(pack), parts)
+        # The index goes after the pack it describes, so an index never names a missing pack.
+        self.store.put_deferred(index_key(pack), [index])
 
     def finish(self) -> None:
         """Seal the open pack and wait until every pack is durably stored. Raises the first upload error."""
@@ -178,6 +190,7 @@ class PackWriter:
             self.seal()
             for f in self._uploads:
                 f.result()
+            self.store.flush()
         finally:
             self._pool.shutdown(wait=True)
 

@@ -27,7 +27,7 @@ import blake3
 
 from sandboxes.errors import UnsafeTree
 from sandboxes.snapshots import tree as t
-from sandboxes.snapshots.create import MODE_MASK
+from sandboxes.snapshots.create import MODE_MASK, Fingerprint
 from sandboxes.snapshots.packs import BlobFetcher
 from sandboxes.snapshots.selection import Selection
 from sandboxes.snapshots.statcache import StatCacheCursor, StatCacheWriter, stat_key
@@ -368,15 +368,20 @@ def _rebuild_cache(
 ) -> None:
     """Record the stat of every restored file so the next snapshot or rollback need not read it."""
     writer = StatCacheWriter(cache_path, store.url)
+    fingerprint = Fingerprint(selection)
     try:
         files = (e for e in tree_entries(tree_path) if e.kind == t.FILE)
         want = next(files, None)
         for path, st, _ in Walker(root, selection):
+            fingerprint.add(path, st)
             while want is not None and t.sort_key(want.path) < t.sort_key(path):
                 want = next(files, None)
             if want is not None and want.path == path and stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
-                writer.add(path, stat_key(st), want.hash, t.encode_entry(want))
+                writer.add(path, stat_key(st), want.hash, want.mode, t.encode_entry(want))
     except BaseException:
         writer.abort()
         raise
-    writer.commit(snapshot_id)
+    footer = read_footer(tree_path)
+    # The next snapshot of an untouched folder can now reuse this snapshot whole.
+    writer.commit(snapshot_id, fingerprint.hexdigest(), str(footer["digest"]), int(str(footer["entries"])),
+                  int(str(footer["bytes"])))  # fmt: skip

@@ -12,6 +12,7 @@ content, ``c`` chunks as ``[blob, pack, offset, stored length, raw length, codec
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -88,11 +89,17 @@ def decode_entry(line: bytes) -> Entry:
     return Entry.from_json(json.loads(line.decode("utf-8", "surrogateescape")))
 
 
+_NEEDS_ESCAPE = re.compile(r'[\x00-\x1f"\\\ud800-\udfff]')
+
+
+def json_str(text: str) -> str:
+    """``json.dumps(text, ensure_ascii=False)``, without its cost for the usual plain path."""
+    return json.dumps(text, ensure_ascii=False) if _NEEDS_ESCAPE.search(text) else f'"{text}"'
+
+
 def digest_record(path: str, kind: str, mode: int, content_hash: str, link: str) -> bytes:
     """What the workspace digest covers of one entry: never mtimes, owners or how content is chunked."""
-    return f"{json.dumps(path, ensure_ascii=False)}\0{kind}\0{mode:o}\0{content_hash}\0{link}\n".encode(
-        "utf-8", "surrogateescape"
-    )
+    return f"{json_str(path)}\0{kind}\0{mode:o}\0{content_hash}\0{link}\n".encode("utf-8", "surrogateescape")
 
 
 def entry_digest_record(entry: Entry) -> bytes:

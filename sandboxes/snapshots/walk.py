@@ -18,22 +18,22 @@ class Walker(Iterator[tuple[str, os.stat_result, bool]]):
     """Yields ``(path, lstat, is_ancestor)``; ``is_ancestor`` marks folders walked only to reach a selected root."""
 
     def __init__(self, root: str, selection: Selection) -> None:
-        self.root = root
+        self.root = root.rstrip("/") or "/"
         self.selection = selection
-        self._stack: list[tuple[str, list[str]]] = []
-        self._descend_into: str | None = None
-        self._push("")
+        self._stack: list[tuple[str, list[str], bool]] = []  # (folder, names left, folder is covered)
+        self._descend_into: tuple[str, bool] | None = None
+        self._push("", selection.covers(""))
 
-    def _push(self, rel: str) -> None:
-        wanted = self.selection.wanted_children(rel)
+    def _push(self, rel: str, covered: bool) -> None:
+        wanted = None if covered else self.selection.wanted_children(rel)
         try:
-            names = os.listdir(os.path.join(self.root, rel) if rel else self.root)
+            names = os.listdir(f"{self.root}/{rel}" if rel else self.root)
         except (FileNotFoundError, NotADirectoryError):
             return
         if wanted is not None:
             names = [n for n in names if n in wanted]
         names.sort(reverse=True)  # pop() from the end yields ascending order
-        self._stack.append((rel, names))
+        self._stack.append((rel, names, covered))
 
     def prune(self) -> None:
         """Do not descend into the folder just yielded."""
@@ -41,25 +41,27 @@ class Walker(Iterator[tuple[str, os.stat_result, bool]]):
 
     def __next__(self) -> tuple[str, os.stat_result, bool]:
         if self._descend_into is not None:
-            self._push(self._descend_into)
+            self._push(*self._descend_into)
             self._descend_into = None
         selection = self.selection
         has_excludes = bool(selection.excludes)
+        root = self.root
         while self._stack:
-            rel, names = self._stack[-1]
+            rel, names, parent_covered = self._stack[-1]
             if not names:
                 self._stack.pop()
                 continue
             name = names.pop()
             path = f"{rel}/{name}" if rel else name
-            ancestor = not selection.covers(path)
-            if has_excludes and not ancestor and selection.excluded(path):
+            # Everything below a covered folder is covered; only the way down to a root needs checking.
+            covered = parent_covered or selection.covers(path)
+            if has_excludes and covered and selection.excluded(path):
                 continue
             try:
-                st = os.lstat(os.path.join(self.root, path))
+                st = os.lstat(f"{root}/{path}")
             except FileNotFoundError:
                 continue
             if stat.S_ISDIR(st.st_mode):
-                self._descend_into = path
-            return path, st, ancestor
+                self._descend_into = (path, covered)
+            return path, st, not covered
         raise StopIteration

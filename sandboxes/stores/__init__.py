@@ -23,8 +23,12 @@ _FORMS = {
     "az": "az://container/optional/prefix[?account=NAME | ?endpoint=https://host/account]",
 }
 _PARAMS = {"s3": {"endpoint", "region"}, "r2": {"region"}, "gs": {"project"}, "az": {"account", "endpoint"}}
-_EXTRAS = {"s3": ("boto3", "s3"), "r2": ("boto3", "s3"), "gs": ("google-cloud-storage", "gcs"),
-           "az": ("azure-storage-blob", "azure")}
+_EXTRAS = {
+    "s3": ("boto3", "s3"),
+    "r2": ("boto3", "s3"),
+    "gs": ("google-cloud-storage", "gcs"),
+    "az": ("azure-storage-blob", "azure"),
+}
 _SDK_MODULES = ("boto3", "botocore", "google", "azure")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
 _ALL_FORMS = "file:///path, s3://bucket/prefix, r2://account/bucket/prefix, gs://bucket/prefix or az://container/prefix"
@@ -61,14 +65,20 @@ def open_store(url: str) -> ObjectStore:
         raise StoreError(f"store URL {redact_url(url)!r} cannot be parsed; use {_ALL_FORMS}") from None
     if scheme in ("", "file"):
         if parts.netloc not in ("", "localhost"):
-            raise StoreError(f"store URL {redact_url(url)!r}: file:// URLs take an absolute path, e.g. file:///var/snapshots")
+            raise StoreError(
+                f"store URL {redact_url(url)!r}: file:// URLs take an absolute path, e.g. file:///var/snapshots"
+            )
         return FileStore(Path(parts.path if scheme else url))
     if scheme not in _FORMS:
         raise StoreError(f"store URL {redact_url(url)!r}: unknown scheme {scheme!r}; use {_ALL_FORMS}")
 
     if has_credentials or "@" in parts.netloc:
-        raise _bad(url, scheme, "URLs must not contain credentials (they would end up in workflow history and"
-                   " logs); remove them and provide credentials the SDK's usual way (environment, profile, role)")
+        raise _bad(
+            url,
+            scheme,
+            "URLs must not contain credentials (they would end up in workflow history and"
+            " logs); remove them and provide credentials the SDK's usual way (environment, profile, role)",
+        )
     if parts.fragment:
         raise _bad(url, scheme, "unexpected '#' fragment")
     query = parse_qs(parts.query, keep_blank_values=True)

@@ -13,6 +13,7 @@ appears in the store's URL, its errors or its logs. Retries are ours (`retry.py`
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import uuid
@@ -43,6 +44,7 @@ from sandboxes.stores.retry import DEFAULT_POLICY, RetryPolicy, is_network_error
 T = TypeVar("T")
 
 _MiB = 1 << 20
+_GET_CHUNK = 1 * _MiB
 _PAGE = 1000  # Azure's default is 5000; smaller pages keep memory and per-request latency down
 
 
@@ -53,6 +55,12 @@ def is_transient(e: BaseException) -> bool:
     if isinstance(e, HttpResponseError):
         return is_transient_status(e.status_code)
     return is_network_error(e)
+
+
+def _error_code(e: BaseException) -> str | None:
+    """The storage error code (BlobNotFound, InvalidBlockList...), which the SDK attaches to its errors."""
+    code = getattr(e, "error_code", None)
+    return str(code) if code is not None else None
 
 
 def _first_line(e: AzureError) -> str:
@@ -83,7 +91,7 @@ class AzureBlobStore(ObjectStore):
         self.container = container
         self.prefix = prefix.strip("/")
         self._key_prefix = f"{self.prefix}/" if self.prefix else ""
-        query = urlencode({k: v for k, v in (("account", account), ("endpoint", endpoint)) if v})
+        query = urlencode({k: v for k, v in (("account", account), ("endpoint", endpoint)) if v}, safe=":/")
         self.url = f"az://{container}" + (f"/{self.prefix}" if self.prefix else "") + (f"?{query}" if query else "")
         self._block_size = block_size
         self._single_put_size = single_put_size
@@ -99,8 +107,11 @@ class AzureBlobStore(ObjectStore):
             "retry_total": 0,  # retry_call does the retrying
             "max_single_put_size": self._single_put_size,
             "max_block_size": self._block_size,
-            "max_single_get_size": 4 * _MiB,  # the first GET of a download is buffered whole: keep it small
-            "max_chunk_get_size": 4 * _MiB,
+            # Downloads go in ranged GETs, each buffered whole; the SDK also builds a list of len(body) slots
+            # per GET (list() of a stream whose __len__ is its byte count), 8 bytes per byte downloaded. Small
+            # ranges keep a streamed download's memory low; reads into memory fetch ranges in parallel instead.
+            "max_single_get_size": _GET_CHUNK,
+            "max_chunk_get_size": _GET_CHUNK,
             "connection_timeout": 10,
             "read_timeout": 60,
         }
@@ -152,7 +163,7 @@ class AzureBlobStore(ObjectStore):
         except StoreError:
             raise
         except ResourceNotFoundError as e:
-            if e.error_code == "ContainerNotFound" or key is None:
+            if _error_code(e) == "ContainerNotFound" or key is None:
                 raise self._no_container() from None
             raise ObjectMissing(key, self.url) from None
         except Exception as e:
@@ -167,7 +178,7 @@ class AzureBlobStore(ObjectStore):
                 f" (Storage Blob Data Contributor) for container {self.container!r}"
             )
         if isinstance(e, HttpResponseError) and e.status_code is not None:
-            detail = f"{e.status_code} {e.error_code or ''} {_first_line(e)}".replace("  ", " ")
+            detail = f"{e.status_code} {_error_code(e) or ''} {_first_line(e)}".replace("  ", " ")
             if is_transient(e):
                 detail += f" (still failing after {self._retry.attempts} attempts; the service is throttling or down)"
             return StoreError(f"{what} failed: {detail}")
@@ -201,7 +212,7 @@ class AzureBlobStore(ObjectStore):
             try:
                 return blob.get_blob_properties()
             except ResourceNotFoundError as e:
-                if e.error_code == "ContainerNotFound":
+                if _error_code(e) == "ContainerNotFound":
                     raise
                 return None
 
@@ -238,7 +249,7 @@ class AzureBlobStore(ObjectStore):
 
     def _put_blocks(self, key: str, size: int, read: Callable[[int, int], bytes]) -> bool:
         """Stage the content block by block (one block in memory), then commit it if the blob is still missing."""
-        if self._properties(key) is not None:
+        if self.exists(key):
             return False  # a shortcut only: the commit below is what guarantees create-only
         blob = self._blob(key)
         upload = uuid.uuid4().hex
@@ -246,13 +257,13 @@ class AzureBlobStore(ObjectStore):
         for index, offset in enumerate(range(0, size, self._block_size)):
             block_id = f"{upload}{index:08d}"  # same length for every block, as Azure requires
             chunk = read(offset, min(self._block_size, size - offset))
-            self._call(
-                f"upload block {index} of",
-                key,
-                lambda block_id=block_id, chunk=chunk: blob.stage_block(block_id, chunk, length=len(chunk)),
-            )
+
+            def stage(block_id: str = block_id, chunk: bytes = chunk) -> None:
+                blob.stage_block(block_id, chunk, length=len(chunk))
+
+            self._call(f"upload block {index} of", key, stage)
             blocks.append(BlobBlock(block_id=block_id))
-            del chunk
+            del chunk, stage
 
         def commit() -> bool:
             try:
@@ -262,7 +273,7 @@ class AzureBlobStore(ObjectStore):
                 return False
             except HttpResponseError as e:
                 # A competing commit discards our uncommitted blocks; if the blob now exists, we simply lost.
-                if e.error_code == "InvalidBlockList" and blob.exists():
+                if _error_code(e) == "InvalidBlockList" and blob.exists():
                     return False
                 raise
 
@@ -272,7 +283,8 @@ class AzureBlobStore(ObjectStore):
 
     def get(self, key: str) -> bytes:
         blob = self._blob(key)
-        return self._call("get", key, lambda: bytes(blob.download_blob(max_concurrency=1).readall()))
+        # The whole object is in memory anyway, so fetch its ranges in parallel.
+        return self._call("get", key, lambda: bytes(blob.download_blob(max_concurrency=4).readall()))
 
     def get_range(self, key: str, offset: int, length: int) -> bytes:
         if length <= 0:
@@ -282,7 +294,7 @@ class AzureBlobStore(ObjectStore):
 
         def attempt() -> bytes:
             try:
-                return bytes(blob.download_blob(offset=offset, length=length, max_concurrency=1).readall())
+                return bytes(blob.download_blob(offset=offset, length=length, max_concurrency=4).readall())
             except HttpResponseError as e:
                 if e.status_code == 416:
                     return b""  # starts past the end: reported as a short read below
@@ -320,9 +332,9 @@ class AzureBlobStore(ObjectStore):
         while True:
 
             def fetch(token: str | None = token) -> tuple[list[Any], str | None]:
-                pages = self._container.list_blobs(
+                pages: Any = self._container.list_blobs(
                     name_starts_with=self._key_prefix + prefix, results_per_page=_PAGE
-                ).by_page(continuation_token=token)
+                ).by_page(continuation_token=token)  # a PageIterator: typed as a plain Iterator, has the token
                 page = next(pages, None)  # one request per page, so each page is retried on its own
                 items = list(page) if page is not None else []
                 return items, pages.continuation_token
@@ -335,10 +347,8 @@ class AzureBlobStore(ObjectStore):
 
     def delete(self, key: str) -> None:
         blob = self._blob(key)
-        try:
+        with contextlib.suppress(ObjectMissing):  # already gone: fine, garbage collection may race
             self._call("delete", key, lambda: blob.delete_blob(delete_snapshots="include"))
-        except ObjectMissing:
-            pass
 
     def close(self) -> None:
         self._service.close()

@@ -9,7 +9,7 @@ Backends (local folder, S3/R2, GCS, Azure Blob) live in sibling modules and are 
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +43,15 @@ class ObjectStore(abc.ABC):
     @abc.abstractmethod
     def put(self, key: str, data: bytes) -> bool:
         """Create ``key`` with ``data`` unless it exists. Returns False (and writes nothing) if it already existed."""
+
+    def put_deferred(self, key: str, parts: Sequence[bytes | bytearray | memoryview]) -> None:
+        """Create ``key`` from the concatenation of ``parts`` unless it exists; it need only become durable and
+        visible by the time `flush` returns. Stores that write synchronously (object stores) just `put`;
+        the local folder store batches its fsyncs, which is most of the cost of a large snapshot."""
+        self.put(key, b"".join(parts))
+
+    def flush(self) -> None:  # noqa: B027 - optional hook
+        """Make every `put_deferred` so far durable and visible. The default has nothing to wait for."""
 
     def put_file(self, key: str, path: Path) -> bool:
         """Like `put`, streaming the content from a local file. Backends override this to avoid reading it whole."""

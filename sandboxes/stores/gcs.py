@@ -2,14 +2,16 @@
 
 Create-only writes use a generation precondition (``if_generation_match=0``: "only if no live object has this
 name"), which GCS checks atomically, so racing writers cannot clobber each other; the loser gets 412 and `put`
-returns False. Objects larger than one chunk go up as resumable uploads, one chunk in memory at a time, and the
-precondition holds for the whole upload. Credentials come from Application Default Credentials; with
-``STORAGE_EMULATOR_HOST`` set (fake-gcs-server in the tests) the client talks to the emulator anonymously.
+returns False. Objects over 8 MiB go up as resumable uploads, one chunk in memory at a time; GCS checks the
+precondition when it finalizes the upload (fake-gcs-server up to v1.54 does not: see tests/emulators.py).
+Credentials come from Application Default Credentials; with ``STORAGE_EMULATOR_HOST`` set (fake-gcs-server in
+the tests) the client talks to the emulator anonymously.
 Retries are ours (`retry.py`), so every SDK call passes ``retry=None``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,6 +30,7 @@ T = TypeVar("T")
 
 _MiB = 1 << 20
 _PAGE = 1000
+_SINGLE_REQUEST_LIMIT = 8 * _MiB  # google-cloud-storage uploads anything larger as a resumable upload
 _TIMEOUT = (10, 60)  # (connect, read) seconds per request
 
 
@@ -61,7 +64,9 @@ class GCSStore(ObjectStore):
     ) -> None:
         self.prefix = prefix.strip("/")
         self._key_prefix = f"{self.prefix}/" if self.prefix else ""
-        self.url = f"gs://{bucket}" + (f"/{self.prefix}" if self.prefix else "") + (f"?project={project}" if project else "")
+        self.url = (
+            f"gs://{bucket}" + (f"/{self.prefix}" if self.prefix else "") + (f"?project={project}" if project else "")
+        )
         self._chunk_size = max(256 << 10, chunk_size // (256 << 10) * (256 << 10))  # GCS wants multiples of 256 KiB
         self._retry = retry
         self._emulator = os.environ.get("STORAGE_EMULATOR_HOST")
@@ -72,7 +77,8 @@ class GCSStore(ObjectStore):
 
     def _make_client(self, project: str | None) -> storage.Client:
         if self._emulator:
-            return storage.Client(project=project or "tardigrade", credentials=AnonymousCredentials())
+            credentials = AnonymousCredentials()  # type: ignore[no-untyped-call]
+            return storage.Client(project=project or "tardigrade", credentials=credentials)
         try:
             try:
                 if project:
@@ -89,9 +95,12 @@ class GCSStore(ObjectStore):
 
     # -- plumbing ---------------------------------------------------------------------------------------------
 
-    def _blob(self, key: str) -> storage.Blob:
+    def _blob(self, key: str, *, upload: bool = False) -> storage.Blob:
         blob = self._bucket.blob(self._key_prefix + check_key(key))
-        blob.chunk_size = self._chunk_size  # otherwise resumable uploads buffer 100 MiB chunks
+        if upload:
+            # Otherwise resumable uploads buffer 100 MiB chunks. Not for downloads: with a chunk size set they
+            # become a series of ranged GETs instead of one streamed response.
+            blob.chunk_size = self._chunk_size
         return blob
 
     def _call(self, op: str, key: str | None, fn: Callable[[], T]) -> T:
@@ -154,7 +163,7 @@ class GCSStore(ObjectStore):
             return False
 
     def put(self, key: str, data: bytes) -> bool:
-        blob = self._blob(key)
+        blob = self._blob(key, upload=True)
         return self._call(
             "put",
             key,
@@ -166,8 +175,11 @@ class GCSStore(ObjectStore):
         )
 
     def put_file(self, key: str, path: Path) -> bool:
-        blob = self._blob(key)
+        blob = self._blob(key, upload=True)
         size = path.stat().st_size
+        # Don't upload a large object that is already there. Only a shortcut: the upload itself is conditional.
+        if size > _SINGLE_REQUEST_LIMIT and self.exists(key):
+            return False
 
         def attempt() -> bool:
             with open(path, "rb") as f:  # reopened per attempt: a failed upload has consumed the stream
@@ -262,10 +274,8 @@ class GCSStore(ObjectStore):
 
     def delete(self, key: str) -> None:
         blob = self._blob(key)
-        try:
+        with contextlib.suppress(ObjectMissing):  # already gone: fine, garbage collection may race
             self._call("delete", key, lambda: blob.delete(retry=None, timeout=_TIMEOUT))
-        except ObjectMissing:
-            pass
 
     def close(self) -> None:
         self._client.close()

@@ -11,12 +11,22 @@ import errno
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from sandboxes.stores.base import ObjectInfo, ObjectMissing, ObjectStore, StoreError
 
 _TMP_DIR = ".tmp"
+
+
+def _fsync_dir(path: Path) -> None:
+    dir_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def check_key(key: str) -> str:
@@ -31,6 +41,8 @@ class FileStore(ObjectStore):
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root).expanduser().absolute()
         self.url = self.root.as_uri()
+        self._deferred: list[tuple[str, str]] = []  # (temporary file, key) waiting for flush()
+        self._deferred_lock = threading.Lock()
         try:
             (self.root / _TMP_DIR).mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -39,7 +51,7 @@ class FileStore(ObjectStore):
     def _path(self, key: str) -> Path:
         return self.root / check_key(key)
 
-    def _publish(self, tmp: str, key: str) -> bool:
+    def _publish(self, tmp: str, key: str, *, sync_dir: bool = True) -> bool:
         final = self._path(key)
         final.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -48,12 +60,51 @@ class FileStore(ObjectStore):
             return False
         finally:
             os.unlink(tmp)
-        dir_fd = os.open(final.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        if sync_dir:
+            _fsync_dir(final.parent)
         return True
+
+    def put_deferred(self, key: str, parts: Sequence[bytes | bytearray | memoryview]) -> None:
+        """Write now, fsync and link into place at `flush`: an object is never visible before it is durable,
+        so a crash can not leave a truncated object under its final name."""
+        if self._path(key).exists():
+            return
+        fd, tmp = self._temp()
+        try:
+            for part in parts:
+                view = memoryview(part)
+                while view:
+                    view = view[os.write(fd, view) :]
+        except BaseException:
+            os.unlink(tmp)
+            raise
+        finally:
+            os.close(fd)
+        with self._deferred_lock:
+            self._deferred.append((tmp, key))
+
+    def flush(self) -> None:
+        with self._deferred_lock:
+            pending, self._deferred = self._deferred, []
+        if not pending:
+            return
+
+        def sync(tmp: str) -> None:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+        # The device flushes several files faster in parallel than one after another.
+        with ThreadPoolExecutor(min(8, len(pending))) as pool:
+            list(pool.map(sync, [tmp for tmp, _ in pending]))
+        folders = set()
+        for tmp, key in pending:
+            if self._publish(tmp, key, sync_dir=False):
+                folders.add(self._path(key).parent)
+        for folder in folders:
+            _fsync_dir(folder)
 
     def _temp(self) -> tuple[int, str]:
         return tempfile.mkstemp(dir=self.root / _TMP_DIR, prefix="put-")

@@ -56,7 +56,11 @@ def _network_error_types() -> tuple[type[BaseException], ...]:
     try:
         import requests.exceptions
 
-        types += [requests.exceptions.ConnectionError, requests.exceptions.Timeout, requests.exceptions.ChunkedEncodingError]
+        types += [
+            requests.exceptions.ConnectionError,
+            requests.exceptions.Timeout,
+            requests.exceptions.ChunkedEncodingError,
+        ]
     except ImportError:
         pass
     return tuple(types)

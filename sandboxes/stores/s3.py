@@ -9,6 +9,7 @@ store's URL, its errors or its logs. Retries are ours (`retry.py`), not botocore
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +23,14 @@ from botocore.config import Config
 
 from sandboxes.stores.base import ObjectInfo, ObjectMissing, ObjectStore, StoreError
 from sandboxes.stores.local import check_key
-from sandboxes.stores.retry import DEFAULT_POLICY, RetryPolicy, Transient, is_network_error, is_transient_status, retry_call
+from sandboxes.stores.retry import (
+    DEFAULT_POLICY,
+    RetryPolicy,
+    Transient,
+    is_network_error,
+    is_transient_status,
+    retry_call,
+)
 
 T = TypeVar("T")
 
@@ -32,9 +40,18 @@ _MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
 _PRECONDITION_CODES = {"PreconditionFailed", "412"}
 # 409 ConditionalRequestConflict: another conditional write to the same key is in flight; the winner is unknown yet.
 _CONFLICT_CODES = {"ConditionalRequestConflict", "OperationAborted"}
+_PART_CHECKSUMS = {"ChecksumCRC32", "ChecksumCRC32C", "ChecksumCRC64NVME", "ChecksumSHA1", "ChecksumSHA256"}
 _DENIED_CODES = {"AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled"}
-_THROTTLE_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestLimitExceeded",
-                   "InternalError", "ServiceUnavailable", "TooManyRequests"}
+_THROTTLE_CODES = {
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestTimeout",
+    "RequestLimitExceeded",
+    "InternalError",
+    "ServiceUnavailable",
+    "TooManyRequests",
+}
 
 
 def _code(e: botocore.exceptions.ClientError) -> str:
@@ -113,6 +130,7 @@ class S3Store(ObjectStore):
         part_size: int = 8 * _MiB,
         multipart_threshold: int = 16 * _MiB,
         part_concurrency: int = 4,
+        checksums: bool | None = None,
         retry: RetryPolicy = DEFAULT_POLICY,
     ) -> None:
         self.bucket = bucket
@@ -127,12 +145,14 @@ class S3Store(ObjectStore):
             region = region or "auto"
             self.url = f"r2://{r2_account}/{bucket}" + (f"/{self.prefix}" if self.prefix else "")
         else:
-            query = urlencode({k: v for k, v in (("endpoint", endpoint), ("region", region)) if v})
+            query = urlencode({k: v for k, v in (("endpoint", endpoint), ("region", region)) if v}, safe=":/")
             self.url = f"s3://{bucket}" + (f"/{self.prefix}" if self.prefix else "") + (f"?{query}" if query else "")
 
-        # An endpoint other than AWS's (R2, MinIO, moto) gets path-style addressing and checksums only where the
-        # API requires them: many S3-compatibles reject botocore's newer default (aws-chunked CRC32 trailers).
-        custom = endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        # An endpoint other than AWS's (R2, MinIO, moto) gets path-style addressing and, unless ``checksums`` says
+        # otherwise, checksums only where the API requires them: many S3-compatibles reject botocore's newer
+        # default (CRC32 on every upload). Content is verified by its hash on read anyway.
+        custom = bool(endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"))
+        self._checksums = not custom if checksums is None else checksums
         options: dict[str, Any] = {
             "retries": {"total_max_attempts": 1, "mode": "standard"},  # retry_call does the retrying
             "max_pool_connections": 32,
@@ -141,8 +161,9 @@ class S3Store(ObjectStore):
             "user_agent_extra": "tardigrade",
         }
         if custom:
+            options["s3"] = {"addressing_style": "path"}
+        if not self._checksums:
             options |= {
-                "s3": {"addressing_style": "path"},
                 "request_checksum_calculation": "when_required",
                 "response_checksum_validation": "when_required",
             }
@@ -152,8 +173,10 @@ class S3Store(ObjectStore):
                 "s3", endpoint_url=endpoint, region_name=region, config=Config(**options)
             )
         except botocore.exceptions.BotoCoreError as e:
-            raise StoreError(f"cannot set up an S3 client for {self.url}: {type(e).__name__}; check the endpoint,"
-                             " region and AWS configuration") from None
+            raise StoreError(
+                f"cannot set up an S3 client for {self.url}: {type(e).__name__}; check the endpoint,"
+                " region and AWS configuration"
+            ) from None
         self.endpoint: str = self._client.meta.endpoint_url
         self._check_bucket()
 
@@ -271,13 +294,17 @@ class S3Store(ObjectStore):
             return self._call("put", key, single)
         # Don't upload a large object that is already there (the completion is still conditional: this is only
         # a shortcut, not the guarantee).
-        if self._call("stat", key, lambda: self._head(full)) is not None:
+        if self.exists(key):
             return False
         return self._multipart(key, full, path, size)
 
     def _multipart(self, key: str, full: str, path: Path, size: int) -> bool:
+        # With checksums on (AWS), each part carries a CRC32 and the completion must repeat it, as s3transfer does.
+        extra = {"ChecksumAlgorithm": "CRC32"} if self._checksums else {}
         upload_id: str = self._call(
-            "start multipart upload of", key, lambda: self._client.create_multipart_upload(Bucket=self.bucket, Key=full)
+            "start multipart upload of",
+            key,
+            lambda: self._client.create_multipart_upload(Bucket=self.bucket, Key=full, **extra),
         )["UploadId"]
         try:
 
@@ -288,23 +315,34 @@ class S3Store(ObjectStore):
                 def attempt() -> dict[str, Any]:
                     with _FileSlice(path, start, length) as body:
                         response = self._client.upload_part(
-                            Bucket=self.bucket, Key=full, UploadId=upload_id, PartNumber=number, Body=body,
+                            Bucket=self.bucket,
+                            Key=full,
+                            UploadId=upload_id,
+                            PartNumber=number,
+                            Body=body,
                             ContentLength=length,
                         )
-                    return {"PartNumber": number, "ETag": response["ETag"]}
+                    part = {"PartNumber": number, "ETag": response["ETag"]}
+                    return part | {k: v for k, v in response.items() if k in _PART_CHECKSUMS}
 
                 return self._call(f"upload part {number} of", key, attempt)
 
             count = (size + self._part_size - 1) // self._part_size
-            with ThreadPoolExecutor(min(self._part_concurrency, count), thread_name_prefix="s3-part") as pool:
+            pool = ThreadPoolExecutor(min(self._part_concurrency, count), thread_name_prefix="s3-part")
+            try:
                 parts = list(pool.map(upload, range(1, count + 1)))
+            finally:
+                pool.shutdown(cancel_futures=True)  # after a failed part, don't upload the rest
             created = self._call(
                 "complete multipart upload of",
                 key,
                 lambda: self._conditional(
                     full,
                     lambda: self._client.complete_multipart_upload(
-                        Bucket=self.bucket, Key=full, UploadId=upload_id, MultipartUpload={"Parts": parts},
+                        Bucket=self.bucket,
+                        Key=full,
+                        UploadId=upload_id,
+                        MultipartUpload={"Parts": parts},
                         IfNoneMatch="*",
                     ),
                 ),
@@ -317,10 +355,9 @@ class S3Store(ObjectStore):
         return created
 
     def _abort(self, full: str, upload_id: str) -> None:
-        try:
+        # Best effort: a bucket lifecycle rule for incomplete multipart uploads catches what this misses.
+        with contextlib.suppress(Exception):
             self._client.abort_multipart_upload(Bucket=self.bucket, Key=full, UploadId=upload_id)
-        except Exception:  # noqa: S110 - best effort; a lifecycle rule for incomplete uploads catches the rest
-            pass
 
     # -- reads ------------------------------------------------------------------------------------------------
 
@@ -387,7 +424,13 @@ class S3Store(ObjectStore):
             args: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self._key_prefix + prefix, "MaxKeys": _PAGE}
             if token:
                 args["ContinuationToken"] = token
-            page: dict[str, Any] = self._call("list", None, lambda: self._client.list_objects_v2(**args))
+
+            def fetch(args: dict[str, Any] = args) -> dict[str, Any]:
+                # One request per page, so each page is retried on its own.
+                page: dict[str, Any] = self._client.list_objects_v2(**args)
+                return page
+
+            page = self._call("list", None, fetch)
             for obj in page.get("Contents", ()):
                 yield ObjectInfo(obj["Key"][start:], int(obj["Size"]), obj["LastModified"].timestamp())
             token = page.get("NextContinuationToken")
@@ -396,10 +439,8 @@ class S3Store(ObjectStore):
 
     def delete(self, key: str) -> None:
         full = self._key(key)
-        try:
+        with contextlib.suppress(ObjectMissing):  # already gone: fine, garbage collection may race
             self._call("delete", key, lambda: self._client.delete_object(Bucket=self.bucket, Key=full))
-        except ObjectMissing:
-            pass
 
     def close(self) -> None:
         self._client.close()
