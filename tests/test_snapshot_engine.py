@@ -209,9 +209,10 @@ def plant_tree(engine: SnapshotEngine, entries: list[dict[str, object]]) -> str:
 
 
 def file_entry(path: str, engine: SnapshotEngine, content: bytes = b"pwned") -> dict[str, object]:
-    from sandboxes.snapshots.packs import KnownBlobs, PackWriter
+    from sandboxes.snapshots.index import BlobIndex
+    from sandboxes.snapshots.packs import PackWriter
 
-    writer = PackWriter(engine.store, KnownBlobs())
+    writer = PackWriter(engine.store, BlobIndex(engine.store, None))
     ref = writer.add(content)
     writer.finish()
     ref = writer.resolve(ref)

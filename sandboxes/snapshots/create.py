@@ -13,7 +13,7 @@ import os
 import stat
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +22,7 @@ import pyfastcdc
 
 from sandboxes.errors import WorkspaceChanged
 from sandboxes.snapshots import tree as t
+from sandboxes.snapshots.gc import Epoch
 from sandboxes.snapshots.packs import KnownBlobs, PackWriter, blob_hash
 from sandboxes.snapshots.selection import Selection
 from sandboxes.snapshots.statcache import CachedFile, StatCacheCursor, StatCacheWriter, stat_key
@@ -167,6 +168,10 @@ def _read_file(
     raise WorkspaceChanged(f"file {path!r} kept changing while it was snapshotted; is a process still writing it?")
 
 
+def _uses(cached: CachedFile, packs: frozenset[str]) -> bool:
+    return any(ref.pack in packs for ref in t.decode_entry(cached.tree_line).chunks)
+
+
 class Fingerprint:
     """A hash over every walked path and its stat: equal to the one the stat cache recorded means the folder is
     exactly as it was at the last snapshot or restore, and the whole tree can be reused without looking further."""
@@ -212,6 +217,7 @@ def create_snapshot(
     scratch: Path,
     publish: Callable[[str, Path], bool],
     tree_exists: Callable[[str], bool],
+    gc_epochs: Sequence[Epoch] = (),
 ) -> CreateResult:
     """Store everything under ``root`` that ``selection`` covers.
 
@@ -221,8 +227,13 @@ def create_snapshot(
     started = time.monotonic()
     stats = CreateStats()
     cursor = StatCacheCursor(cache_path, store.url)
+    # Garbage collection the stat cache has not taken into account: its packs must not be reused blindly.
+    news = [e for e in gc_epochs if e.created > cursor.gc_seen]
+    avoid = frozenset().union(*(e.packs for e in news)) if news else frozenset()
     fingerprint, walked = _scan(root, selection)
-    if cursor.snapshot and cursor.digest and cursor.fingerprint == fingerprint and tree_exists(cursor.snapshot):
+    if cursor.snapshot and cursor.digest and cursor.fingerprint == fingerprint and not news and tree_exists(
+        cursor.snapshot
+    ):
         # Nothing changed since the last snapshot or restore: same tree, nothing to read or write.
         cursor.close()
         stats.entries, stats.bytes = cursor.entries, cursor.bytes
@@ -230,6 +241,8 @@ def create_snapshot(
         return CreateResult(cursor.snapshot, cursor.digest, stats)
     writer = PackWriter(store, known)
     cache_out = StatCacheWriter(cache_path, store.url) if cache_path is not None else None
+    if cache_out is not None:
+        cache_out.gc_seen = max([cursor.gc_seen, *(e.created for e in gc_epochs)])
     body = Path(tempfile.mkstemp(dir=scratch, prefix="tree-")[1])
     builder = TreeBuilder(body, writer, cache_out)
     chunker = pyfastcdc.FastCDC(CHUNK_AVG, min_size=CHUNK_MIN, max_size=CHUNK_MAX)
@@ -253,7 +266,7 @@ def create_snapshot(
                 stats.bytes += st.st_size
                 key = stat_key(st)
                 cached = cursor.seek(path)
-                if cached is not None and cached.stat_key == key:
+                if cached is not None and cached.stat_key == key and not (avoid and _uses(cached, avoid)):
                     stats.files_unchanged += 1
                     builder.add_cached(cached)
                     continue

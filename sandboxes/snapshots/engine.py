@@ -31,7 +31,9 @@ import zstandard
 from sandboxes.errors import SnapshotCorrupt, SnapshotError, SnapshotMissing
 from sandboxes.snapshots import tree as t
 from sandboxes.snapshots.create import CreateStats, create_snapshot
-from sandboxes.snapshots.packs import KnownBlobs, blob_hash, decode_blob, index_key, pack_key
+from sandboxes.snapshots.gc import Epoch, GcPolicy, GcReport, collect_garbage, load_epochs
+from sandboxes.snapshots.index import BlobIndex
+from sandboxes.snapshots.packs import blob_hash, decode_blob, index_key, pack_key
 from sandboxes.snapshots.restore import RestoreStats, read_footer, restore_tree, tree_entries
 from sandboxes.snapshots.selection import Selection
 from sandboxes.stores.base import ObjectMissing, ObjectStore
@@ -101,7 +103,8 @@ class SnapshotEngine:
         self.store = store
         self.scratch = Path(scratch_dir or tempfile.mkdtemp(prefix="tardigrade-scratch-"))
         self.scratch.mkdir(parents=True, exist_ok=True)
-        self.known = KnownBlobs()
+        self.known = BlobIndex(store, self.scratch / "blobs.sqlite")
+        self._epochs: dict[str, Epoch] = {}  # garbage-collection epochs are immutable: read each once
         self._lock = threading.Lock()
         self._trees = self.scratch / "trees"
         self._trees.mkdir(exist_ok=True)
@@ -120,6 +123,9 @@ class SnapshotEngine:
         """Snapshot ``root``. With a ``cache_path`` from the previous snapshot or restore, unchanged files are
         not read again. Returns the new snapshot (which may equal ``parent`` if nothing changed)."""
         selection = selection or Selection.everything()
+        epochs = load_epochs(self.store, self._epochs)
+        self.known.sync_gc(epochs)
+        self.known.refresh()
 
         def publish(snapshot_id: str, body: Path) -> bool:
             written = False
@@ -143,6 +149,7 @@ class SnapshotEngine:
             scratch=self.scratch,
             publish=publish,
             tree_exists=lambda snapshot_id: self.store.exists(tree_key(snapshot_id)),
+            gc_epochs=epochs,
         )
         info = SnapshotInfo(
             id=result.snapshot_id,
@@ -281,6 +288,17 @@ class SnapshotEngine:
         if any(offset + length > size for offset, length, *_ in listed.values()):
             problems.append(VerifyProblem(None, pack_key(pack), "is shorter than its index says (truncated?)"))
         return problems
+
+    def collect_garbage(self, policy: GcPolicy, *, now: float | None = None) -> GcReport:
+        """Delete what no kept snapshot needs, in two phases a grace period apart (see `sandboxes.snapshots.gc`)."""
+
+        def tree_packs(snapshot_id: str) -> set[str]:
+            packs = set()
+            for entry in self.entries(snapshot_id):
+                packs.update(ref.pack for ref in entry.chunks)
+            return packs
+
+        return collect_garbage(self.store, policy, tree_packs=tree_packs, now=now)
 
     def verify(self, snapshot_id: str) -> VerifyReport:
         """Read back every object the snapshot needs and check each against its hash. Reports all problems."""

@@ -3,8 +3,8 @@
 A blob is one small file or one content-defined chunk of a large file, named by the BLAKE3 hash of its raw bytes.
 Blobs are compressed (zstd, unless a sample shows they will not shrink) and appended to a pack of up to
 `PACK_TARGET` bytes, so ten thousand small files become a handful of store writes. A pack is named by the hash of
-its index - the list of its blobs' hashes, offsets, lengths and codecs - a Merkle name that is known the moment
-the pack is sealed, without hashing its bytes again. The pack is uploaded in the background while the next one
+its index - the list of its blobs' hashes, offsets, lengths and codecs, plus a nonce - a Merkle name that is known
+the moment the pack is sealed, without hashing its bytes again. The pack is uploaded in the background while the next one
 fills; next to it goes ``index/<pack>`` (those exact index bytes, so it verifies against the name), which lets
 later snapshots find existing blobs without reading packs.
 
@@ -15,12 +15,12 @@ in parallel, and every blob is checked against its hash before a byte of it is u
 from __future__ import annotations
 
 import json
+import secrets
 import threading
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 import blake3
 import zstandard
@@ -50,28 +50,24 @@ def blob_hash(data: bytes | bytearray | memoryview) -> str:
 
 
 def pack_index(refs: list[ChunkRef]) -> bytes:
-    """The canonical index of a pack; its hash is the pack's name."""
+    """The index of a pack; its hash is the pack's name.
+
+    It carries a random nonce, so two packs never share a name even with identical content: a writer storing a
+    blob again (say, because its old pack is condemned by garbage collection) must get a new object, not find
+    the condemned one "already there"."""
     blobs = sorted([r.blob, r.offset, r.length, r.raw_length, r.codec] for r in refs)
-    return json.dumps({"format": "tardigrade-pack/1", "blobs": blobs}, separators=(",", ":")).encode()
+    index = {"format": "tardigrade-pack/1", "nonce": secrets.token_hex(8), "blobs": blobs}
+    return json.dumps(index, separators=(",", ":")).encode()
 
 
-class KnownBlobs:
-    """Blobs this store already holds, by hash: a bounded LRU, so dedupe is best-effort but memory is not."""
+class KnownBlobs(Protocol):
+    """Where blobs the store already holds live (see `sandboxes.snapshots.index.BlobIndex`)."""
 
-    def __init__(self, limit: int = 500_000) -> None:
-        self._refs: OrderedDict[str, ChunkRef] = OrderedDict()
-        self._limit = limit
+    def get(self, blob: str) -> ChunkRef | None: ...
 
-    def get(self, blob: str) -> ChunkRef | None:
-        ref = self._refs.get(blob)
-        if ref is not None:
-            self._refs.move_to_end(blob)
-        return ref
+    def add(self, ref: ChunkRef) -> None: ...
 
-    def add(self, ref: ChunkRef) -> None:
-        self._refs[ref.blob] = ref
-        if len(self._refs) > self._limit:
-            self._refs.popitem(last=False)
+    def add_pack(self, pack: str, refs: list[ChunkRef]) -> None: ...
 
 
 @dataclass
@@ -101,6 +97,7 @@ class PackWriter:
         self._open: dict[str, ChunkRef] = {}  # blobs in the open pack, with a placeholder pack name
         self._seq = 0
         self._sealed: dict[str, str] = {}
+        self._written: list[tuple[str, list[ChunkRef]]] = []
         self._pool = ThreadPoolExecutor(MAX_UPLOADS_IN_FLIGHT, thread_name_prefix="pack-upload")
         self._uploads: list[Future[None]] = []
         self.on_seal: Callable[[], None] | None = None
@@ -165,8 +162,10 @@ class PackWriter:
             return
         index = pack_index(list(self._open.values()))
         pack = blob_hash(index)
-        for ref in self._open.values():
-            self.known.add(ref._replace(pack=pack))
+        refs = [ref._replace(pack=pack) for ref in self._open.values()]
+        for ref in refs:
+            self.known.add(ref)
+        self._written.append((pack, refs))
         self._sealed[self._placeholder] = pack
         parts = self._parts
         self._seq += 1
@@ -191,6 +190,8 @@ class PackWriter:
             for f in self._uploads:
                 f.result()
             self.store.flush()
+            for pack, refs in self._written:  # durable now: safe to offer for dedupe across runs
+                self.known.add_pack(pack, refs)
         finally:
             self._pool.shutdown(wait=True)
 

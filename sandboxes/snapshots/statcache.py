@@ -71,6 +71,7 @@ class StatCacheCursor:
         self.fingerprint: str | None = None
         self.digest: str | None = None
         self.entries = self.bytes = 0
+        self.gc_seen = 0.0  # the newest garbage-collection epoch the writer of this cache had taken into account
         if path is None:
             return
         try:
@@ -88,6 +89,7 @@ class StatCacheCursor:
         self.digest = header.get("digest")
         self.entries = int(header.get("entries", 0))
         self.bytes = int(header.get("bytes", 0))
+        self.gc_seen = float(header.get("gc_seen", 0))
         self._lines = iter(self._file)
         self._advance()
 
@@ -139,12 +141,14 @@ class StatCacheWriter:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = path.with_name(path.name + ".new")
         self._file = open(self._tmp, "wb")  # noqa: SIM115 - closed in commit()/abort()
+        self.gc_seen = 0.0
         self._file.write(self._header("0" * 64, "0" * 64, "0" * 64, 0, 0))  # rewritten in place by commit()
 
     def _header(self, snapshot_id: str, fingerprint: str, digest: str, entries: int, total: int) -> bytes:
         # Fixed width, so commit() can write it over the placeholder without moving the lines.
         header = {"format": FORMAT, "store": self.store_url, "snapshot": snapshot_id, "fingerprint": fingerprint,
-                  "digest": digest, "entries": f"{entries:020}", "bytes": f"{total:020}"}  # fmt: skip
+                  "digest": digest, "entries": f"{entries:020}", "bytes": f"{total:020}",
+                  "gc_seen": f"{self.gc_seen:024.6f}"}  # fmt: skip
         return json.dumps(header).encode() + b"\n"
 
     def add(self, path: str, key: str, content_hash: str, mode: int, tree_line: bytes) -> None:
