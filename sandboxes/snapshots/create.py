@@ -22,6 +22,7 @@ import pyfastcdc
 
 from sandboxes.errors import WorkspaceChanged
 from sandboxes.snapshots import tree as t
+from sandboxes.snapshots.crypto import Encryption
 from sandboxes.snapshots.gc import Epoch
 from sandboxes.snapshots.packs import KnownBlobs, PackWriter, blob_hash
 from sandboxes.snapshots.selection import Selection
@@ -147,7 +148,9 @@ def _read_file(
                 if st.st_size < LARGE_FILE:
                     data = f.read()
                     content_hash = blob_hash(data)
-                    chunks = [writer.add(data, content_hash)] if data else []
+                    # Unencrypted, a small file's blob id is its content hash: no need to hash it twice.
+                    blob = content_hash if writer.encryption is None else None
+                    chunks = [writer.add(data, blob)] if data else []
                     size = len(data)
                 else:
                     hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
@@ -218,6 +221,7 @@ def create_snapshot(
     publish: Callable[[str, Path], bool],
     tree_exists: Callable[[str], bool],
     gc_epochs: Sequence[Epoch] = (),
+    encryption: Encryption | None = None,
 ) -> CreateResult:
     """Store everything under ``root`` that ``selection`` covers.
 
@@ -239,7 +243,7 @@ def create_snapshot(
         stats.entries, stats.bytes = cursor.entries, cursor.bytes
         stats.seconds = time.monotonic() - started
         return CreateResult(cursor.snapshot, cursor.digest, stats)
-    writer = PackWriter(store, known)
+    writer = PackWriter(store, known, encryption=encryption)
     cache_out = StatCacheWriter(cache_path, store.url) if cache_path is not None else None
     if cache_out is not None:
         cache_out.gc_seen = max([cursor.gc_seen, *(e.created for e in gc_epochs)])

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import blake3
 import zstandard
@@ -31,6 +31,7 @@ import zstandard
 from sandboxes.errors import SnapshotCorrupt, SnapshotError, SnapshotMissing
 from sandboxes.snapshots import tree as t
 from sandboxes.snapshots.create import CreateStats, create_snapshot
+from sandboxes.snapshots.crypto import Encryption, EncryptedStore, EncryptionError, require_no_encryption
 from sandboxes.snapshots.gc import Epoch, GcPolicy, GcReport, collect_garbage, load_epochs
 from sandboxes.snapshots.index import BlobIndex
 from sandboxes.snapshots.packs import blob_hash, decode_blob, index_key, pack_key
@@ -99,11 +100,20 @@ def check_snapshot_id(snapshot_id: str) -> str:
 class SnapshotEngine:
     """Snapshots of folders in one store. Thread-safe; keep one per store for the life of a worker."""
 
-    def __init__(self, store: ObjectStore, *, scratch_dir: Path | None = None) -> None:
-        self.store = store
+    def __init__(
+        self,
+        store: ObjectStore,
+        *,
+        scratch_dir: Path | None = None,
+        encryption: Encryption | Literal["env"] | None = "env",
+    ) -> None:
+        """``encryption="env"`` (the default) encrypts when TARDIGRADE_ENCRYPTION_KEY is set (see crypto.py)."""
+        self.encryption = Encryption.from_env() if encryption == "env" else encryption
+        self.raw_store = store
+        self.store: ObjectStore = EncryptedStore(store, self.encryption) if self.encryption else store
         self.scratch = Path(scratch_dir or tempfile.mkdtemp(prefix="tardigrade-scratch-"))
         self.scratch.mkdir(parents=True, exist_ok=True)
-        self.known = BlobIndex(store, self.scratch / "blobs.sqlite")
+        self.known = BlobIndex(self.store, self.scratch / "blobs.sqlite")
         self._epochs: dict[str, Epoch] = {}  # garbage-collection epochs are immutable: read each once
         self._lock = threading.Lock()
         self._trees = self.scratch / "trees"
@@ -150,6 +160,7 @@ class SnapshotEngine:
             publish=publish,
             tree_exists=lambda snapshot_id: self.store.exists(tree_key(snapshot_id)),
             gc_epochs=epochs,
+            encryption=self.encryption,
         )
         info = SnapshotInfo(
             id=result.snapshot_id,
@@ -201,6 +212,9 @@ class SnapshotEngine:
                     snapshot_id, self.store.url, "its tree object is missing; was it garbage-collected, or written"
                     " to another store?"
                 ) from None
+            if self.encryption is None:
+                with open(compressed, "rb") as head:
+                    require_no_encryption(head.read(16), f"the tree of snapshot {snapshot_id}")
             hasher = blake3.blake3()
             try:
                 with open(compressed, "rb") as src, open(body, "wb") as dst:
@@ -244,6 +258,7 @@ class SnapshotEngine:
                 selection=selection or Selection.everything(),
                 cache_path=cache_path,
                 scratch=self.scratch,
+                encryption=self.encryption,
             )
 
     # -- inspection -------------------------------------------------------------------------------------------
@@ -251,7 +266,7 @@ class SnapshotEngine:
     def info(self, snapshot_id: str) -> SnapshotInfo:
         check_snapshot_id(snapshot_id)
         try:
-            record = json.loads(self.store.get(record_key(snapshot_id)))
+            record = self._record(record_key(snapshot_id))
         except ObjectMissing:
             if not self.store.exists(tree_key(snapshot_id)):
                 raise SnapshotMissing(snapshot_id, self.store.url) from None
@@ -265,7 +280,7 @@ class SnapshotEngine:
         out = []
         for obj in self.store.list("snapshots/"):
             try:
-                out.append(SnapshotInfo(**json.loads(self.store.get(obj.key))))
+                out.append(SnapshotInfo(**self._record(obj.key)))
             except (ObjectMissing, ValueError, TypeError):
                 continue  # deleted meanwhile, or not ours
         return sorted(out, key=lambda s: s.created_at)
@@ -300,6 +315,13 @@ class SnapshotEngine:
 
         return collect_garbage(self.store, policy, tree_packs=tree_packs, now=now)
 
+    def _record(self, key: str) -> dict[str, Any]:
+        data = self.store.get(key)
+        if self.encryption is None:
+            require_no_encryption(data, f"snapshot record {key}")
+        record: dict[str, Any] = json.loads(data)
+        return record
+
     def verify(self, snapshot_id: str) -> VerifyReport:
         """Read back every object the snapshot needs and check each against its hash. Reports all problems."""
         report = VerifyReport(snapshot_id)
@@ -330,9 +352,10 @@ class SnapshotEngine:
             for ref, file_path in blobs.values():
                 report.blobs += 1
                 try:
-                    raw = decode_blob(ref, memoryview(data)[ref.offset : ref.offset + ref.length])
-                    ok = len(raw) == ref.raw_length and blob_hash(raw) == ref.blob
-                except zstandard.ZstdError:
+                    raw = decode_blob(ref, memoryview(data)[ref.offset : ref.offset + ref.length], self.encryption)
+                    blob_id = self.encryption.blob_id if self.encryption else blob_hash
+                    ok = len(raw) == ref.raw_length and blob_id(raw) == ref.blob
+                except (zstandard.ZstdError, EncryptionError):
                     ok = False
                 if not ok:
                     report.problems.append(VerifyProblem(file_path, key, f"blob {ref.blob[:16]}... is corrupt"))

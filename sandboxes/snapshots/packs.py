@@ -26,7 +26,8 @@ import blake3
 import zstandard
 
 from sandboxes.errors import SnapshotCorrupt
-from sandboxes.snapshots.tree import CODEC_RAW, CODEC_ZSTD, ChunkRef
+from sandboxes.snapshots.crypto import Encryption, EncryptionError
+from sandboxes.snapshots.tree import CODEC_ENCRYPTED, CODEC_RAW, CODEC_ZSTD, ChunkRef
 from sandboxes.stores.base import ObjectMissing, ObjectStore
 
 PACK_TARGET = 16 << 20
@@ -86,9 +87,14 @@ class PackWriter:
     `resolve` swaps in the real name. Callers hold back entries until `open_pack_has` is false for them.
     """
 
-    def __init__(self, store: ObjectStore, known: KnownBlobs, *, level: int = 3) -> None:
+    def __init__(
+        self, store: ObjectStore, known: KnownBlobs, *, level: int = 3, encryption: Encryption | None = None
+    ) -> None:
         self.store = store
         self.known = known
+        self.encryption = encryption
+        #: How blobs are named: the plain content hash, or a keyed one when encrypting (see crypto.py).
+        self.blob_id = encryption.blob_id if encryption else blob_hash
         self.stats = PackStats()
         self._level = level
         self._local = threading.local()
@@ -126,12 +132,14 @@ class PackWriter:
 
     def add(self, data: bytes | memoryview, blob: str | None = None) -> ChunkRef:
         """Store one blob (or find it already stored) and return where it lives."""
-        blob = blob or blob_hash(data)
+        blob = blob or self.blob_id(data)
         ref = self._open.get(blob) or self.known.get(blob)
         if ref is not None:
             self.stats.blobs_reused += 1
             return ref
         stored, codec = self.encode(data)
+        if self.encryption is not None:
+            stored, codec = self.encryption.encrypt(stored), codec | CODEC_ENCRYPTED
         if isinstance(stored, memoryview):
             stored = bytes(stored)  # the caller's buffer may be reused (a chunker's window)
         ref = ChunkRef(blob, self._placeholder, self._size, len(stored), len(data), codec)
@@ -196,10 +204,15 @@ class PackWriter:
             self._pool.shutdown(wait=True)
 
 
-def decode_blob(ref: ChunkRef, stored: bytes | memoryview) -> bytes:
-    if ref.codec == CODEC_RAW:
+def decode_blob(ref: ChunkRef, stored: bytes | memoryview, encryption: Encryption | None = None) -> bytes:
+    codec = ref.codec
+    if codec & CODEC_ENCRYPTED:
+        if encryption is None:
+            raise EncryptionError(f"blob {ref.blob[:16]}... is encrypted; set TARDIGRADE_ENCRYPTION_KEY to read it")
+        stored, codec = encryption.decrypt(stored, f"blob {ref.blob[:16]}..."), codec & ~CODEC_ENCRYPTED
+    if codec == CODEC_RAW:
         return bytes(stored)
-    if ref.codec == CODEC_ZSTD:
+    if codec == CODEC_ZSTD:
         return zstandard.ZstdDecompressor().decompress(stored, max_output_size=ref.raw_length)
     raise ValueError(f"unknown codec {ref.codec}")
 
@@ -220,12 +233,15 @@ class BlobFetcher:
         store: ObjectStore,
         snapshot_id: str,
         *,
+        encryption: Encryption | None = None,
         batch_bytes: int = 8 << 20,
         gap_bytes: int = 1 << 20,
         ahead: int = 4,
     ) -> None:
         self.store = store
         self.snapshot_id = snapshot_id
+        self.encryption = encryption
+        self.blob_id = encryption.blob_id if encryption else blob_hash
         self.batch_bytes = batch_bytes
         self.gap_bytes = gap_bytes
         self.ahead = ahead
@@ -260,10 +276,12 @@ class BlobFetcher:
         for ref, ctx in batch.items:
             stored = view[ref.offset - batch.start : ref.offset - batch.start + ref.length]
             try:
-                raw = decode_blob(ref, stored)
+                raw = decode_blob(ref, stored, self.encryption)
             except zstandard.ZstdError as e:
                 raise SnapshotCorrupt(self.snapshot_id, path_of(ctx), key, f"cannot be decoded ({e})") from None
-            if len(raw) != ref.raw_length or blob_hash(raw) != ref.blob:
+            except EncryptionError as e:
+                raise SnapshotCorrupt(self.snapshot_id, path_of(ctx), key, str(e)) from None
+            if len(raw) != ref.raw_length or self.blob_id(raw) != ref.blob:
                 raise SnapshotCorrupt(
                     self.snapshot_id, path_of(ctx), key, f"is corrupt: blob {ref.blob[:16]}... fails its hash check"
                 )

@@ -28,6 +28,7 @@ import blake3
 from sandboxes.errors import UnsafeTree
 from sandboxes.snapshots import tree as t
 from sandboxes.snapshots.create import MODE_MASK, Fingerprint
+from sandboxes.snapshots.crypto import Encryption
 from sandboxes.snapshots.packs import BlobFetcher
 from sandboxes.snapshots.selection import Selection
 from sandboxes.snapshots.statcache import StatCacheCursor, StatCacheWriter, stat_key
@@ -163,6 +164,7 @@ def restore_tree(
     selection: Selection,
     cache_path: Path | None,
     scratch: Path,
+    encryption: Encryption | None = None,
 ) -> RestoreStats:
     """Make ``root`` (within ``selection``) equal the verified, uncompressed tree at ``tree_path``."""
     started = time.monotonic()
@@ -173,7 +175,7 @@ def restore_tree(
     dirs: list[tuple[str, int, int]] = []  # (path, mode, mtime) to settle last, deepest first
     try:
         _merge(store, snapshot_id, tree_path, root, selection, cache_path, folders, plan, dirs, stats)
-        _write_files(store, snapshot_id, folders, plan, stats)
+        _write_files(store, snapshot_id, folders, plan, stats, encryption)
         for entry in plan.entries(t.HARDLINK):
             _make_hardlink(folders, snapshot_id, entry)
             stats.links_made += 1
@@ -330,8 +332,15 @@ def _create(folders: SafeFolders, want: t.Entry, plan: _Plan, dirs: list[tuple[s
         plan.add(want)
 
 
-def _write_files(store: ObjectStore, snapshot_id: str, folders: SafeFolders, plan: _Plan, stats: RestoreStats) -> None:
-    fetcher = BlobFetcher(store, snapshot_id)
+def _write_files(
+    store: ObjectStore,
+    snapshot_id: str,
+    folders: SafeFolders,
+    plan: _Plan,
+    stats: RestoreStats,
+    encryption: Encryption | None,
+) -> None:
+    fetcher = BlobFetcher(store, snapshot_id, encryption=encryption)
     wanted = ((ref, entry.path) for entry in plan.entries(t.FILE) for ref in entry.chunks)
     blobs = fetcher.fetch(wanted, path_of=lambda p: p)
     for entry in plan.entries(t.FILE):

@@ -27,6 +27,7 @@ EMPTY_HASH = blake3.blake3(b"").hexdigest()
 DIR, FILE, SYMLINK, HARDLINK = "d", "f", "l", "h"
 
 CODEC_RAW, CODEC_ZSTD = 0, 1
+CODEC_ENCRYPTED = 0x10  # flag: the stored bytes are AES-GCM encrypted (see snapshots/crypto.py)
 
 
 class ChunkRef(NamedTuple):
@@ -152,6 +153,8 @@ class TreeValidator:
         for i in range(1, len(parts)):
             if "/".join(parts[:i]) in self._symlinks:
                 raise UnsafeTree(sid, entry.path, "lies beneath a symlink in the same tree (write through a symlink)")
+        if any(c.codec & ~CODEC_ENCRYPTED not in (CODEC_RAW, CODEC_ZSTD) for c in entry.chunks):
+            raise UnsafeTree(sid, entry.path, "uses an unknown codec")
         if entry.kind == SYMLINK:
             if not entry.link or "\0" in entry.link:
                 raise UnsafeTree(sid, entry.path, "is a symlink without a valid target")
