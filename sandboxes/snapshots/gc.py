@@ -19,6 +19,7 @@ grace period are never condemned, so a snapshot in progress cannot lose the pack
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import uuid
@@ -85,7 +86,10 @@ class GcPolicy:
     keep_last: int = 10  # per pipeline (label "pipeline"); seeds and unlabeled snapshots are groups of their own
     keep_within: float = 7 * 24 * 3600.0  # keep everything this recent, whatever keep_last says
     grace: float = DEFAULT_GRACE
-    keep_ids: frozenset[str] = frozenset()  # what live runs still reference (their last snapshot and seed)
+    keep_ids: frozenset[str] = frozenset()  # snapshots to keep whatever the rules say
+    #: What live runs still reference (last snapshot, seed). Asked *after* the snapshots are listed, so a
+    #: checkpoint written meanwhile is either not listed (so not dropped) or reported live (so kept).
+    live: Callable[[], Iterable[str]] | None = None
     dry_run: bool = False
 
 
@@ -100,6 +104,7 @@ class GcReport:
     trees_deleted: int = 0
     bytes_deleted: int = 0
     missing_trees: list[str] = field(default_factory=list)  # kept snapshots whose tree is already gone
+    live_kept: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return self.__dict__.copy()
@@ -171,6 +176,10 @@ def collect_garbage(
             except (ObjectMissing, ValueError):
                 continue
         report.snapshots_total = len(records)
+        if policy.live is not None:
+            live = frozenset(policy.live())
+            report.live_kept = len(live)
+            policy = dataclasses.replace(policy, keep_ids=policy.keep_ids | live)
         kept = choose_kept(records, policy, now)
         report.snapshots_kept = len(kept)
 
