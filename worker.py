@@ -25,8 +25,10 @@ from tardigrade.plugin import TardigradePlugin
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--address", help="Temporal frontend (default: $TEMPORAL_ADDRESS, a running"
-                        " `tardigrade server`, or localhost:7233)")  # fmt: skip
+    parser.add_argument(
+        "--address",
+        help="Temporal frontend (default: $TEMPORAL_ADDRESS, a running `tardigrade server`, or localhost:7233)",
+    )
     parser.add_argument("--task-queue", help=f"default: $TARDIGRADE_TASK_QUEUE or {config.DEFAULT_TASK_QUEUE!r}")
     parser.add_argument("--namespace", help="default: $TEMPORAL_NAMESPACE or 'default'")
     args = parser.parse_args()
@@ -41,8 +43,13 @@ async def main() -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-    logging.info("worker on %s: task queue %r, sandbox queue %r, state in %s",
-                 address, task_queue, plugin.host_queue, plugin.state_dir)  # fmt: skip
+    logging.info(
+        "worker on %s: task queue %r, sandbox queue %r, state in %s",
+        address,
+        task_queue,
+        plugin.host_queue,
+        plugin.state_dir,
+    )
     async with worker:
         await stop.wait()
     logging.info("worker stopped; its sandboxes were destroyed (their runs rehydrate elsewhere)")

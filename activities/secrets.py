@@ -6,6 +6,7 @@ messages pass through a `Redactor` before they can reach workflow history.
 
 from __future__ import annotations
 
+import builtins
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -49,7 +50,7 @@ class Redactor:
             data = data.replace(value, MASK.encode())
         return data
 
-    def copy(self, src: Path, dst: IO[bytes], block: int = 1 << 20) -> None:
+    def copy(self, src: Path, dst: IO[builtins.bytes], block: int = 1 << 20) -> None:
         """Stream a file through the redactor, keeping an overlap so a secret split across blocks is caught."""
         with open(src, "rb") as f:
             pending = b""

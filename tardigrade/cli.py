@@ -15,18 +15,23 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 from temporalio.client import WorkflowFailureError
+from temporalio.service import RPCError
 
 from sandboxes.errors import TardigradeError
 from sandboxes.stores import StoreError
 from tardigrade import config
 from tardigrade.pipeline import PipelineError
+
+if TYPE_CHECKING:
+    from sandboxes.snapshots import SnapshotEngine
 
 
 class UsageError(Exception):
@@ -69,12 +74,12 @@ async def cmd_run(args: argparse.Namespace) -> int:
 
     loaded = load_pipeline(args.pipeline)
     client = await connect(_address_or_fail(args.address))
-    handle = await start_pipeline(
-        client, loaded, task_queue=args.task_queue, workflow_id=args.id, store_url=args.store
-    )
+    handle = await start_pipeline(client, loaded, task_queue=args.task_queue, workflow_id=args.id, store_url=args.store)
     if not args.wait:
         if args.json:
-            _print_json({"workflow_id": handle.id, "status": "running", "task_queue": config.task_queue(args.task_queue)})
+            _print_json(
+                {"workflow_id": handle.id, "status": "running", "task_queue": config.task_queue(args.task_queue)}
+            )
         else:
             print(f"started {handle.id} on task queue {config.task_queue(args.task_queue)}")
             print(f"  follow it: tardigrade status {handle.id}    wait for it: tardigrade result {handle.id}")
@@ -98,8 +103,10 @@ async def _print_result(client: Any, workflow_id: str, as_json: bool) -> int:
     if as_json:
         _print_json(result)
     else:
-        print(f"{result.workflow_id}: {result.status}, {result.steps_completed}/{result.steps_total} steps,"
-              f" {result.rehydrations} rehydration(s)")
+        print(
+            f"{result.workflow_id}: {result.status}, {result.steps_completed}/{result.steps_total} steps,"
+            f" {result.rehydrations} rehydration(s)"
+        )
         print(f"  final snapshot    {result.final_snapshot}")
         print(f"  workspace digest  {result.workspace_digest}")
         print(f"  store             {result.store}")
@@ -132,22 +139,30 @@ async def cmd_status(args: argparse.Namespace) -> int:
         _print_json(status)
         return 0
     if isinstance(status, RunStatus):
-        where = f"step {status.current_step}/{status.steps_total} · {status.current_step_name}" if status.current_step else "-"
+        where = (
+            f"step {status.current_step}/{status.steps_total} · {status.current_step_name}"
+            if status.current_step
+            else "-"
+        )
         print(f"{status.workflow_id} ({status.pipeline}): {status.phase}, at {where}")
         print(f"  steps completed   {status.steps_completed}/{status.steps_total}")
         print(f"  rehydrations      {status.rehydrations}")
         if status.sandbox:
             print(f"  sandbox           {status.sandbox.sandbox_id} on {status.sandbox.worker}")
         if status.last_snapshot:
-            print(f"  last snapshot     {status.last_snapshot.snapshot_id} (after step {status.last_snapshot.step + 1})")
+            print(
+                f"  last snapshot     {status.last_snapshot.snapshot_id} (after step {status.last_snapshot.step + 1})"
+            )
         if status.last_error:
             print(f"  last error        {status.last_error}")
         print(f"  snapshots         {len(status.checkpoints)} recent:")
         for record in status.checkpoints[-5:]:
             print(f"    after step {record.step + 1:>3}: {record.snapshot_id}")
     else:
-        print(f"{status.workflow_id}: {status.status}, {status.steps_completed}/{status.steps_total} steps,"
-              f" {status.rehydrations} rehydration(s); final snapshot {status.final_snapshot}")
+        print(
+            f"{status.workflow_id}: {status.status}, {status.steps_completed}/{status.steps_total} steps,"
+            f" {status.rehydrations} rehydration(s); final snapshot {status.final_snapshot}"
+        )
     return 0
 
 
@@ -167,7 +182,7 @@ async def cmd_server(args: argparse.Namespace) -> int:
     return 0
 
 
-def _engine(store_url: str) -> Any:
+def _engine(store_url: str) -> SnapshotEngine:
     """An engine with a persistent cache folder, so repeated commands reuse the dedupe index and trees."""
     import blake3
 
@@ -207,7 +222,7 @@ async def _live_snapshots(address: str, store_url: str) -> set[str]:
     return keep
 
 
-async def _gc(engine: Any, args: argparse.Namespace) -> int:
+async def _gc(engine: SnapshotEngine, args: argparse.Namespace) -> int:
     from sandboxes.snapshots.gc import GcPolicy
     from tardigrade.devserver import resolve_address
     from tardigrade.pipeline import parse_duration
@@ -236,9 +251,14 @@ async def _gc(engine: Any, args: argparse.Namespace) -> int:
         _print_json(report.to_json())
     else:
         verb = "would delete" if args.dry_run else "deleted"
-        print(f"kept {report.snapshots_kept} of {report.snapshots_total} snapshots ({report.live_kept} in use by live runs)")
-        print(f"{verb} {len(report.records_deleted)} snapshot records; condemned {report.packs_condemned} packs and"
-              f" {report.trees_condemned} trees (deleted by a gc run after --grace)")  # fmt: skip
+        print(
+            f"kept {report.snapshots_kept} of {report.snapshots_total} snapshots"
+            f" ({report.live_kept} in use by live runs)"
+        )
+        print(
+            f"{verb} {len(report.records_deleted)} snapshot records; condemned {report.packs_condemned} packs and"
+            f" {report.trees_condemned} trees (deleted by a gc run after --grace)"
+        )
         print(f"{verb} {report.packs_deleted} packs and {report.trees_deleted} trees, {report.bytes_deleted} bytes")
         for snapshot_id in report.missing_trees:
             print(f"WARNING: kept snapshot {snapshot_id} has no tree in the store")
@@ -246,55 +266,87 @@ async def _gc(engine: Any, args: argparse.Namespace) -> int:
 
 
 async def cmd_snapshot(args: argparse.Namespace) -> int:
-    from sandboxes.snapshots import SnapshotInfo
-
-    engine = _engine(args.store) if args.store else None
-    if args.snapshot_command == "create":
-        root = Path(args.dir)
-        if not root.is_dir():
-            raise UsageError(f"{root} is not a folder")
-        info: SnapshotInfo = await asyncio.to_thread(engine.create, root, parent=args.parent)
-        stats = info.stats
-        out = {"snapshot_id": info.id, "digest": info.digest, "entries": info.entries, "bytes": info.bytes,
-               "bytes_new": stats.bytes_new if stats else 0, "bytes_stored": stats.bytes_stored if stats else 0,
-               "seconds": round(stats.seconds, 3) if stats else 0}  # fmt: skip
-        _print_json(out) if args.json else print(info.id)
-    elif args.snapshot_command == "restore":
-        target = Path(args.dir)
-        if target.exists() and any(target.iterdir()) and not args.force:
-            raise UsageError(f"{target} is not empty; restore replaces its contents - add --force to allow it")
-        target.mkdir(parents=True, exist_ok=True)
-        stats = await asyncio.to_thread(engine.restore, args.snapshot_id, target)
-        _print_json(stats.__dict__) if args.json else print(
-            f"restored {args.snapshot_id[:16]}… into {target}: {stats.files_written} files written,"
-            f" {stats.files_kept} kept, {stats.deleted} deleted"
-        )
-    elif args.snapshot_command == "ls":
-        infos = await asyncio.to_thread(engine.list)
-        if args.json:
-            _print_json([i.record() for i in infos])
-        for i in [] if args.json else infos:
-            labels = " ".join(f"{k}={v}" for k, v in sorted(i.labels.items()))
-            print(f"{i.id}  {i.entries:>7} entries  {i.bytes:>12} bytes  {labels}")
-    elif args.snapshot_command == "keygen":
+    if args.snapshot_command == "keygen":
         from sandboxes.snapshots.crypto import ENV_KEY, new_key
 
         print(f"export {ENV_KEY}={new_key()}")
-    elif args.snapshot_command == "gc":
-        return await _gc(engine, args)
-    elif args.snapshot_command == "verify":
-        report = await asyncio.to_thread(engine.verify, args.snapshot_id)
+        return 0
+    engine = _engine(args.store)
+    if args.snapshot_command == "create":
+        return await _snapshot_create(engine, args)
+    if args.snapshot_command == "restore":
+        return await _snapshot_restore(engine, args)
+    if args.snapshot_command == "ls":
+        infos = await asyncio.to_thread(engine.list)
         if args.json:
-            _print_json({"snapshot_id": report.snapshot_id, "ok": report.ok, "files": report.files,
-                         "packs": report.packs, "blobs": report.blobs,
-                         "problems": [p.__dict__ for p in report.problems]})  # fmt: skip
-        else:
-            for p in report.problems:
-                print(f"PROBLEM {p.key}{f' (file {p.path})' if p.path else ''}: {p.problem}")
-            print(f"{report.snapshot_id}: {'OK' if report.ok else 'CORRUPT'} - {report.files} files,"
-                  f" {report.blobs} blobs in {report.packs} packs checked")
-        return 0 if report.ok else 1
+            _print_json([i.record() for i in infos])
+            return 0
+        for i in infos:
+            labels = " ".join(f"{k}={v}" for k, v in sorted(i.labels.items()))
+            print(f"{i.id}  {i.entries:>7} entries  {i.bytes:>12} bytes  {labels}")
+        return 0
+    if args.snapshot_command == "gc":
+        return await _gc(engine, args)
+    return await _snapshot_verify(engine, args)
+
+
+async def _snapshot_create(engine: SnapshotEngine, args: argparse.Namespace) -> int:
+    root = Path(args.dir)
+    if not root.is_dir():
+        raise UsageError(f"{root} is not a folder")
+    info = await asyncio.to_thread(engine.create, root, parent=args.parent)
+    stats = info.stats
+    if not args.json:
+        print(info.id)
+        return 0
+    _print_json(
+        {
+            "snapshot_id": info.id,
+            "digest": info.digest,
+            "entries": info.entries,
+            "bytes": info.bytes,
+            "bytes_new": stats.bytes_new if stats else 0,
+            "bytes_stored": stats.bytes_stored if stats else 0,
+            "seconds": round(stats.seconds, 3) if stats else 0,
+        }
+    )
     return 0
+
+
+async def _snapshot_restore(engine: SnapshotEngine, args: argparse.Namespace) -> int:
+    target = Path(args.dir)
+    if target.exists() and any(target.iterdir()) and not args.force:
+        raise UsageError(f"{target} is not empty; restore replaces its contents - add --force to allow it")
+    stats = await asyncio.to_thread(engine.restore, args.snapshot_id, target)
+    if args.json:
+        _print_json(stats.__dict__)
+    else:
+        print(
+            f"restored {args.snapshot_id[:16]}… into {target}: {stats.files_written} files written,"
+            f" {stats.files_kept} kept, {stats.deleted} deleted"
+        )
+    return 0
+
+
+async def _snapshot_verify(engine: SnapshotEngine, args: argparse.Namespace) -> int:
+    report = await asyncio.to_thread(engine.verify, args.snapshot_id)
+    if args.json:
+        _print_json(
+            {
+                "snapshot_id": report.snapshot_id,
+                "ok": report.ok,
+                "files": report.files,
+                "packs": report.packs,
+                "blobs": report.blobs,
+                "problems": [p.__dict__ for p in report.problems],
+            }
+        )
+    else:
+        for p in report.problems:
+            print(f"PROBLEM {p.key}{f' (file {p.path})' if p.path else ''}: {p.problem}")
+        state = "OK" if report.ok else "CORRUPT"
+        print(f"{report.snapshot_id}: {state} - {report.files} files, {report.blobs} blobs in {report.packs} packs")
+    return 0 if report.ok else 1
 
 
 # -- parsing --------------------------------------------------------------------------------------------------
@@ -306,8 +358,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(p: argparse.ArgumentParser, *, address: bool = True, as_json: bool = True) -> None:
         if address:
-            p.add_argument("--address", help="Temporal frontend HOST:PORT (default: $TEMPORAL_ADDRESS, a running"
-                           " `tardigrade server`, or localhost:7233)")  # fmt: skip
+            p.add_argument(
+                "--address",
+                help="Temporal frontend HOST:PORT (default: $TEMPORAL_ADDRESS, a running"
+                " `tardigrade server`, or localhost:7233)",
+            )
         if as_json:
             p.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -320,8 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="start a pipeline")
     p.add_argument("pipeline", help="the pipeline YAML file")
     p.add_argument("--task-queue", help=f"(default: $TARDIGRADE_TASK_QUEUE or {config.DEFAULT_TASK_QUEUE!r})")
-    p.add_argument("--store", help="snapshot store URL (default: the pipeline's `store`, $TARDIGRADE_STORE, or a"
-                   " local folder)")  # fmt: skip
+    p.add_argument(
+        "--store", help="snapshot store URL (default: the pipeline's `store`, $TARDIGRADE_STORE, or a local folder)"
+    )
     p.add_argument("--id", help="workflow id (default: the pipeline name plus a random suffix)")
     p.add_argument("--wait", action="store_true", help="wait for the run to finish and print its result")
     common(p)
@@ -343,10 +399,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("snapshot", help="create, restore, list and verify snapshots directly")
     snap = p.add_subparsers(dest="snapshot_command", required=True)
-    for name, help_text in [("create", "snapshot a folder"), ("restore", "restore a snapshot into a folder"),
-                            ("ls", "list snapshots"), ("verify", "check every object of a snapshot"),
-                            ("gc", "delete what no kept snapshot needs (safe beside running pipelines)"),
-                            ("keygen", "print a new TARDIGRADE_ENCRYPTION_KEY for encryption at rest")]:  # fmt: skip
+    for name, help_text in [
+        ("create", "snapshot a folder"),
+        ("restore", "restore a snapshot into a folder"),
+        ("ls", "list snapshots"),
+        ("verify", "check every object of a snapshot"),
+        ("gc", "delete what no kept snapshot needs (safe beside running pipelines)"),
+        ("keygen", "print a new TARDIGRADE_ENCRYPTION_KEY for encryption at rest"),
+    ]:
         sp = snap.add_parser(name, help=help_text)
         if name in ("restore", "verify"):
             sp.add_argument("snapshot_id")
@@ -359,17 +419,24 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "create":
             sp.add_argument("--parent", help="the snapshot this one follows (recorded for people and GC)")
         if name == "restore":
-            sp.add_argument("--force", action="store_true", help="restore into a non-empty folder (its extra files"
-                            " are deleted)")  # fmt: skip
+            sp.add_argument(
+                "--force", action="store_true", help="restore into a non-empty folder (its extra files are deleted)"
+            )
         if name == "gc":
             sp.add_argument("--keep-last", type=int, default=10, help="per pipeline (default %(default)s)")
-            sp.add_argument("--keep-within", default="168h",
-                            help="also keep anything this recent (default %(default)s)")  # fmt: skip
-            sp.add_argument("--grace", default="24h", help="how long condemned data waits before deletion; must"
-                            " exceed the longest snapshot (default %(default)s)")  # fmt: skip
+            sp.add_argument(
+                "--keep-within", default="168h", help="also keep anything this recent (default %(default)s)"
+            )
+            sp.add_argument(
+                "--grace",
+                default="24h",
+                help="how long condemned data waits before deletion; must"
+                " exceed the longest snapshot (default %(default)s)",
+            )
             sp.add_argument("--dry-run", action="store_true")
-            sp.add_argument("--no-live-check", action="store_true", help="do not ask Temporal which snapshots"
-                            " running pipelines use")  # fmt: skip
+            sp.add_argument(
+                "--no-live-check", action="store_true", help="do not ask Temporal which snapshots running pipelines use"
+            )
             common(sp, as_json=False)
         common(sp, address=False)
         sp.set_defaults(handler=cmd_snapshot)
@@ -388,9 +455,21 @@ def main(argv: list[str] | None = None) -> int:
         cause = e.cause
         print(f"error: the run failed: {getattr(cause, 'message', None) or cause or e}", file=sys.stderr)
         return 1
+    except RPCError as e:
+        print(f"error: Temporal said: {e.message}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 
 
+def run() -> None:
+    """Console entry point. Exits without interpreter finalization: the Temporal client's native threads can
+    abort a finalizing interpreter ("PyGILState_Release ... finalizing"), turning a success into exit code -6."""
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

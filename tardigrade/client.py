@@ -29,9 +29,7 @@ INLINE_MTIME_NS = 946_684_800 * 10**9  # 2000-01-01
 
 
 async def connect(address: str, *, namespace: str | None = None, plugin: TardigradePlugin | None = None) -> Client:
-    return await Client.connect(
-        address, namespace=config.namespace(namespace), plugins=[plugin or TardigradePlugin()]
-    )
+    return await Client.connect(address, namespace=config.namespace(namespace), plugins=[plugin or TardigradePlugin()])
 
 
 def stage_pipeline(loaded: LoadedPipeline, store_url: str | None = None) -> RunInput:
@@ -43,8 +41,8 @@ def stage_pipeline(loaded: LoadedPipeline, store_url: str | None = None) -> RunI
     if manifest.files or manifest.directories:
         staging = Path(tempfile.mkdtemp(prefix="tardigrade-stage-"))
         try:
-            for folder in (*SEED_SELECTION.roots, *(tree_path(d) for d in manifest.directories)):
-                (staging / folder).mkdir(parents=True, exist_ok=True)
+            for root in (*SEED_SELECTION.roots, *(tree_path(d) for d in manifest.directories)):
+                (staging / root).mkdir(parents=True, exist_ok=True)
             for f in manifest.files:
                 target = staging / tree_path(f.path)
                 target.parent.mkdir(parents=True, exist_ok=True)

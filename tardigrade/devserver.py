@@ -108,9 +108,18 @@ class EmbeddedTemporal:
 
     async def start(self, timeout: float = 30.0) -> None:
         argv = [
-            temporal_binary(), "server", "start-dev", "--ip", "127.0.0.1", "--port", str(self.port),
-            "--db-filename", str(self.db_file), "--log-level", "warn",
-        ]  # fmt: skip
+            temporal_binary(),
+            "server",
+            "start-dev",
+            "--ip",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--db-filename",
+            str(self.db_file),
+            "--log-level",
+            "warn",
+        ]
         argv += ["--ui-port", str(self.ui_port)] if self.ui_port else ["--headless"]
         log = open(self.log_file, "ab")  # noqa: SIM115 - handed to the child
         self.process = subprocess.Popen(argv, stdout=log, stderr=log, start_new_session=True)
@@ -127,7 +136,9 @@ class EmbeddedTemporal:
             except Exception:
                 if asyncio.get_running_loop().time() > deadline:
                     self.stop()
-                    raise ServerError(f"the Temporal dev server did not come up in {timeout}s; see {self.log_file}")
+                    raise ServerError(
+                        f"the Temporal dev server did not come up in {timeout}s; see {self.log_file}"
+                    ) from None
                 await asyncio.sleep(0.2)
 
     def write_state_file(self) -> None:

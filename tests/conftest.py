@@ -165,9 +165,7 @@ def fast_timeouts() -> dict[str, str]:
     return {"heartbeat": "2s", "host_pickup": "4s"}
 
 
-async def start(
-    client: Client, loaded: LoadedPipeline, task_queue: str, store_url: str
-) -> WorkflowHandle[Any, Any]:
+async def start(client: Client, loaded: LoadedPipeline, task_queue: str, store_url: str) -> WorkflowHandle[Any, Any]:
     return await start_pipeline(client, loaded, task_queue=task_queue, store_url=store_url)
 
 

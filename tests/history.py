@@ -70,10 +70,11 @@ async def activity_runs(client: Client, workflow_id: str) -> list[ActivityRun]:
 
 
 def step_runs(runs: list[ActivityRun]) -> dict[int, int]:
-    """How many times each step (1-based) was started."""
+    """How many times each step (1-based) was started: a shell step's run_step, an agent step's agent_start (an
+    agent step resumed mid-way with `checkpoint: every_tool_call` does not start again, so it is not counted)."""
     counts: dict[int, int] = {}
     for run in runs:
-        if run.name == "tardigrade.run_step":
+        if run.name in ("tardigrade.run_step", "tardigrade.agent_start"):
             step = run.input["index"] + 1
             counts[step] = counts.get(step, 0) + 1
     return counts

@@ -17,9 +17,12 @@ from tests.conftest import REPO, WorkerProcess
 def tardigrade(*args: str, home: Path, timeout: float = 180) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "tardigrade.cli", *args],
-        capture_output=True, text=True, cwd=REPO, timeout=timeout,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=timeout,
         env={**os.environ, "TARDIGRADE_HOME": str(home)},
-    )  # fmt: skip
+    )
 
 
 def as_json(proc: subprocess.CompletedProcess[str]) -> Any:
@@ -44,8 +47,9 @@ def test_run_status_and_result_with_a_separate_worker(
     worker_processes(queue, "cli-worker").host_queue()
     pipeline = tmp_path / "p.yaml"
     pipeline.write_text("name: cli\nsteps:\n  - {name: hello, run: echo hello > hello.txt}\n")
-    started = as_json(tardigrade("run", str(pipeline), "--address", temporal_address, "--task-queue", queue,
-                                 "--json", home=tmp_path))  # fmt: skip
+    started = as_json(
+        tardigrade("run", str(pipeline), "--address", temporal_address, "--task-queue", queue, "--json", home=tmp_path)
+    )
     workflow_id = started["workflow_id"]
     result = as_json(tardigrade("result", workflow_id, "--address", temporal_address, "--json", home=tmp_path))
     assert result["status"] == "completed" and result["steps_completed"] == 1
@@ -53,8 +57,9 @@ def test_run_status_and_result_with_a_separate_worker(
     assert status["final_snapshot"] == result["final_snapshot"]
 
     restored = tmp_path / "restored"
-    proc = tardigrade("snapshot", "restore", result["final_snapshot"], str(restored), "--store", result["store"],
-                      home=tmp_path)  # fmt: skip
+    proc = tardigrade(
+        "snapshot", "restore", result["final_snapshot"], str(restored), "--store", result["store"], home=tmp_path
+    )
     assert proc.returncode == 0, proc.stderr
     assert (restored / "workspace" / "hello.txt").read_text() == "hello\n"
 
@@ -68,14 +73,16 @@ def test_snapshot_commands(tmp_path: Path) -> None:
     assert created["entries"] == 1 and created["bytes_new"] == 1
     listed = as_json(tardigrade("snapshot", "ls", "--store", store, "--json", home=tmp_path))
     assert [s["id"] for s in listed] == [created["snapshot_id"]]
-    verified = as_json(tardigrade("snapshot", "verify", created["snapshot_id"], "--store", store, "--json",
-                                  home=tmp_path))  # fmt: skip
+    verified = as_json(
+        tardigrade("snapshot", "verify", created["snapshot_id"], "--store", store, "--json", home=tmp_path)
+    )
     assert verified["ok"] and verified["files"] == 1
 
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "precious").write_text("x")
-    refused = tardigrade("snapshot", "restore", created["snapshot_id"], str(tmp_path / "busy"), "--store", store,
-                         home=tmp_path)  # fmt: skip
+    refused = tardigrade(
+        "snapshot", "restore", created["snapshot_id"], str(tmp_path / "busy"), "--store", store, home=tmp_path
+    )
     assert refused.returncode == 2 and "is not empty" in refused.stderr
     assert (tmp_path / "busy" / "precious").exists()
 

@@ -83,9 +83,12 @@ async def test_sandbox_destroyed_during_step_22_resumes_there(
 
 
 async def test_history_holds_no_file_contents_and_no_secret_values(
-    workers: InProcessWorkers, reference_run: RunResult, local_store: str, tmp_path: Path,
+    workers: InProcessWorkers,
+    reference_run: RunResult,
+    local_store: str,
+    tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
-) -> None:  # fmt: skip
+) -> None:
     secret = f"sk-live-{uuid.uuid4().hex}"
     marker = f"FILE-CONTENT-{uuid.uuid4().hex}"
     monkeypatch.setenv("DEMO_API_TOKEN", secret)  # the in-process worker's environment
@@ -102,7 +105,10 @@ async def test_history_holds_no_file_contents_and_no_secret_values(
             },
             "steps": [
                 # The secret reaches the sandbox's environment...
-                {"name": "use the token", "run": 'test -n "$DEMO_API_TOKEN" && printf %s "$DEMO_API_TOKEN" | sha256sum > token.sha'},
+                {
+                    "name": "use the token",
+                    "run": 'test -n "$DEMO_API_TOKEN" && printf %s "$DEMO_API_TOKEN" | sha256sum > token.sha',
+                },
                 # ...and even a step that prints it does not get it into history.
                 {"name": "leak attempt", "run": 'echo "token is $DEMO_API_TOKEN"; cp data/big.txt copy.txt'},
                 {"name": "lots of output", "run": "for i in $(seq 20000); do echo line $i $DEMO_API_TOKEN; done"},

@@ -180,10 +180,13 @@ def test_collection_running_beside_a_writer_never_breaks_a_kept_snapshot(tmp_pat
     ws = tmp_path / "ws"
     ws.mkdir()
     ctx = multiprocessing.get_context("spawn")
-    writer = ctx.Process(target=_writer, args=(store_url, str(ws), str(tmp_path / "cache"), str(tmp_path / "sw"),
-                                               120, str(tmp_path / "ids")))  # fmt: skip
-    collector = ctx.Process(target=_collector, args=(store_url, str(tmp_path / "sc"), str(tmp_path / "stop"),
-                                                     str(tmp_path / "gc")))  # fmt: skip
+    writer = ctx.Process(
+        target=_writer,
+        args=(store_url, str(ws), str(tmp_path / "cache"), str(tmp_path / "sw"), 120, str(tmp_path / "ids")),
+    )
+    collector = ctx.Process(
+        target=_collector, args=(store_url, str(tmp_path / "sc"), str(tmp_path / "stop"), str(tmp_path / "gc"))
+    )
     writer.start()
     collector.start()
     writer.join(120)

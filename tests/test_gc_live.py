@@ -18,10 +18,29 @@ from tests.conftest import REPO, InProcessWorkers, pipeline_from
 
 def gc(store: str, address: str, home: Path) -> dict[str, Any]:
     proc = subprocess.run(
-        [sys.executable, "-m", "tardigrade.cli", "snapshot", "gc", "--store", store, "--keep-last", "0",
-         "--keep-within", "0", "--grace", "0", "--address", address, "--json"],
-        capture_output=True, text=True, cwd=REPO, env={**os.environ, "TARDIGRADE_HOME": str(home)},
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "tardigrade.cli",
+            "snapshot",
+            "gc",
+            "--store",
+            store,
+            "--keep-last",
+            "0",
+            "--keep-within",
+            "0",
+            "--grace",
+            "0",
+            "--address",
+            address,
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "TARDIGRADE_HOME": str(home)},
+    )
     assert proc.returncode == 0, proc.stderr
     report: dict[str, Any] = json.loads(proc.stdout)
     return report
@@ -53,8 +72,11 @@ async def test_gc_keeps_what_a_running_pipeline_needs(
     client = await workers.start(fault_injector=destroy_after_gc)
     # An earlier run of the same pipeline leaves data that nothing needs any more.
     quick = loaded.pipeline.model_copy(update={"steps": loaded.pipeline.steps[:1]})
-    await (await start_pipeline(client, loaded.model_copy(update={"pipeline": quick}),
-                                task_queue=workers.task_queue, store_url=local_store)).result()  # fmt: skip
+    await (
+        await start_pipeline(
+            client, loaded.model_copy(update={"pipeline": quick}), task_queue=workers.task_queue, store_url=local_store
+        )
+    ).result()
 
     handle = await start_pipeline(client, loaded, task_queue=workers.task_queue, store_url=local_store)
     from tardigrade.client import run_status

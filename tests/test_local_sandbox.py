@@ -18,7 +18,6 @@ from sandboxes.local import LocalSandbox, LocalSandboxProvider, destroy_like_a_c
 from sandboxes.provider import SandboxSpec
 
 
-
 @pytest.fixture
 async def provider(tmp_path: Path) -> AsyncIterator[LocalSandboxProvider]:
     p = LocalSandboxProvider(tmp_path / "sandboxes")
@@ -57,7 +56,9 @@ async def test_the_host_is_read_only_and_mostly_invisible(provider: LocalSandbox
     code, out = await sh(sandbox, f"ls {tmp_path} /root /work 2>&1; test -e /etc/shadow && echo shadow-visible")
     assert "shadow-visible" not in out and "No such file" in out
     code, _ = await sh(sandbox, "echo hi > /workspace/ok && echo hi > ~/ok")
-    assert code == 0 and (sandbox.fs / "workspace" / "ok").exists() and (sandbox.fs / "home" / "sandbox" / "ok").exists()
+    assert (
+        code == 0 and (sandbox.fs / "workspace" / "ok").exists() and (sandbox.fs / "home" / "sandbox" / "ok").exists()
+    )
 
 
 async def test_tmp_is_private_to_each_command(provider: LocalSandboxProvider) -> None:
@@ -73,7 +74,9 @@ async def test_network_is_off_unless_the_pipeline_allows_it(provider: LocalSandb
     listener.bind(("127.0.0.1", 0))
     listener.listen()
     port = listener.getsockname()[1]
-    probe = f"python3 -c \"import socket; socket.create_connection(('127.0.0.1', {port}), timeout=2); print('connected')\""
+    probe = (
+        f"python3 -c \"import socket; socket.create_connection(('127.0.0.1', {port}), timeout=2); print('connected')\""
+    )
     try:
         closed = await provider.create(SandboxSpec(network=False))
         code, out = await sh(closed, probe)
@@ -111,7 +114,9 @@ async def test_output_is_streamed_and_the_tail_is_bounded(provider: LocalSandbox
     sandbox = await provider.create(SandboxSpec())
     chunks: list[bytes] = []
     result = await sandbox.exec("seq 100000", env={}, timeout=30, on_output=chunks.append, tail_bytes=100)
-    assert result.output_bytes == sum(len(c) for c in chunks) == len(b"".join(f"{i}\n".encode() for i in range(1, 100001)))
+    assert (
+        result.output_bytes == sum(len(c) for c in chunks) == len(b"".join(f"{i}\n".encode() for i in range(1, 100001)))
+    )
     assert len(result.output_tail) == 100 and result.output_tail.endswith(b"99999\n100000\n")
     assert result.log_path and Path(result.log_path).stat().st_size == result.output_bytes
 

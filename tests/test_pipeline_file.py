@@ -37,17 +37,30 @@ steps:
         ("name: x\nsteps: []\n", "steps: List should have at least 1 item"),
         ("steps: [{name: a, run: b}]\n", "name: is required"),
         ("name: x\nsandbox: {provider: docker}\nsteps: [{name: a, run: b}]\n", "sandbox.provider: Input should be"),
-        ("name: x\nmanifest: {files: [{path: ../../etc/passwd, content: x}]}\nsteps: [{name: a, run: b}]\n",
-         "manifest.files[0].path: path '../../etc/passwd' is outside the sandbox's writable areas"),
-        ("name: x\nmanifest: {files: [{path: a.txt}]}\nsteps: [{name: a, run: b}]\n",
-         "manifest.files[0]: give exactly one of 'content'"),
-        ("name: x\nmanifest: {secrets: [not-valid]}\nsteps: [{name: a, run: b}]\n",
-         "manifest.secrets[0]: String should match pattern"),
-        ("name: x\nmanifest: {env: {PATH: /evil}}\nsteps: [{name: a, run: b}]\n",
-         "manifest.env: environment variable PATH is set by the sandbox"),
-        ("name: x\nmanifest: {env: {K: v}, secrets: [K]}\nsteps: [{name: a, run: b}]\n", "appear in both env and secrets"),
-        ("name: x\nmanifest: {snapshot: {include: [/etc]}}\nsteps: [{name: a, run: b}]\n",
-         "manifest.snapshot.include: include path '/etc' is outside"),
+        (
+            "name: x\nmanifest: {files: [{path: ../../etc/passwd, content: x}]}\nsteps: [{name: a, run: b}]\n",
+            "manifest.files[0].path: path '../../etc/passwd' is outside the sandbox's writable areas",
+        ),
+        (
+            "name: x\nmanifest: {files: [{path: a.txt}]}\nsteps: [{name: a, run: b}]\n",
+            "manifest.files[0]: give exactly one of 'content'",
+        ),
+        (
+            "name: x\nmanifest: {secrets: [not-valid]}\nsteps: [{name: a, run: b}]\n",
+            "manifest.secrets[0]: String should match pattern",
+        ),
+        (
+            "name: x\nmanifest: {env: {PATH: /evil}}\nsteps: [{name: a, run: b}]\n",
+            "manifest.env: environment variable PATH is set by the sandbox",
+        ),
+        (
+            "name: x\nmanifest: {env: {K: v}, secrets: [K]}\nsteps: [{name: a, run: b}]\n",
+            "appear in both env and secrets",
+        ),
+        (
+            "name: x\nmanifest: {snapshot: {include: [/etc]}}\nsteps: [{name: a, run: b}]\n",
+            "manifest.snapshot.include: include path '/etc' is outside",
+        ),
         ("name: x\nsteps: [{name: a, run: b, cwd: /usr}]\n", "steps[0].cwd: cwd '/usr' is outside"),
     ],
 )
@@ -69,7 +82,9 @@ def test_several_problems_are_listed_together(tmp_path: Path) -> None:
 
 
 def test_a_missing_source_file_is_named_with_where_it_was_looked_for(tmp_path: Path) -> None:
-    path = write(tmp_path, "name: x\nmanifest: {files: [{path: s.py, source: scripts/s.py}]}\nsteps: [{name: a, run: b}]\n")
+    path = write(
+        tmp_path, "name: x\nmanifest: {files: [{path: s.py, source: scripts/s.py}]}\nsteps: [{name: a, run: b}]\n"
+    )
     with pytest.raises(PipelineError) as info:
         load_pipeline(path)
     assert "manifest.files[0].source: file 'scripts/s.py' not found" in str(info.value)
@@ -101,7 +116,12 @@ def test_the_cli_reports_a_bad_file_with_exit_code_2(tmp_path: Path) -> None:
     path = write(tmp_path, "name: x\nsteps: [{name: a, run: b, timeout: soon}]\n")
     proc = subprocess.run(
         [sys.executable, "-m", "tardigrade.cli", "run", str(path), "--address", "127.0.0.1:1"],
-        capture_output=True, text=True, cwd=REPO,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert proc.returncode == 2
-    assert proc.stderr.strip() == f"error: {path}: steps[0].timeout: 'soon' is not a duration; use e.g. 30s, 5m, 1h30m or a number of seconds"
+    assert (
+        proc.stderr.strip()
+        == f"error: {path}: steps[0].timeout: 'soon' is not a duration; use e.g. 30s, 5m, 1h30m or a number of seconds"
+    )

@@ -85,8 +85,10 @@ def test_a_real_venv_round_trips_and_runs_after_restore(engine: SnapshotEngine, 
     engine.restore(info.id, ws)
     out = subprocess.run(
         [str(ws / "venv" / "bin" / "python"), "-c", "import hello; print(hello.GREETING)"],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert out.stdout.strip() == "restored venv works"
 
 
@@ -181,9 +183,10 @@ def test_a_200_mib_file_round_trips(engine: SnapshotEngine, tmp_path: Path) -> N
     info = engine.create(ws)
     assert info.stats and info.stats.packs >= 12, "streamed into several packs, not one 200 MiB object"
     engine.restore(info.id, tmp_path / "out")
-    assert blake3.blake3((tmp_path / "out" / "big.bin").read_bytes()).digest() == blake3.blake3(
-        (ws / "big.bin").read_bytes()
-    ).digest()
+    assert (
+        blake3.blake3((tmp_path / "out" / "big.bin").read_bytes()).digest()
+        == blake3.blake3((ws / "big.bin").read_bytes()).digest()
+    )
 
 
 def test_special_files_are_skipped_and_reported(engine: SnapshotEngine, tmp_path: Path) -> None:
@@ -201,8 +204,9 @@ def test_special_files_are_skipped_and_reported(engine: SnapshotEngine, tmp_path
 def plant_tree(engine: SnapshotEngine, entries: list[dict[str, object]]) -> str:
     """Write a hand-made (malicious) tree straight into the store, the way an attacker with store access would."""
     body = b"".join(json.dumps(e, separators=(",", ":")).encode() + b"\n" for e in entries)
-    body += json.dumps({"format": "tardigrade-tree/1", "entries": len(entries), "bytes": 0, "digest": "x",
-                        "selection": {}}).encode()  # fmt: skip
+    body += json.dumps(
+        {"format": "tardigrade-tree/1", "entries": len(entries), "bytes": 0, "digest": "x", "selection": {}}
+    ).encode()
     snapshot_id = blake3.blake3(body).hexdigest()
     engine.store.put(tree_key(snapshot_id), zstandard.ZstdCompressor().compress(body))
     return snapshot_id
@@ -228,7 +232,10 @@ def file_entry(path: str, engine: SnapshotEngine, content: bytes = b"pwned") -> 
         (lambda e: [file_entry("a/../../x", e)], "'.' or '..'"),
         (lambda e: [{"p": "link", "k": "l", "t": 0, "l": "/tmp"}, file_entry("link/evil", e)], "beneath a symlink"),
         (lambda e: [{"p": "h", "k": "h", "l": "../../etc/passwd"}], "'.' or '..'"),
-        (lambda e: [{"p": "l", "k": "l", "t": 0, "l": "/etc"}, {"p": "m", "k": "h", "l": "l/passwd"}], "through a symlink"),
+        (
+            lambda e: [{"p": "l", "k": "l", "t": 0, "l": "/etc"}, {"p": "m", "k": "h", "l": "l/passwd"}],
+            "through a symlink",
+        ),
         (lambda e: [file_entry("b", e), file_entry("a", e)], "out of order"),
         (lambda e: [file_entry("a", e), file_entry("a", e)], "out of order or duplicated"),
     ],

@@ -91,8 +91,15 @@ def test_killing_a_snapshot_at_any_point_never_leaves_a_dangling_tree(
         (ws / f"f{i:03}.bin").write_bytes(os.urandom(rng.randint(1_000, 200_000)))
     (ws / "big.bin").write_bytes(os.urandom(40 << 20))
     script = tmp_path / "snap.py"
-    script.write_text(KILLER.format(repo=str(REPO), store=store_url, scratch=str(tmp_path / "scratch"), ws=str(ws),
-                                    cache=str(tmp_path / "cache")))  # fmt: skip
+    script.write_text(
+        KILLER.format(
+            repo=str(REPO),
+            store=store_url,
+            scratch=str(tmp_path / "scratch"),
+            ws=str(ws),
+            cache=str(tmp_path / "cache"),
+        )
+    )
     checker = SnapshotEngine(open_store(store_url), scratch_dir=tmp_path / "checker")
     kills = completed = 0
     for attempt in range(8):
@@ -114,7 +121,9 @@ def test_killing_a_snapshot_at_any_point_never_leaves_a_dangling_tree(
             assert report.ok, f"after a kill, tree {snapshot_id} is broken: {report.problems}"
     assert kills >= 3, "the test must actually interrupt snapshots"
     # And a snapshot taken afterwards (reusing whatever survived) is complete.
-    final = SnapshotEngine(open_store(store_url), scratch_dir=tmp_path / "scratch").create(ws, cache_path=tmp_path / "cache")
+    final = SnapshotEngine(open_store(store_url), scratch_dir=tmp_path / "scratch").create(
+        ws, cache_path=tmp_path / "cache"
+    )
     assert checker.verify(final.id).ok
     checker.restore(final.id, tmp_path / "out")
     assert (tmp_path / "out" / "big.bin").read_bytes() == (ws / "big.bin").read_bytes()

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import pytest
 
 from activities.models import RunResult, RunStatus
 from sandboxes.snapshots import SnapshotEngine
@@ -31,7 +32,10 @@ def appending_pipeline(tmp_path: Path, name: str) -> Any:
                 {"name": "one", "run": "echo one >> out/log.txt"},
                 {"name": "two", "run": "echo two >> out/log.txt; seq 1000 > out/numbers.txt"},
                 # Appends, then is killed while it sleeps: the append must not survive into the final result.
-                {"name": "three (slow)", "run": f"echo three >> out/log.txt; sleep {SLEEP_MARK}; echo done > out/three"},
+                {
+                    "name": "three (slow)",
+                    "run": f"echo three >> out/log.txt; sleep {SLEEP_MARK}; echo done > out/three",
+                },
                 {"name": "four", "run": "echo four >> out/log.txt; rm out/numbers.txt"},
             ],
         },
@@ -54,9 +58,19 @@ def orphans() -> list[psutil.Process]:
     return found
 
 
+@pytest.mark.parametrize("store", ["file", "s3"])
 async def test_worker_killed_mid_step_is_replaced_and_the_step_takes_effect_once(
-    temporal_address: str, worker_processes: Callable[..., WorkerProcess], local_store: str, tmp_path: Path
+    store: str,
+    temporal_address: str,
+    worker_processes: Callable[..., WorkerProcess],
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
 ) -> None:
+    """The replacement worker has an empty disk of its own: with S3 it rehydrates from the object store alone."""
+    if store == "file":
+        local_store = (tmp_path / "store").as_uri()
+    else:
+        local_store = f"s3://{request.getfixturevalue('s3_bucket')}/runs"  # s3_env set the worker's credentials
     task_queue = f"crash-{uuid.uuid4().hex[:8]}"
     first = worker_processes(task_queue, "first")
     first.host_queue()
@@ -64,12 +78,14 @@ async def test_worker_killed_mid_step_is_replaced_and_the_step_takes_effect_once
 
     # A reference run of the same pipeline with nothing going wrong.
     reference = await (
-        await start_pipeline(client, appending_pipeline(tmp_path, "reference"), task_queue=task_queue,
-                             store_url=local_store)  # fmt: skip
+        await start_pipeline(
+            client, appending_pipeline(tmp_path, "reference"), task_queue=task_queue, store_url=local_store
+        )
     ).result()
 
-    handle = await start_pipeline(client, appending_pipeline(tmp_path, "crash"), task_queue=task_queue,
-                                  store_url=local_store)  # fmt: skip
+    handle = await start_pipeline(
+        client, appending_pipeline(tmp_path, "crash"), task_queue=task_queue, store_url=local_store
+    )
 
     async def sleeping_in_step_three() -> bool:
         status: RunStatus = await handle.query(PipelineWorkflow.status)

@@ -31,7 +31,7 @@ from sandboxes.snapshots.walk import Walker
 from sandboxes.stores.base import ObjectStore
 
 LARGE_FILE = 1 << 20  # files from this size on are cut into chunks
-CHUNK_AVG, CHUNK_MIN, CHUNK_MAX = 1 << 20, 512 << 10, 4 << 20
+CHUNK_AVG, CHUNK_MIN, CHUNK_MAX = 512 << 10, 256 << 10, 2 << 20  # a one-byte edit stores ~0.8 MiB
 MAX_HELD_BACK = 20_000  # entries waiting for their pack to seal; past this the pack is sealed early
 MAX_WALK_KEPT = 100_000  # walked entries kept between the fingerprint pass and the snapshot pass
 MODE_MASK = 0o1777  # setuid/setgid are never recorded: a restored file must not gain privileges on the host
@@ -137,9 +137,7 @@ class TreeBuilder:
         self._body.close()
 
 
-def _read_file(
-    root_fd: int, path: str, st: os.stat_result, writer: PackWriter, chunker: pyfastcdc.FastCDC
-) -> t.Entry:
+def _read_file(root_fd: int, path: str, st: os.stat_result, writer: PackWriter, chunker: pyfastcdc.FastCDC) -> t.Entry:
     """Read one regular file into blobs. Retries once if it changes under us, then gives up loudly."""
     for _ in range(2):
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=root_fd)
@@ -235,8 +233,12 @@ def create_snapshot(
     news = [e for e in gc_epochs if e.created > cursor.gc_seen]
     avoid = frozenset().union(*(e.packs for e in news)) if news else frozenset()
     fingerprint, walked = _scan(root, selection)
-    if cursor.snapshot and cursor.digest and cursor.fingerprint == fingerprint and not news and tree_exists(
+    if (
         cursor.snapshot
+        and cursor.digest
+        and cursor.fingerprint == fingerprint
+        and not news
+        and tree_exists(cursor.snapshot)
     ):
         # Nothing changed since the last snapshot or restore: same tree, nothing to read or write.
         cursor.close()

@@ -61,7 +61,9 @@ class Encryption:
         try:
             return cls(base64.b64decode(value, validate=True))
         except (binascii.Error, ValueError):
-            raise EncryptionError(f"{ENV_KEY} is not valid base64; generate one with `tardigrade snapshot keygen`")
+            raise EncryptionError(
+                f"{ENV_KEY} is not valid base64; generate one with `tardigrade snapshot keygen`"
+            ) from None
 
     def blob_id(self, data: bytes | bytearray | memoryview) -> str:
         return blake3.blake3(data, key=self._mac_key).hexdigest()

@@ -12,6 +12,7 @@ the tree. This module holds no Temporal code: activities and the CLI call it.
 
 from __future__ import annotations
 
+import builtins
 import json
 import os
 import re
@@ -31,7 +32,7 @@ import zstandard
 from sandboxes.errors import SnapshotCorrupt, SnapshotError, SnapshotMissing
 from sandboxes.snapshots import tree as t
 from sandboxes.snapshots.create import CreateStats, create_snapshot
-from sandboxes.snapshots.crypto import Encryption, EncryptedStore, EncryptionError, require_no_encryption
+from sandboxes.snapshots.crypto import EncryptedStore, Encryption, EncryptionError, require_no_encryption
 from sandboxes.snapshots.gc import Epoch, GcPolicy, GcReport, collect_garbage, load_epochs
 from sandboxes.snapshots.index import BlobIndex
 from sandboxes.snapshots.packs import blob_hash, decode_blob, index_key, pack_key
@@ -41,6 +42,7 @@ from sandboxes.stores.base import ObjectMissing, ObjectStore
 
 _ID = re.compile(r"^[0-9a-f]{64}$")
 _TREE_CACHE_LIMIT = 32
+_IN_MEMORY_TREE = 32 << 20  # trees up to this size are compressed in memory
 
 
 def tree_key(snapshot_id: str) -> str:
@@ -118,6 +120,7 @@ class SnapshotEngine:
         self._lock = threading.Lock()
         self._trees = self.scratch / "trees"
         self._trees.mkdir(exist_ok=True)
+        self._remembered = 0
 
     # -- create -----------------------------------------------------------------------------------------------
 
@@ -138,15 +141,11 @@ class SnapshotEngine:
         self.known.refresh()
 
         def publish(snapshot_id: str, body: Path) -> bool:
+            """Queue the tree; `create` flushes it together with the record (packs were flushed before)."""
             written = False
             if not self.store.exists(tree_key(snapshot_id)):
-                compressed = body.with_suffix(".zst")
-                try:
-                    with open(body, "rb") as src, open(compressed, "wb") as dst:
-                        zstandard.ZstdCompressor(level=3).copy_stream(src, dst)
-                    written = self.store.put_file(tree_key(snapshot_id), compressed)
-                finally:
-                    compressed.unlink(missing_ok=True)
+                self._put_tree(snapshot_id, body)
+                written = True
             self._remember_tree(snapshot_id, body)
             return written
 
@@ -174,8 +173,22 @@ class SnapshotEngine:
         )
         # The record comes last; an identical earlier snapshot keeps its record (and its labels).
         if result.stats.tree_written or not self.store.exists(record_key(info.id)):
-            self.store.put(record_key(info.id), json.dumps(info.record()).encode())
+            self.store.put_deferred(record_key(info.id), [json.dumps(info.record()).encode()])
+        self.store.flush()  # the tree, then the record, each durable before it is visible
         return info
+
+    def _put_tree(self, snapshot_id: str, body: Path) -> None:
+        if body.stat().st_size <= _IN_MEMORY_TREE:
+            packed = zstandard.ZstdCompressor(level=1).compress(body.read_bytes())
+            self.store.put_deferred(tree_key(snapshot_id), [packed])
+            return
+        compressed = body.with_suffix(".zst")  # large trees stream through a file, never whole in memory
+        try:
+            with open(body, "rb") as src, open(compressed, "wb") as dst:
+                zstandard.ZstdCompressor(level=1).copy_stream(src, dst)
+            self.store.put_file(tree_key(snapshot_id), compressed)
+        finally:
+            compressed.unlink(missing_ok=True)
 
     # -- trees ------------------------------------------------------------------------------------------------
 
@@ -185,11 +198,16 @@ class SnapshotEngine:
         if target.exists():
             return
         tmp = self._trees / f".{snapshot_id}.{threading.get_ident()}"
-        shutil.copyfile(body, tmp)
+        try:
+            os.link(body, tmp)  # the body is ours and immutable from here on: share it, do not copy it
+        except OSError:
+            shutil.copyfile(body, tmp)
         os.replace(tmp, target)
-        cached = sorted(self._trees.iterdir(), key=lambda p: p.stat().st_mtime)
-        for old in cached[:-_TREE_CACHE_LIMIT]:
-            old.unlink(missing_ok=True)
+        self._remembered += 1
+        if self._remembered % 16 == 0:
+            cached = sorted(self._trees.iterdir(), key=lambda p: p.stat().st_mtime)
+            for old in cached[:-_TREE_CACHE_LIMIT]:
+                old.unlink(missing_ok=True)
 
     @contextmanager
     def open_tree(self, snapshot_id: str) -> Iterator[Path]:
@@ -209,8 +227,9 @@ class SnapshotEngine:
                 self.store.get_file(key, compressed)
             except ObjectMissing:
                 raise SnapshotMissing(
-                    snapshot_id, self.store.url, "its tree object is missing; was it garbage-collected, or written"
-                    " to another store?"
+                    snapshot_id,
+                    self.store.url,
+                    "its tree object is missing; was it garbage-collected, or written to another store?",
                 ) from None
             if self.encryption is None:
                 with open(compressed, "rb") as head:
@@ -275,7 +294,7 @@ class SnapshotEngine:
             return SnapshotInfo(id=snapshot_id, digest=str(footer["digest"]))
         return SnapshotInfo(**record)
 
-    def list(self) -> list[SnapshotInfo]:
+    def list(self) -> builtins.list[SnapshotInfo]:
         """All snapshot records, oldest first."""
         out = []
         for obj in self.store.list("snapshots/"):
@@ -285,7 +304,9 @@ class SnapshotEngine:
                 continue  # deleted meanwhile, or not ours
         return sorted(out, key=lambda s: s.created_at)
 
-    def _check_pack_index(self, pack: str, blobs: dict[str, tuple[t.ChunkRef, str]], size: int) -> list[VerifyProblem]:
+    def _check_pack_index(
+        self, pack: str, blobs: dict[str, tuple[t.ChunkRef, str]], size: int
+    ) -> builtins.list[VerifyProblem]:
         """A pack is named by the hash of its index: check the index against the name, and the tree's references
         against the index (the blobs themselves are checked one by one against their own hashes)."""
         key = index_key(pack)
@@ -299,7 +320,9 @@ class SnapshotEngine:
         problems = []
         for ref, file_path in blobs.values():
             if listed.get(ref.blob) != (ref.offset, ref.length, ref.raw_length, ref.codec):
-                problems.append(VerifyProblem(file_path, key, f"does not list blob {ref.blob[:16]}... as the tree says"))
+                problems.append(
+                    VerifyProblem(file_path, key, f"does not list blob {ref.blob[:16]}... as the tree says")
+                )
         if any(offset + length > size for offset, length, *_ in listed.values()):
             problems.append(VerifyProblem(None, pack_key(pack), "is shorter than its index says (truncated?)"))
         return problems
@@ -308,7 +331,7 @@ class SnapshotEngine:
         """Delete what no kept snapshot needs, in two phases a grace period apart (see `sandboxes.snapshots.gc`)."""
 
         def tree_packs(snapshot_id: str) -> set[str]:
-            packs = set()
+            packs: set[str] = set()
             for entry in self.entries(snapshot_id):
                 packs.update(ref.pack for ref in entry.chunks)
             return packs

@@ -19,6 +19,7 @@ grace period are never condemned, so a snapshot in progress cannot lose the pack
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
@@ -73,8 +74,9 @@ def load_epochs(store: ObjectStore, cache: dict[str, Epoch] | None = None) -> li
                 data = json.loads(store.get(info.key))
             except ObjectMissing:
                 continue
-            epoch = Epoch(info.key[len(prefix) :], data["created"], frozenset(data["packs"]),
-                          frozenset(data["trees"]), deleted)  # fmt: skip
+            epoch = Epoch(
+                info.key[len(prefix) :], data["created"], frozenset(data["packs"]), frozenset(data["trees"]), deleted
+            )
             if cache is not None:
                 cache[cache_key] = epoch
             epochs.append(epoch)
@@ -140,8 +142,10 @@ class _Lease:
             except ObjectMissing:
                 held = {"expires": 0}
             if held.get("expires", 0) > now:
-                raise GcError(f"another garbage collection holds {LOCK} in {store.url} until "
-                              f"{time.ctime(held['expires'])}; if it died, delete that object")  # fmt: skip
+                raise GcError(
+                    f"another garbage collection holds {LOCK} in {store.url} until "
+                    f"{time.ctime(held['expires'])}; if it died, delete that object"
+                )
             store.delete(LOCK)  # expired: its owner died
             if not store.put(LOCK, body):
                 raise GcError("another garbage collection started at the same moment; try again")
@@ -216,8 +220,13 @@ def collect_garbage(
         report.packs_condemned = len(condemned_packs)
         report.trees_condemned = len(dropped)
         if (condemned_packs or dropped) and not policy.dry_run:
-            epoch = Epoch(f"{int(now * 1000):015d}-{uuid.uuid4().hex[:8]}", now, frozenset(condemned_packs),
-                          frozenset(dropped), deleted=False)  # fmt: skip
+            epoch = Epoch(
+                f"{int(now * 1000):015d}-{uuid.uuid4().hex[:8]}",
+                now,
+                frozenset(condemned_packs),
+                frozenset(dropped),
+                deleted=False,
+            )
             store.put(epoch.key, epoch.to_json())
     finally:
         if lease is not None:
@@ -233,10 +242,8 @@ def _sweep(store: ObjectStore, epoch: Epoch, marked: set[str], kept: set[str], r
     for pack in epoch.packs:
         if pack in marked:
             continue  # a snapshot written since references it again: it lives
-        try:
+        with contextlib.suppress(ObjectMissing):
             report.bytes_deleted += store.stat(pack_key(pack)).size
-        except ObjectMissing:
-            pass
         if not dry:
             store.delete(index_key(pack))  # first, so nobody finds the pack for dedupe any more
             store.delete(pack_key(pack))

@@ -2,11 +2,11 @@
 
 A blob is one small file or one content-defined chunk of a large file, named by the BLAKE3 hash of its raw bytes.
 Blobs are compressed (zstd, unless a sample shows they will not shrink) and appended to a pack of up to
-`PACK_TARGET` bytes, so ten thousand small files become a handful of store writes. A pack is named by the hash of
-its index - the list of its blobs' hashes, offsets, lengths and codecs, plus a nonce - a Merkle name that is known
-the moment the pack is sealed, without hashing its bytes again. The pack is uploaded in the background while the next one
-fills; next to it goes ``index/<pack>`` (those exact index bytes, so it verifies against the name), which lets
-later snapshots find existing blobs without reading packs.
+`PACK_TARGET` bytes, so ten thousand small files become a handful of store writes. A pack is named by the hash
+of its index - the list of its blobs' hashes, offsets, lengths and codecs, plus a nonce - a Merkle name that is
+known the moment the pack is sealed, without hashing its bytes again. The pack is uploaded in the background
+while the next one fills; next to it goes ``index/<pack>`` (those exact index bytes, so it verifies against the
+name), which lets later snapshots find existing blobs without reading packs.
 
 Reads are batched: neighbouring blobs of one pack come back in one ranged read, a few batches are fetched ahead
 in parallel, and every blob is checked against its hash before a byte of it is used.
@@ -204,14 +204,14 @@ class PackWriter:
             self._pool.shutdown(wait=True)
 
 
-def decode_blob(ref: ChunkRef, stored: bytes | memoryview, encryption: Encryption | None = None) -> bytes:
+def decode_blob(ref: ChunkRef, stored: bytes | memoryview, encryption: Encryption | None = None) -> bytes | memoryview:
     codec = ref.codec
     if codec & CODEC_ENCRYPTED:
         if encryption is None:
             raise EncryptionError(f"blob {ref.blob[:16]}... is encrypted; set TARDIGRADE_ENCRYPTION_KEY to read it")
         stored, codec = encryption.decrypt(stored, f"blob {ref.blob[:16]}..."), codec & ~CODEC_ENCRYPTED
     if codec == CODEC_RAW:
-        return bytes(stored)
+        return stored if isinstance(stored, bytes) else memoryview(stored)  # no copy: the caller only reads it
     if codec == CODEC_ZSTD:
         return zstandard.ZstdDecompressor().decompress(stored, max_output_size=ref.raw_length)
     raise ValueError(f"unknown codec {ref.codec}")
@@ -234,9 +234,9 @@ class BlobFetcher:
         snapshot_id: str,
         *,
         encryption: Encryption | None = None,
-        batch_bytes: int = 8 << 20,
+        batch_bytes: int = 4 << 20,
         gap_bytes: int = 1 << 20,
-        ahead: int = 4,
+        ahead: int = 3,
     ) -> None:
         self.store = store
         self.snapshot_id = snapshot_id
@@ -265,7 +265,7 @@ class BlobFetcher:
         if batch is not None:
             yield batch
 
-    def _fetch(self, batch: _Batch[T], path_of: Callable[[T], str | None]) -> list[tuple[T, bytes]]:
+    def _fetch(self, batch: _Batch[T], path_of: Callable[[T], str | None]) -> list[tuple[T, bytes | memoryview]]:
         key = pack_key(batch.pack)
         try:
             data = self.store.get_range(key, batch.start, batch.end - batch.start)
@@ -290,10 +290,10 @@ class BlobFetcher:
 
     def fetch(
         self, refs: Iterable[tuple[ChunkRef, T]], path_of: Callable[[T], str | None] = lambda _: None
-    ) -> Iterator[tuple[T, bytes]]:
+    ) -> Iterator[tuple[T, bytes | memoryview]]:
         """Yield ``(context, raw bytes)`` for each ``(ref, context)`` in order."""
         with ThreadPoolExecutor(self.ahead, thread_name_prefix="blob-fetch") as pool:
-            pending: list[Future[list[tuple[T, bytes]]]] = []
+            pending: list[Future[list[tuple[T, bytes | memoryview]]]] = []
             batches = self._batches(refs)
             try:
                 for batch in batches:

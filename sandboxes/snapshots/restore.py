@@ -12,6 +12,7 @@ that are excluded, data mounts) is never deleted.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -246,7 +247,9 @@ def _merge(
         while have is not None or want is not None:
             have_key = t.sort_key(have[0]) if have is not None else None
             want_key = t.sort_key(want.path) if want is not None else None
-            if want is None or (have is not None and have_key is not None and want_key is not None and have_key < want_key):
+            if want is None or (
+                have is not None and have_key is not None and want_key is not None and have_key < want_key
+            ):
                 assert have is not None
                 path, st, ancestor = have
                 if not ancestor:  # a folder we only passed through is not ours to delete
@@ -319,10 +322,8 @@ def _settle_file(folders: SafeFolders, want: t.Entry, st: os.stat_result) -> Non
 def _create(folders: SafeFolders, want: t.Entry, plan: _Plan, dirs: list[tuple[str, int, int]]) -> None:
     if want.kind == t.DIR:
         parent, name = folders.parent_of(want.path)
-        try:
+        with contextlib.suppress(FileExistsError):
             os.mkdir(name, 0o700, dir_fd=parent)
-        except FileExistsError:
-            pass
         dirs.append((want.path, want.mode & MODE_MASK, want.mtime_ns))
     elif want.kind == t.SYMLINK:
         parent, name = folders.parent_of(want.path)
@@ -392,5 +393,10 @@ def _rebuild_cache(
         raise
     footer = read_footer(tree_path)
     # The next snapshot of an untouched folder can now reuse this snapshot whole.
-    writer.commit(snapshot_id, fingerprint.hexdigest(), str(footer["digest"]), int(str(footer["entries"])),
-                  int(str(footer["bytes"])))  # fmt: skip
+    writer.commit(
+        snapshot_id,
+        fingerprint.hexdigest(),
+        str(footer["digest"]),
+        int(str(footer["entries"])),
+        int(str(footer["bytes"])),
+    )

@@ -146,9 +146,16 @@ class StatCacheWriter:
 
     def _header(self, snapshot_id: str, fingerprint: str, digest: str, entries: int, total: int) -> bytes:
         # Fixed width, so commit() can write it over the placeholder without moving the lines.
-        header = {"format": FORMAT, "store": self.store_url, "snapshot": snapshot_id, "fingerprint": fingerprint,
-                  "digest": digest, "entries": f"{entries:020}", "bytes": f"{total:020}",
-                  "gc_seen": f"{self.gc_seen:024.6f}"}  # fmt: skip
+        header = {
+            "format": FORMAT,
+            "store": self.store_url,
+            "snapshot": snapshot_id,
+            "fingerprint": fingerprint,
+            "digest": digest,
+            "entries": f"{entries:020}",
+            "bytes": f"{total:020}",
+            "gc_seen": f"{self.gc_seen:024.6f}",
+        }
         return json.dumps(header).encode() + b"\n"
 
     def add(self, path: str, key: str, content_hash: str, mode: int, tree_line: bytes) -> None:
