@@ -5,6 +5,8 @@ heartbeats while it works (so a dead worker is noticed in seconds, not at a time
 provider errors onto Temporal failures the workflow can act on:
 
 * ``SandboxLost`` (non-retryable): the sandbox is gone; the workflow provisions a fresh one from the last snapshot.
+* ``MountError``, ``OutputError``/``OutputConflict``, ``ProviderUnavailable`` (non-retryable): a data mount or an
+  output's bucket cannot be used with this worker's credentials, or no provider the pipeline names is offered.
 * ``SecretMissing``, ``SetupFailed``, ``IsolationUnavailable``, snapshot errors (non-retryable): retrying the
   same thing cannot help; the run fails with a message that says what to fix.
 * anything else: retried by the activity's retry policy.
@@ -32,23 +34,28 @@ from activities.models import (
     PROVISION,
     ROLLBACK,
     RUN_STEP,
+    UPLOAD_OUTPUTS,
     CheckpointInput,
+    OutputRecord,
+    OutputsInput,
     ProvisionInput,
     RollbackInput,
     RollbackResult,
     RunStepInput,
+    SandboxPlan,
     SandboxRef,
     SnapshotRef,
     StepOutcome,
 )
 from activities.secrets import Redactor, resolve_secrets
-from sandboxes.errors import IsolationUnavailable, SandboxError, SandboxLost, SnapshotError
-from sandboxes.local import LocalSandboxProvider
+from sandboxes.errors import IsolationUnavailable, ProviderUnavailable, SandboxError, SandboxLost, SnapshotError
 from sandboxes.manifest import SEED_SELECTION
+from sandboxes.mounts import MountError, open_source
+from sandboxes.outputs import OutputError, open_destination, upload_output
 from sandboxes.provider import FaultInjector, Sandbox, SandboxProvider, SandboxSpec
+from sandboxes.providers import build_provider, choose
 from sandboxes.snapshots import SnapshotEngine
-from sandboxes.stores import open_store
-from tardigrade.pipeline import Pipeline
+from sandboxes.stores import ObjectStore, open_store
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -66,7 +73,7 @@ def maps_sandbox_errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return await fn(*args, **kwargs)
-        except (SandboxLost, SnapshotError, IsolationUnavailable) as e:
+        except (SandboxLost, SnapshotError, IsolationUnavailable, MountError, OutputError, ProviderUnavailable) as e:
             raise _failure(e) from e
 
     return wrapper
@@ -92,8 +99,8 @@ async def heartbeating(details: Callable[[], Any] = lambda: None) -> AsyncIterat
             await task
 
 
-def sandbox_spec(pipeline: Pipeline) -> SandboxSpec:
-    cfg = pipeline.sandbox
+def sandbox_spec(plan: SandboxPlan) -> SandboxSpec:
+    cfg = plan.sandbox
     return SandboxSpec(network=cfg.network, isolation=cfg.isolation, options=dict(cfg.options))
 
 
@@ -119,15 +126,35 @@ class SandboxActivities:
     # -- plumbing ---------------------------------------------------------------------------------------------
 
     def provider(self, name: str) -> SandboxProvider:
+        """The provider ``name`` as this worker offers it: injected, or built from the worker's environment."""
+        try:
+            return self._offered(name)
+        except ProviderUnavailable as e:
+            raise _failure(e) from None
+
+    def _offered(self, name: str) -> SandboxProvider:
         if name not in self._providers:
-            if name != "local":
-                raise ApplicationError(
-                    f"sandbox provider {name!r} is not configured on this worker", type="ProviderUnavailable"
-                )
-            self._providers[name] = LocalSandboxProvider(
-                self.state_dir / "sandboxes", worker_id=self.host_queue, fault_injector=self._fault_injector
+            self._providers[name] = build_provider(
+                name, self.state_dir, worker_id=self.host_queue, fault_injector=self._fault_injector
             )
         return self._providers[name]
+
+    async def _apply_mounts(self, sandbox: Sandbox, plan: SandboxPlan, phase: dict[str, Any]) -> None:
+        """Copy the Manifest's data mounts in (or bring them up to date), with this worker's credentials."""
+        mounts = plan.manifest.mounts
+        sources: list[ObjectStore] = []
+        try:
+            for i, mount in enumerate(mounts):
+                sources.append(await asyncio.to_thread(open_source, mount, i))
+            for i, (mount, source) in enumerate(zip(mounts, sources, strict=True)):
+                phase["phase"] = f"data mount {i + 1}/{len(mounts)} at {mount.path}"
+                stats = await sandbox.mount(i, mount, source)
+                phase[f"mount {i + 1}"] = (
+                    f"{stats.objects} objects, {stats.downloaded} copied, {stats.skipped} unchanged, {stats.seconds}s"
+                )
+        finally:
+            for source in sources:
+                source.close()
 
     def engine(self, store_url: str) -> SnapshotEngine:
         if store_url not in self._engines:
@@ -154,7 +181,7 @@ class SandboxActivities:
             engine.store.close()
 
     def all(self) -> list[Callable[..., Any]]:
-        return [self.provision, self.run_step, self.checkpoint, self.rollback, self.destroy]
+        return [self.provision, self.run_step, self.checkpoint, self.rollback, self.upload_outputs, self.destroy]
 
     # -- activities -------------------------------------------------------------------------------------------
 
@@ -162,23 +189,39 @@ class SandboxActivities:
     @maps_sandbox_errors
     async def provision(self, input: ProvisionInput) -> SandboxRef:
         """Create a sandbox on this worker: Manifest files, setup commands, and (rehydrating) the last snapshot."""
-        pipeline = input.pipeline
-        secrets = resolve_secrets(pipeline.manifest.secrets)
+        plan = input.plan
+        secrets = resolve_secrets(plan.manifest.secrets)
         redactor = Redactor(secrets.values())
-        provider = self.provider(pipeline.sandbox.provider)
+        try:
+            provider = choose(plan.sandbox.preferences, input.avoid_providers, self._offered)
+        except ProviderUnavailable as e:
+            raise _failure(e) from None
         engine = self.engine(input.store)
-        phase = {"phase": "creating"}
+        phase: dict[str, Any] = {"phase": "checking data mounts"}
         async with heartbeating(lambda: phase):
-            sandbox = await provider.create(sandbox_spec(pipeline))
+            for i, mount in enumerate(plan.manifest.mounts):  # a bad mount fails before a sandbox exists
+                (await asyncio.to_thread(open_source, mount, i)).close()
+            phase["phase"] = f"creating a {provider.name} sandbox"
+            restore = input.restore
+            native = restore.native if restore is not None and restore.native_provider == provider.name else None
+            sandbox, from_native = await provider.create_from(sandbox_spec(plan), native)
             try:
-                if input.seed_snapshot:
+                if from_native:
+                    assert restore is not None
+                    # The provider's own snapshot already holds setup's results and the files; the portable
+                    # snapshot is restored over it below, rewriting only what differs.
+                    phase["phase"] = "resuming from the provider's snapshot"
+                    selection = plan.manifest.snapshot.selection()
+                    await sandbox.adopt_native(engine, restore.snapshot_id, selection=selection)
+                elif input.seed_snapshot:
                     phase["phase"] = "placing manifest files"
                     await sandbox.restore(engine, input.seed_snapshot, selection=SEED_SELECTION)
-                env = {**pipeline.manifest.env, **secrets}
-                for i, command in enumerate(pipeline.manifest.setup):
-                    phase["phase"] = f"setup command {i + 1}/{len(pipeline.manifest.setup)}"
+                await self._apply_mounts(sandbox, plan, phase)
+                env = {**plan.manifest.env, **secrets}
+                for i, command in enumerate(plan.manifest.setup if not from_native else []):
+                    phase["phase"] = f"setup command {i + 1}/{len(plan.manifest.setup)}"
                     result = await sandbox.exec(
-                        command, env=env, timeout=pipeline.timeouts.provision, labels={"setup": str(i + 1)}
+                        command, env=env, timeout=plan.timeouts.provision, labels={"setup": str(i + 1)}
                     )
                     if result.exit_code != 0 or result.timed_out:
                         why = "timed out" if result.timed_out else f"exited with code {result.exit_code}"
@@ -190,7 +233,7 @@ class SandboxActivities:
                         )
                 if input.restore is not None:
                     phase["phase"] = f"restoring the snapshot of step {input.restore.step + 1}"
-                    selection = pipeline.manifest.snapshot.selection()
+                    selection = plan.manifest.snapshot.selection()
                     await sandbox.restore(engine, input.restore.snapshot_id, selection=selection)
             except BaseException:
                 with contextlib.suppress(Exception):
@@ -202,9 +245,9 @@ class SandboxActivities:
     @maps_sandbox_errors
     async def run_step(self, input: RunStepInput) -> StepOutcome:
         """Run one step's command to completion, heartbeating; a retry never sees an orphan of the last try."""
-        step = input.pipeline.steps[input.index]
+        step = input.step
         assert step.run is not None
-        secrets = resolve_secrets(input.pipeline.manifest.secrets)
+        secrets = resolve_secrets(input.plan.manifest.secrets)
         redactor = Redactor(secrets.values())
         sandbox = await self._attach(input.sandbox)
         await sandbox.kill_processes()
@@ -217,7 +260,7 @@ class SandboxActivities:
             result = await sandbox.exec(
                 step.run,
                 env={
-                    **input.pipeline.manifest.env,
+                    **input.plan.manifest.env,
                     **step.env,
                     "TARDIGRADE_STEP": str(input.index + 1),
                     "TARDIGRADE_ATTEMPT": str(input.attempt),
@@ -232,7 +275,7 @@ class SandboxActivities:
         tail = redactor.bytes(result.output_tail)[-OUTPUT_TAIL_BYTES:].decode(errors="replace")
         output_log = None
         if result.output_bytes > len(result.output_tail) and result.log_path:
-            output_log = await asyncio.to_thread(self._store_log, input.store, Path(result.log_path), redactor)
+            output_log = await asyncio.to_thread(self.store_log, input.store, Path(result.log_path), redactor)
         return StepOutcome(
             index=input.index,
             exit_code=result.exit_code,
@@ -243,7 +286,7 @@ class SandboxActivities:
             output_log=output_log,
         )
 
-    def _store_log(self, store_url: str, log_path: Path, redactor: Redactor) -> str:
+    def store_log(self, store_url: str, log_path: Path, redactor: Redactor) -> str:
         """Keep a step's full output (redacted, compressed, content-addressed) where history cannot bloat."""
         store = self.engine(store_url).store
         with tempfile.NamedTemporaryFile(dir=self.state_dir, prefix="log-", delete=False) as raw:
@@ -270,11 +313,14 @@ class SandboxActivities:
         """Snapshot the sandbox after a step. Only what changed since the last snapshot is read and stored."""
         sandbox = await self._attach(input.sandbox)
         engine = self.engine(input.store)
-        labels = {"pipeline": input.pipeline.name, "run": input.run_id, "step": str(input.step + 1)}
+        labels = {"pipeline": input.plan.pipeline, "run": input.run_id, "step": str(input.step + 1)}
+        native = None
         async with heartbeating():
             info = await sandbox.snapshot(
-                engine, selection=input.pipeline.manifest.snapshot.selection(), parent=input.parent, labels=labels
+                engine, selection=input.plan.manifest.snapshot.selection(), parent=input.parent, labels=labels
             )
+            if input.plan.sandbox.options.get("native_snapshot"):
+                native = await sandbox.native_snapshot()
         stats = info.stats
         return SnapshotRef(
             snapshot_id=info.id,
@@ -284,6 +330,8 @@ class SandboxActivities:
             bytes=info.bytes,
             bytes_new=stats.bytes_new if stats else 0,
             seconds=round(stats.seconds, 3) if stats else 0.0,
+            native=native,
+            native_provider=input.sandbox.provider if native else None,
         )
 
     @activity.defn(name=ROLLBACK)
@@ -291,13 +339,54 @@ class SandboxActivities:
     async def rollback(self, input: RollbackInput) -> RollbackResult:
         """Put a live sandbox back to a snapshot before a step is retried: kill orphans, rewrite what differs."""
         sandbox = await self._attach(input.sandbox)
-        async with heartbeating():
+        phase: dict[str, Any] = {"phase": "restoring"}
+        async with heartbeating(lambda: phase):
             stats = await sandbox.restore(
                 self.engine(input.store),
                 input.snapshot.snapshot_id,
-                selection=input.pipeline.manifest.snapshot.selection(),
+                selection=input.plan.manifest.snapshot.selection(),
             )
+            await self._apply_mounts(sandbox, input.plan, phase)  # an rw mount's writes are undone too
         return RollbackResult(files_written=stats.files_written, deleted=stats.deleted, seconds=round(stats.seconds, 3))
+
+    @activity.defn(name=UPLOAD_OUTPUTS)
+    @maps_sandbox_errors
+    async def upload_outputs(self, input: OutputsInput) -> list[OutputRecord]:
+        """Publish outputs from a checkpointed snapshot (not from the sandbox): create-only writes, so a retry
+        re-sends identical bytes and never overwrites or duplicates anything."""
+        engine = self.engine(input.store)
+        progress: dict[str, Any] = {"files": 0}
+        records = []
+        async with heartbeating(lambda: progress):
+            for index, output in input.outputs.items():
+                url = output.destination(run=input.run_id, step=input.step, pipeline=input.pipeline)
+                destination = await asyncio.to_thread(open_destination, url, index)
+                try:
+                    stats = await asyncio.to_thread(
+                        upload_output,
+                        engine,
+                        input.snapshot.snapshot_id,
+                        output,
+                        index,
+                        destination,
+                        scratch=self.state_dir,
+                        progress=lambda s: progress.update(files=s.files, output=s.index),
+                    )
+                finally:
+                    destination.close()
+                records.append(
+                    OutputRecord(
+                        index=index,
+                        step=input.step,
+                        destination=stats.destination,
+                        snapshot_id=input.snapshot.snapshot_id,
+                        files=stats.files,
+                        bytes=stats.bytes,
+                        created=stats.created,
+                        manifest=stats.manifest,
+                    )
+                )
+        return records
 
     @activity.defn(name=DESTROY)
     async def destroy(self, ref: SandboxRef) -> None:

@@ -60,3 +60,7 @@ class UnsafeTree(SnapshotError):
 
 class WorkspaceChanged(SnapshotError):
     """A file changed while it was being snapshotted (something is still writing to the workspace)."""
+
+
+class ProviderUnavailable(SandboxError):
+    """The pipeline asks for a sandbox provider this worker does not offer (not installed or not configured)."""

@@ -12,6 +12,8 @@ created it. Layout on the worker::
     <root>/<sandbox id>/fs/workspace       -> /workspace
     <root>/<sandbox id>/fs/home/sandbox    -> /home/sandbox
     <root>/<sandbox id>/state/             stat cache, command logs (outside the sandbox)
+    <root>/<sandbox id>/mounts/<N>/        data mount N, bound at its path (read-only for ``ro``): never in fs/,
+                                           so never in a snapshot, and ro is enforced by the kernel
     <root>/<sandbox id>/sandbox.json       owner worker and spec; its absence means the sandbox is gone
 """
 
@@ -32,9 +34,11 @@ from pathlib import Path
 from typing import IO
 
 from sandboxes.errors import IsolationUnavailable, SandboxError, SandboxLost
-from sandboxes.manifest import HOME, WORKSPACE, sandbox_path
+from sandboxes.manifest import HOME, WORKSPACE, Mount, sandbox_path
+from sandboxes.mounts import MountStats, materialize
 from sandboxes.provider import ExecResult, FaultInjector, OutputCallback, Sandbox, SandboxProvider, SandboxSpec
 from sandboxes.snapshots import RestoreStats, Selection, SnapshotEngine, SnapshotInfo
+from sandboxes.stores import ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +73,7 @@ class LocalSandbox(Sandbox):
         self.fs = self.dir / "fs"
         self.state = self.dir / "state"
         self._processes: set[asyncio.subprocess.Process] = set()
+        self._mounts: dict[int, tuple[str, Path, bool]] = {}  # index -> (sandbox path, folder, read-only)
 
     # -- paths ------------------------------------------------------------------------------------------------
 
@@ -105,8 +110,10 @@ class LocalSandbox(Sandbox):
             "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",
             "--bind", str(self.fs / "workspace"), WORKSPACE,
             "--bind", str(self.fs / HOME.lstrip("/")), HOME,
-            "--chdir", cwd, "--clearenv",
         ]  # fmt: skip
+        for path, folder, read_only in sorted(self._mounts.values()):  # parents before children
+            argv += ["--ro-bind" if read_only else "--bind", str(folder), path]
+        argv += ["--chdir", cwd, "--clearenv"]
         if not self.spec.network:
             argv.append("--unshare-net")
         for name in _ETC:
@@ -265,6 +272,36 @@ class LocalSandbox(Sandbox):
         for folder in (self.fs / "workspace", self.fs / HOME.lstrip("/")):
             folder.mkdir(parents=True, exist_ok=True)
 
+    # -- mounts -----------------------------------------------------------------------------------------------
+
+    async def mount(self, index: int, mount: Mount, source: ObjectStore) -> MountStats:
+        """Materialize the mount into ``mounts/<index>`` (outside fs/) and bind it at its path for every command:
+        ``--ro-bind`` for ro, so even a chmod inside the sandbox cannot make it writable."""
+        await self._require_alive("copying in a data mount")
+        if self._provider.bwrap is None and mount.path != sandbox_path(mount.path, field="path"):
+            raise SandboxError(
+                f"mount path {mount.path} is outside /workspace and ~, which the unisolated fallback (no bubblewrap)"
+                " cannot provide; install bubblewrap or mount under /workspace"
+            )
+        folder = self.dir / "mounts" / str(index)
+        stats = await asyncio.to_thread(
+            materialize, mount, index, source, folder, state_file=self.state / f"mount-{index}.json"
+        )
+        self._mounts[index] = (mount.path, folder, mount.read_only)
+        if self._provider.bwrap is None:
+            self._link_unisolated(mount.path, folder)
+        return stats
+
+    def _link_unisolated(self, path: str, folder: Path) -> None:
+        """Without bubblewrap there are no bind mounts: the mount path becomes a symlink to the folder."""
+        link = self.host_path(path)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if link.is_symlink():
+            link.unlink()
+        elif link.is_dir():
+            link.rmdir()  # an empty mount point; anything else is the workspace's and makes this fail loudly
+        link.symlink_to(folder)
+
     # -- lifecycle --------------------------------------------------------------------------------------------
 
     async def destroy(self) -> None:
@@ -316,7 +353,7 @@ class LocalSandboxProvider(SandboxProvider):
         root: Path,
         *,
         worker_id: str | None = None,
-        bwrap: str | None | bool = True,
+        bwrap: str | bool | None = True,
         fault_injector: FaultInjector | None = None,
     ) -> None:
         """``bwrap=True`` finds bubblewrap on PATH; ``False`` forces the unisolated fallback (tests only)."""

@@ -1,8 +1,9 @@
 """The Manifest: a portable description of what a sandbox needs, whichever provider runs it.
 
 Files and folders to place in the workspace, environment variables, secrets (by name only: values are read from
-the worker's environment when an activity runs), setup commands (dependencies; run at provisioning and again
-after every rehydration) and which paths a snapshot covers.
+the worker's environment when an activity runs), data mounts (buckets and folders the worker copies in with its
+own credentials), setup commands (dependencies; run at provisioning and again after every rehydration) and which
+paths a snapshot covers. Mounted paths are never part of a snapshot: they are copied in again on rehydration.
 
 Every sandbox has the same layout so that snapshots and venvs move between providers unchanged: the workspace
 is ``/workspace`` (relative paths in a Manifest are relative to it) and the home folder is ``/home/sandbox``.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import posixpath
 import re
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -113,6 +115,98 @@ class SnapshotPaths(_Strict):
 
 SecretName = Annotated[str, Field(pattern=_ENV_NAME.pattern)]
 
+MOUNT_FORMS = (
+    "s3://bucket/prefix[?endpoint=URL&region=NAME], r2://ACCOUNT_ID/bucket/prefix, gs://bucket/prefix,"
+    " az://container/prefix?account=NAME or file:///absolute/folder"
+)
+# Where a mount may not go: the system's own folders, and the roots of the writable areas themselves.
+_SYSTEM_DIRS = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib64", "/proc", "/run", "/sbin", "/sys", "/tmp",
+                "/usr", "/var", "/root")  # fmt: skip
+
+
+def mount_path(path: str) -> str:
+    """Normalize where a mount appears in the sandbox: relative paths are inside the workspace; absolute paths may
+    be anywhere but the system's folders (``/data``, ``/workspace/inputs``, ``~/datasets``)."""
+    if not path or not path.strip():
+        raise ValueError("path is empty")
+    original = path
+    if path == "~" or path.startswith("~/"):
+        path = HOME + path[1:]
+    elif not path.startswith("/"):
+        path = f"{WORKSPACE}/{path}"
+    normalized = posixpath.normpath(path)
+    if normalized in ("/", "//", *WRITABLE_ROOTS, "/home"):
+        raise ValueError(f"path {original!r} would hide a whole folder; mount into a subfolder such as /workspace/data")
+    if any(normalized == d or normalized.startswith(d + "/") for d in _SYSTEM_DIRS):
+        raise ValueError(f"path {original!r} is a system folder; use e.g. /workspace/data, ~/datasets or /data")
+    if any(c in normalized for c in "*?[\n\0"):
+        raise ValueError(f"path {original!r} contains a glob character or a control character")
+    return normalized
+
+
+def check_data_url(v: str, field: str) -> str:
+    """A bucket or folder URL as mounts and outputs take it: a known scheme, a bucket, no credentials in it."""
+    try:
+        parts = urlsplit(v)
+    except ValueError:
+        raise ValueError(f"{field} {v!r} is not a URL; use {MOUNT_FORMS}") from None
+    scheme = parts.scheme.lower()
+    if scheme not in ("s3", "r2", "gs", "az", "file"):
+        shown = f"unknown scheme {scheme!r}" if scheme else "no scheme"
+        raise ValueError(f"{field} {v.split('?')[0]!r} has {shown}; use {MOUNT_FORMS}")
+    if "@" in parts.netloc:
+        raise ValueError(
+            f"{field} URLs must not contain credentials (they would reach workflow history and logs); give the"
+            " worker credentials the usual way (environment, profile, role) instead"
+        )
+    if scheme == "file":
+        if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
+            raise ValueError(f"{field} {v!r}: file:// URLs take an absolute path, e.g. file:///srv/datasets")
+    elif not parts.netloc or (scheme == "r2" and not parts.path.strip("/")):
+        what = "container" if scheme == "az" else "bucket"
+        raise ValueError(f"{field} {v!r} names no {what}; use {MOUNT_FORMS}")
+    return v
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+class Mount(_Strict):
+    """Data the worker copies into the sandbox before setup, with the worker's own credentials: none of them enters
+    the sandbox. ``ro`` (the default) is enforced by the sandbox (a read-only bind, or root-owned read-only files).
+    ``include``/``exclude`` are globs on object names relative to the source prefix (``*.csv``, ``2024/**``).
+    A mount is not part of any snapshot: it is copied in again (skipping unchanged objects) on rollback and
+    rehydration, so a step's writes into an ``rw`` mount do not survive a retry - write results elsewhere."""
+
+    source: str
+    path: str
+    mode: Literal["ro", "rw"] = "ro"
+    include: list[str] = Field(default_factory=list)
+    exclude: list[str] = Field(default_factory=list)
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, v: str) -> str:
+        return check_data_url(v, "source")
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        return mount_path(v)
+
+    @field_validator("include", "exclude")
+    @classmethod
+    def _globs(cls, v: list[str]) -> list[str]:
+        for pattern in v:
+            if not pattern.strip() or pattern.startswith("/"):
+                raise ValueError(f"glob {pattern!r} must be a non-empty pattern relative to the source, e.g. '*.csv'")
+        return v
+
+    @property
+    def read_only(self) -> bool:
+        return self.mode == "ro"
+
 
 class Manifest(_Strict):
     files: list[ManifestFile] = Field(default_factory=list)
@@ -120,6 +214,7 @@ class Manifest(_Strict):
     env: dict[str, str] = Field(default_factory=dict)
     secrets: list[SecretName] = Field(default_factory=list)
     setup: list[str] = Field(default_factory=list)
+    mounts: list[Mount] = Field(default_factory=list)
     snapshot: SnapshotPaths = Field(default_factory=SnapshotPaths)
 
     @field_validator("directories")
@@ -146,7 +241,31 @@ class Manifest(_Strict):
         dupes = sorted({p for p in paths if paths.count(p) > 1})
         if dupes:
             raise ValueError(f"files: {dupes} listed more than once")
+        self._check_mounts()
         return self
+
+    def _check_mounts(self) -> None:
+        """Mounts may not overlap each other, the Manifest's files or a snapshot root; they are left out of every
+        snapshot (added to ``snapshot.exclude``), so mounted data never reaches the snapshot store."""
+        mounts = [m.path for m in self.mounts]
+        for i, a in enumerate(mounts):
+            for j, b in enumerate(mounts):
+                if i < j and (_inside(a, b) or _inside(b, a)):
+                    raise ValueError(f"mounts[{i}] ({a}) and mounts[{j}] ({b}) overlap; give each its own folder")
+            for root in self.snapshot.include:
+                if _inside(root, a):
+                    raise ValueError(
+                        f"mounts[{i}] ({a}) contains snapshot root {root}; mounted data is never snapshotted"
+                    )
+            for f in (*(f.path for f in self.files), *self.directories):
+                if _inside(f, a):
+                    raise ValueError(f"mounts[{i}] ({a}) would hide {f} from the Manifest's files and directories")
+        wanted = [p for m in mounts for p in (m, f"{m}/**")]
+        missing = [p for p in wanted if p not in self.snapshot.exclude]
+        if missing:
+            # The model is frozen and validated; the normalized exclusions need no second validation.
+            snapshot = self.snapshot.model_copy(update={"exclude": [*self.snapshot.exclude, *missing]})
+            object.__setattr__(self, "snapshot", snapshot)
 
 
 IsolationLevel = Literal["required", "preferred"]

@@ -11,9 +11,14 @@ from __future__ import annotations
 import abc
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from sandboxes.manifest import Mount
 from sandboxes.snapshots import RestoreStats, Selection, SnapshotEngine, SnapshotInfo
+from sandboxes.stores import ObjectStore
+
+if TYPE_CHECKING:
+    from sandboxes.mounts import MountStats
 
 OutputCallback = Callable[[bytes], None]
 
@@ -90,6 +95,21 @@ class Sandbox(abc.ABC):
         """Make the selected paths equal the snapshot (full restore or rollback, rewriting only what differs)."""
 
     @abc.abstractmethod
+    async def mount(self, index: int, mount: Mount, source: ObjectStore) -> MountStats:
+        """Copy (or bring up to date) the data of ``mount`` from ``source`` - a store the worker opened with its
+        own credentials - so the sandbox sees it at ``mount.path``, read-only unless ``mount.mode`` is rw. Data is
+        staged outside the sandbox's snapshot selection; unchanged objects already in place are not copied."""
+
+    async def native_snapshot(self) -> str | None:
+        """Take the provider's own snapshot of the whole sandbox (``native_snapshot`` option), if it has them:
+        faster to resume from on the same provider. Portable snapshots stay the source of truth."""
+        return None
+
+    async def adopt_native(self, engine: SnapshotEngine, snapshot_id: str, *, selection: Selection) -> None:  # noqa: B027
+        """Called on a sandbox created from the native snapshot taken with portable snapshot ``snapshot_id``,
+        before that portable snapshot is restored into it, so the restore can skip what is already in place."""
+
+    @abc.abstractmethod
     async def destroy(self) -> None:
         """Kill and delete the sandbox. Destroying a sandbox that is already gone is not an error."""
 
@@ -101,6 +121,12 @@ class SandboxProvider(abc.ABC):
 
     @abc.abstractmethod
     async def create(self, spec: SandboxSpec) -> Sandbox: ...
+
+    async def create_from(self, spec: SandboxSpec, native_snapshot: str | None) -> tuple[Sandbox, bool]:
+        """Create a sandbox, starting from the provider's own snapshot when one is given and still exists (the
+        portable snapshot is then applied as a diff). Returns the sandbox and whether it came from that snapshot.
+        The default ignores native snapshots."""
+        return await self.create(spec), False
 
     @abc.abstractmethod
     async def attach(self, sandbox_id: str) -> Sandbox:

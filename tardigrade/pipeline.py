@@ -5,6 +5,7 @@
     sandbox: {provider: local, network: false}
     steps:
       - {name: generate dataset, run: python3 gen.py, timeout: 5m}
+      - {name: triage, agent: "Fix the broken rows in data.csv", model: {name: gpt-4.1-mini}}  # agent_spec.py
 
 `load_pipeline` turns any problem - bad YAML, an unknown key, a wrong type, a missing local file - into one
 `PipelineError` whose message names the file and the field (``steps[3].timeout``) and says what is expected.
@@ -14,12 +15,14 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from sandboxes.manifest import WORKSPACE, Manifest, sandbox_path
+from sandboxes.manifest import WORKSPACE, Manifest, sandbox_path, tree_path
+from sandboxes.outputs import Output
+from tardigrade.agent_spec import DEFAULT_TOOLS, ModelConfig, ToolName, check_agent_step
 
 _DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s)?\s*$")
 
@@ -28,8 +31,10 @@ class PipelineError(Exception):
     """A pipeline file is not valid. The message names the file and field and says how to fix it."""
 
 
-def parse_duration(value: Any) -> float:
+def parse_duration(value: Any, *, allow_zero: bool = False) -> float:
     """``90``, ``"90s"``, ``"5m"``, ``"1h30m"`` -> seconds."""
+    if allow_zero and value in (0, "0"):
+        return 0.0
     if isinstance(value, bool):
         raise ValueError("expected a duration such as 30s, 5m or 1h")
     if isinstance(value, int | float):
@@ -39,12 +44,13 @@ def parse_duration(value: Any) -> float:
         seconds = h * 3600 + mi * 60 + s
     else:
         raise ValueError(f"{value!r} is not a duration; use e.g. 30s, 5m, 1h30m or a number of seconds")
-    if seconds <= 0:
+    if seconds < 0 or (seconds == 0 and not allow_zero):
         raise ValueError("a duration must be positive")
     return seconds
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
+DEFAULT_MAX_TURNS = 50
 
 
 class _Strict(BaseModel):
@@ -56,13 +62,21 @@ class Step(_Strict):
 
     name: str = Field(min_length=1, max_length=200)
     run: str | None = Field(default=None, min_length=1)
-    agent: Any = None  # agent steps: see the agent step issue; rejected until then
+    # An agent step: instructions for a model that works with tools in the sandbox (see tardigrade/agent_spec.py).
+    agent: str | None = Field(default=None, min_length=1)
+    model: ModelConfig | None = None
+    tools: tuple[ToolName, ...] | None = None  # default: DEFAULT_TOOLS
+    max_turns: int | None = Field(default=None, ge=1, le=1000)  # default: DEFAULT_MAX_TURNS
+    max_output_tokens: int | None = Field(default=None, ge=1)
+    done: Literal["finish", "no_tool_calls"] | None = None  # default: finish
     timeout: Duration = 3600.0
     env: dict[str, str] = Field(default_factory=dict)
     cwd: str = WORKSPACE
     retries: int = Field(default=0, ge=0, le=100)
     retry_backoff: Duration = 1.0
-    checkpoint: bool | None = None  # None: follow the pipeline's policy
+    # None: follow the pipeline's policy. Agent steps may say every_tool_call: a snapshot after each mutating
+    # tool call, so a lost sandbox resumes the agent at the turn it was on instead of at its first turn.
+    checkpoint: bool | Literal["every_tool_call"] | None = None
 
     @field_validator("cwd")
     @classmethod
@@ -72,17 +86,65 @@ class Step(_Strict):
     @model_validator(mode="after")
     def _kind(self) -> Step:
         if self.agent is not None:
-            raise ValueError("agent steps are not available yet; use `run:` with a shell command")
+            if self.run is not None:
+                raise ValueError("a step has either `run:` (a shell command) or `agent:` (instructions), not both")
+            if self.model is None:
+                raise ValueError(
+                    "an agent step needs `model:`, e.g. `model: {name: gpt-4.1-mini}` (with OPENAI_API_KEY set on"
+                    " the worker) or `model: {provider: scripted, script: [...]}` to replay tool calls offline"
+                )
+            check_agent_step(self.model, self.agent_tools, self.done_when)
+            return self
+        agent_only = [k for k in ("model", "tools", "max_turns", "max_output_tokens", "done") if getattr(self, k)]
+        if agent_only:
+            raise ValueError(
+                f"{', '.join(agent_only)} only apply to agent steps; add `agent:` with instructions, or remove them"
+            )
+        if self.checkpoint == "every_tool_call":
+            raise ValueError("checkpoint: every_tool_call only applies to agent steps; use true or false here")
         if self.run is None:
-            raise ValueError("a step needs `run:` (a shell command)")
+            raise ValueError("a step needs `run:` (a shell command) or `agent:` (instructions for a model)")
         return self
+
+    @property
+    def agent_tools(self) -> tuple[ToolName, ...]:
+        return self.tools if self.tools is not None else DEFAULT_TOOLS
+
+    @property
+    def done_when(self) -> str:
+        return self.done or "finish"
+
+    @property
+    def turn_limit(self) -> int:
+        return self.max_turns or DEFAULT_MAX_TURNS
+
+
+ProviderName = Literal["local", "e2b", "modal"]
 
 
 class SandboxConfig(_Strict):
-    provider: Literal["local", "e2b", "modal"] = "local"
+    """``provider`` is one name or a preference list (``[local, e2b]``): a run provisions on the first one the
+    worker offers, and after losing a sandbox is rehydrated on the next (see sandboxes/providers.py)."""
+
+    provider: ProviderName | list[ProviderName] = "local"
     network: bool = False
     isolation: Literal["required", "preferred"] = "required"
     options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("provider", mode="before")
+    @classmethod
+    def _provider(cls, v: Any) -> Any:
+        known = get_args(ProviderName)
+        names = v if isinstance(v, list) else [v]
+        if not names or any(name not in known for name in names):
+            raise ValueError("Input should be 'local', 'e2b' or 'modal', or a preference list such as [local, e2b]")
+        if len(set(names)) != len(names):
+            raise ValueError("each provider may appear once in the list")
+        return v
+
+    @property
+    def preferences(self) -> list[str]:
+        return [self.provider] if isinstance(self.provider, str) else list(self.provider)
 
 
 class CheckpointPolicy(_Strict):
@@ -120,11 +182,38 @@ class Pipeline(_Strict):
     steps: list[Step] = Field(min_length=1)
     max_rehydrations: int = Field(default=20, ge=0)  # consecutive losses of one step before the run fails
     steps_per_run: int = Field(default=200, ge=1)  # continue-as-new after this many steps keeps history small
+    outputs: list[Output] = Field(default_factory=list)  # published from checkpoints (sandboxes/outputs.py)
+
+    @model_validator(mode="after")
+    def _outputs(self) -> Pipeline:
+        names = [step.name for step in self.steps]
+        selection = self.manifest.snapshot.selection()
+        for i, output in enumerate(self.outputs):
+            where = f"outputs[{i}]"
+            if output.after not in ("end", "each_step"):
+                if output.after not in names:
+                    raise ValueError(
+                        f"{where}.after: no step is named {output.after!r}; use a step's name, end or each_step"
+                    )
+                if not self.checkpoint_after(names.index(output.after)):
+                    raise ValueError(
+                        f"{where}.after: step {output.after!r} is not checkpointed, and outputs are published from"
+                        " checkpoints; set `checkpoint: true` on it"
+                    )
+            path = tree_path(output.path)
+            parts = path.split("/")
+            excluded = any(selection.excluded("/".join(parts[:n])) for n in range(1, len(parts) + 1))
+            if not selection.covers(path) or excluded:
+                raise ValueError(
+                    f"{where}.path: {output.path} is not in the snapshots (manifest.snapshot include/exclude, mounts),"
+                    " and outputs are published from snapshots"
+                )
+        return self
 
     def checkpoint_after(self, index: int) -> bool:
         step = self.steps[index]
         if step.checkpoint is not None:
-            return step.checkpoint
+            return step.checkpoint is not False  # every_tool_call includes the step's end
         return index == len(self.steps) - 1 or (index + 1) % self.checkpoint.every == 0
 
 

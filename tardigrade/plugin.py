@@ -4,10 +4,11 @@
     worker = Worker(client, task_queue="tardigrade")   # workflows and activities come from the plugin
     await worker.run()
 
-On a client it installs the pydantic data converter. On a worker it registers the pipeline workflow and the
-sandbox activities, and runs a second, private worker on a queue of this process's own: sandboxes of host-bound
-providers (the local one) live on this machine, so their activities are routed to that queue, and a run whose
-host has died notices (its work is not picked up) and rehydrates on another worker.
+On a client it installs the pydantic data converter. On a worker it registers the pipeline workflow, the
+sandbox activities and the agent activities (model calls, tool calls), and runs a second, private worker on a
+queue of this process's own: sandboxes of host-bound providers (the local one) live on this machine, so their
+activities are routed to that queue, and a run whose host has died notices (its work is not picked up) and
+rehydrates on another worker.
 """
 
 from __future__ import annotations
@@ -18,13 +19,17 @@ import socket
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import temporalio.converter
 from temporalio.contrib.pydantic import PydanticPayloadConverter
 from temporalio.plugin import SimplePlugin
 from temporalio.worker import Worker, WorkerConfig
 
+from activities.conversation import Conversations
+from activities.model import ModelActivities
 from activities.sandbox import SandboxActivities
+from activities.tools import ToolActivities
 from sandboxes.provider import FaultInjector, SandboxProvider
 from tardigrade import config
 from workflows.pipeline import PipelineWorkflow
@@ -51,7 +56,9 @@ class TardigradePlugin(SimplePlugin):
         Args:
             state_dir: where this worker keeps sandboxes and caches (default: ``TARDIGRADE_HOME`` or
                 ``~/.local/state/tardigrade``).
-            providers: sandbox providers by name; the local (bubblewrap) one is created on first use.
+            providers: sandbox providers by name, offered in addition to those built from the worker's environment
+                on first use: local (bubblewrap), e2b (E2B_API_KEY), modal (MODAL_TOKEN_ID/MODAL_TOKEN_SECRET);
+                TARDIGRADE_PROVIDERS=local,e2b narrows what the worker offers (see sandboxes/providers.py).
             fault_injector: a hook to destroy sandboxes mid-command, for the demo and the tests.
             max_concurrent_sandbox_activities: commands this worker runs at once across its sandboxes.
         """
@@ -62,6 +69,7 @@ class TardigradePlugin(SimplePlugin):
         self._max_concurrent = max_concurrent_sandbox_activities
         self.host_queue = f"tardigrade-host-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._activities: SandboxActivities | None = None
+        self._agent_activities: list[Callable[..., Any]] = []
 
     def activities_for(self, shared_queue: str) -> SandboxActivities:
         if self._activities is None:
@@ -72,13 +80,24 @@ class TardigradePlugin(SimplePlugin):
                 providers=self._providers,
                 fault_injector=self._fault_injector,
             )
+            sandboxes = self._activities
+            conversations = Conversations(lambda url: sandboxes.engine(url).store)
+            self._agent_activities = [
+                *ModelActivities(conversations).all(),
+                *ToolActivities(sandboxes, conversations).all(),
+            ]
         return self._activities
+
+    def _all_activities(self) -> list[Callable[..., Any]]:
+        assert self._activities is not None
+        return [*self._activities.all(), *self._agent_activities]
 
     def configure_worker(self, config: WorkerConfig) -> WorkerConfig:
         if config.get("task_queue") == self.host_queue:
             return config  # our own host-queue worker: it gets exactly the activities we give it
         config = super().configure_worker(config)
-        activities = self.activities_for(config["task_queue"]).all()
+        self.activities_for(config["task_queue"])
+        activities = self._all_activities()
         config["activities"] = [*config.get("activities", []), *activities]
         return config
 
@@ -89,7 +108,7 @@ class TardigradePlugin(SimplePlugin):
         host_worker = Worker(
             worker.client,
             task_queue=self.host_queue,
-            activities=self._activities.all(),
+            activities=self._all_activities(),
             max_concurrent_activities=self._max_concurrent,
         )
         try:

@@ -283,3 +283,36 @@ async def test_status_query_reports_progress(workers: InProcessWorkers, local_st
     assert status.current_step_name == "slow" and status.steps_completed == 1
     assert status.sandbox is not None and status.last_snapshot is not None
     assert (await handle.result()).status == "completed"
+
+
+async def test_history_per_step_does_not_grow_with_the_pipeline(
+    workers: InProcessWorkers, local_store: str, tmp_path: Path
+) -> None:
+    """Activities get the step they run, not the whole pipeline: a step costs the same history in a long pipeline
+    as in a short one (otherwise history grows with steps squared and a long pipeline hits Temporal's limits)."""
+    client = await workers.start()
+
+    async def history_per_step(steps: int) -> float:
+        loaded = pipeline_from(
+            {
+                "name": f"len-{steps}",
+                "steps": [
+                    {"name": f"step number {i}", "run": f"echo {i} > f{i}.txt # {'padding ' * 20}"}
+                    for i in range(steps)
+                ],
+            },
+            _mkdir(tmp_path / str(steps)),
+        )
+        handle = await start_pipeline(client, loaded, task_queue=workers.task_queue, store_url=local_store)
+        await handle.result()
+        history = await handle.fetch_history()
+        scheduled = [e for e in history.events if e.HasField("activity_task_scheduled_event_attributes")]
+        return sum(e.ByteSize() for e in scheduled) / steps
+
+    short, long = await history_per_step(5), await history_per_step(40)
+    assert long < short * 1.15, f"{long:.0f} bytes per step in a 40-step pipeline vs {short:.0f} in a 5-step one"
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -31,8 +31,12 @@ with workflow.unsafe.imports_passed_through():
         PROVISION,
         ROLLBACK,
         RUN_STEP,
+        UPLOAD_OUTPUTS,
+        AgentProgress,
         CheckpointInput,
         CheckpointRecord,
+        OutputRecord,
+        OutputsInput,
         ProvisionInput,
         RollbackInput,
         RollbackResult,
@@ -41,12 +45,14 @@ with workflow.unsafe.imports_passed_through():
         RunState,
         RunStatus,
         RunStepInput,
+        SandboxPlan,
         SandboxRef,
         SnapshotRef,
         StepOutcome,
         step_label,
     )
     from tardigrade.pipeline import Pipeline
+    from workflows.agent import AgentContext, AgentLoop
 
 # Failures that no new sandbox can fix: the run stops and says what to change.
 FATAL_ERRORS = frozenset(
@@ -60,7 +66,15 @@ FATAL_ERRORS = frozenset(
         "UnsafeTree",
         "SnapshotError",
         "StoreError",
+        "MountError",
+        "OutputError",
+        "OutputConflict",
     }
+)
+OUTPUT_RETRY = RetryPolicy(  # publishing is idempotent: retrying a flaky bucket is safe
+    maximum_attempts=5,
+    initial_interval=timedelta(seconds=1),
+    non_retryable_error_types=["OutputError", "OutputConflict", "SnapshotMissing", "SnapshotCorrupt"],
 )
 NO_RETRY = RetryPolicy(maximum_attempts=1)  # sandbox activities: the workflow itself decides what a failure means
 MAX_RETRY_BACKOFF = 300.0
@@ -86,6 +100,8 @@ class PipelineWorkflow:
         self._phase = "starting"
         self._last_error: str | None = None
         self._segment_steps = 0
+        self._agent_progress: AgentProgress | None = None
+        self._sandbox_plan: SandboxPlan | None = None
 
     # -- the run ----------------------------------------------------------------------------------------------
 
@@ -107,6 +123,7 @@ class PipelineWorkflow:
             await self._destroy_sandbox()
             raise
         await self._destroy_sandbox()
+        await self._upload_outputs(None)
         self._set_phase("completed", None)
         return self._result("completed")
 
@@ -132,7 +149,7 @@ class PipelineWorkflow:
         self._set_phase("running", index)
         state.step_runs += 1
         try:
-            outcome = await self._run_step(index)
+            outcome = await (self._run_agent(index) if step.agent is not None else self._run_step(index))
         except ActivityError as e:
             self._sandbox_lost(e)
             return
@@ -150,9 +167,12 @@ class PipelineWorkflow:
             except ActivityError as e:
                 self._sandbox_lost(e)  # the step's effects died with the sandbox: it runs again
                 return
+            await self._upload_outputs(index)
         state.next_step = index + 1
         state.steps_completed = max(state.steps_completed, index + 1)
         state.consecutive_losses = 0
+        state.lost_providers = []
+        state.agent = None
         self._segment_steps += 1
 
     # -- losing a sandbox -------------------------------------------------------------------------------------
@@ -178,6 +198,8 @@ class PipelineWorkflow:
             # Kill orphans of the dead attempt if their worker still lives; a dead worker took them with it.
             # Not awaited: the new sandbox does not share files with the old one.
             self._start_destroy(state.sandbox)
+            if state.sandbox.provider not in state.lost_providers:
+                state.lost_providers.append(state.sandbox.provider)  # the next provision tries the others first
         state.sandbox = None
         self._back_to_last_checkpoint(rollback=False)
 
@@ -185,28 +207,41 @@ class PipelineWorkflow:
         state = self._state
         state.next_step = state.last_snapshot.step + 1 if state.last_snapshot else 0
         state.needs_rollback = rollback
+        if state.agent is not None:
+            if rollback:
+                state.agent = None  # a failed agent step is retried from its first turn, on the last checkpoint
+            else:
+                state.next_step = state.agent.step  # a lost one resumes at its turn (checkpoint: every_tool_call)
 
     # -- activities -------------------------------------------------------------------------------------------
 
     async def _provision(self) -> None:
         state, pipeline = self._state, self._pipeline
-        restore = state.last_snapshot
-        if restore is not None:
+        restore = state.agent.snapshot if state.agent is not None else state.last_snapshot
+        if state.agent is not None:
+            resume = state.agent
+            at = f"step {resume.step + 1}, agent resumes at turn {resume.turn}"
+            summary = f"rehydrate: new sandbox from the last snapshot in {at}"
+            self._set_phase("rehydrating", state.next_step)
+        elif restore is not None:
             after = "setup" if restore.step < 0 else f"step {restore.step + 1}"
             summary = f"rehydrate: new sandbox from the snapshot after {after}"
             self._set_phase("rehydrating", state.next_step)
         else:
             summary = "provision sandbox: manifest files and setup"
             self._set_phase("provisioning", None)
+        if state.lost_providers and len(pipeline.sandbox.preferences) > 1:
+            summary += f" (preferring a provider other than {', '.join(state.lost_providers)})"
         state.sandbox = await workflow.execute_activity(
             PROVISION,
             ProvisionInput(
                 run_id=workflow.info().workflow_id,
-                pipeline=pipeline,
+                plan=self._plan,
                 store=self._run_input.store,
                 seed_snapshot=self._run_input.seed_snapshot,
                 restore=restore,
                 reason="rehydrate" if restore else "start",
+                avoid_providers=list(state.lost_providers),
             ),
             result_type=SandboxRef,
             task_queue=workflow.info().task_queue,
@@ -216,22 +251,49 @@ class PipelineWorkflow:
             summary=summary,
         )
         state.needs_rollback = False
+        state.providers.append(state.sandbox.provider)
 
     async def _run_step(self, index: int) -> StepOutcome:
         pipeline, state = self._pipeline, self._state
         assert state.sandbox is not None
         attempt = state.failures.get(index, 0) + 1
         label = step_label(pipeline, index)
-        return await workflow.execute_activity(
+        outcome: StepOutcome = await workflow.execute_activity(
             RUN_STEP,
             RunStepInput(
-                sandbox=state.sandbox, pipeline=pipeline, store=self._run_input.store, index=index, attempt=attempt
+                sandbox=state.sandbox,
+                plan=self._plan,
+                step=pipeline.steps[index],
+                store=self._run_input.store,
+                index=index,
+                attempt=attempt,
             ),
             result_type=StepOutcome,
             start_to_close_timeout=timedelta(seconds=pipeline.steps[index].timeout + 60),
             summary=label if attempt == 1 else f"{label} (attempt {attempt})",
             **self._sandbox_options(state.sandbox),
         )
+        return outcome
+
+    async def _run_agent(self, index: int) -> StepOutcome:
+        context = AgentContext(
+            pipeline=self._pipeline,
+            state=self._state,
+            store=self._run_input.store,
+            index=index,
+            attempt=self._state.failures.get(index, 0) + 1,
+            sandbox_options=self._sandbox_options,
+            on_progress=self._on_agent_progress,
+        )
+        return await AgentLoop(context).run()
+
+    def _on_agent_progress(self, progress: AgentProgress | None) -> None:
+        self._agent_progress = progress
+        if progress is not None:
+            where = step_label(self._pipeline, progress.step)
+            workflow.set_current_details(
+                f"{where} — agent turn {progress.turn}/{progress.max_turns} (rehydrations: {self._state.rehydrations})"
+            )
 
     async def _checkpoint(self, *, step: int) -> None:
         pipeline, state = self._pipeline, self._state
@@ -241,7 +303,7 @@ class PipelineWorkflow:
             CHECKPOINT,
             CheckpointInput(
                 sandbox=state.sandbox,
-                pipeline=pipeline,
+                plan=self._plan,
                 store=self._run_input.store,
                 run_id=workflow.info().workflow_id,
                 step=step,
@@ -263,7 +325,7 @@ class PipelineWorkflow:
         await workflow.execute_activity(
             ROLLBACK,
             RollbackInput(
-                sandbox=state.sandbox, pipeline=pipeline, store=self._run_input.store, snapshot=state.last_snapshot
+                sandbox=state.sandbox, plan=self._plan, store=self._run_input.store, snapshot=state.last_snapshot
             ),
             result_type=RollbackResult,
             start_to_close_timeout=timedelta(seconds=pipeline.timeouts.checkpoint),
@@ -271,6 +333,34 @@ class PipelineWorkflow:
             **self._sandbox_options(state.sandbox),
         )
         state.needs_rollback = False
+
+    async def _upload_outputs(self, step: int | None) -> None:
+        """Publish the outputs due after ``step``'s checkpoint (None: the end of the run), from that snapshot."""
+        pipeline, state = self._pipeline, self._state
+        step_name = pipeline.steps[step].name if step is not None else None
+        due = {i: output for i, output in enumerate(pipeline.outputs) if output.applies_after(step_name)}
+        if not due or state.last_snapshot is None:
+            return
+        self._set_phase("publishing outputs", step)
+        where = step_label(pipeline, step) if step is not None else "the run"
+        records = await workflow.execute_activity(
+            UPLOAD_OUTPUTS,
+            OutputsInput(
+                pipeline=pipeline.name,
+                store=self._run_input.store,
+                run_id=workflow.info().workflow_id,
+                snapshot=state.last_snapshot,
+                step=step,
+                outputs=due,
+            ),
+            result_type=list[OutputRecord],
+            task_queue=workflow.info().task_queue,  # reads the snapshot store: any worker can do it
+            start_to_close_timeout=timedelta(seconds=pipeline.timeouts.checkpoint),
+            heartbeat_timeout=timedelta(seconds=max(pipeline.timeouts.heartbeat, 30)),
+            retry_policy=OUTPUT_RETRY,
+            summary=f"publish {len(due)} output(s) of {where}",
+        )
+        state.outputs.extend(records)
 
     def _sandbox_options(self, sandbox: SandboxRef) -> dict[str, Any]:
         timeouts = self._pipeline.timeouts
@@ -342,6 +432,8 @@ class PipelineWorkflow:
             last_snapshot=state.last_snapshot,
             checkpoints=state.checkpoints[-50:],
             last_error=self._last_error,
+            usage=state.usage,
+            agent=self._agent_progress,
         )
 
     def _set_phase(self, phase: str, index: int | None) -> None:
@@ -357,6 +449,8 @@ class PipelineWorkflow:
 
     @staticmethod
     def _exit_text(outcome: StepOutcome) -> str:
+        if outcome.reason:
+            return outcome.reason
         return "timed out" if outcome.timed_out else f"exit code {outcome.exit_code}"
 
     def _step_failed(self, index: int, outcome: StepOutcome, attempts: int) -> ApplicationError:
@@ -393,6 +487,10 @@ class PipelineWorkflow:
             seed_snapshot=self._run_input.seed_snapshot,
             store=self._run_input.store,
             checkpoints=state.checkpoints,
+            usage=state.usage,
+            agents=[state.agents[i] for i in sorted(state.agents)],
+            outputs=state.outputs,
+            providers=state.providers,
         )
 
     @property
@@ -403,3 +501,10 @@ class PipelineWorkflow:
     @property
     def _pipeline(self) -> Pipeline:
         return self._run_input.pipeline
+
+    @property
+    def _plan(self) -> SandboxPlan:
+        """What sandbox activities get instead of the whole pipeline (its size does not grow with the steps)."""
+        if self._sandbox_plan is None:
+            self._sandbox_plan = SandboxPlan.of(self._pipeline)
+        return self._sandbox_plan

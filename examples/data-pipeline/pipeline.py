@@ -1,4 +1,6 @@
-"""The tasks of the example data pipeline (examples/data-pipeline.yaml), one per step.
+"""The tasks of the example data pipeline (examples/data-pipeline.yaml), one per shell step.
+
+(Steps 17, "triage rejected rows", and 32, "rank regions", are agent steps: a model does them with tools.)
 
 A small retail warehouse, end to end: generate raw extracts (with the usual defects), validate, clean, join,
 aggregate, and build a report. Deterministic on purpose - seeded generators, no clocks, sorted outputs - so the
@@ -194,7 +196,7 @@ def clean_orders():
     customers = {r["customer_id"] for r in read(CLEAN / "customers.csv")}
     kept, dropped = [], []
     for row in read(RAW / "orders.csv"):
-        y, m, d = (int(x) for x in row["date"].split("-"))
+        _y, m, d = (int(x) for x in row["date"].split("-"))
         ok = 1 <= m <= 12 and 1 <= d <= 31 and row["customer_id"] in customers
         (kept if ok else dropped).append(row)
     reject("orders", dropped, "bad date or unknown customer")
@@ -211,16 +213,6 @@ def clean_order_lines():
         (kept if ok else dropped).append(row)
     reject("order_lines", dropped, "bad quantity or orphan")
     write(CLEAN / "order_lines.csv", kept, SCHEMAS["order_lines"])
-
-
-@task
-def summarize_rejects():
-    counts = defaultdict(int)
-    for line in (REPORTS / "rejected.csv").read_text().splitlines():
-        name, reason, _ = line.split(",", 2)
-        counts[(name, reason)] += 1
-    rows = [{"table": n, "reason": r, "rows": c} for (n, r), c in sorted(counts.items())]
-    write(REPORTS / "rejected_summary.csv", rows, ["table", "reason", "rows"])
 
 
 # -- join ---------------------------------------------------------------------------------------------------
@@ -324,7 +316,9 @@ def cohorts():
     counts = defaultdict(int)
     for month in first.values():
         counts[month] += 1
-    write(OUT / "cohorts.csv", [{"cohort": k, "customers": v} for k, v in sorted(counts.items())], ["cohort", "customers"])
+    write(
+        OUT / "cohorts.csv", [{"cohort": k, "customers": v} for k, v in sorted(counts.items())], ["cohort", "customers"]
+    )
     (OUT / "first_order.json").write_text(json.dumps(first, sort_keys=True) + "\n")
 
 
@@ -355,7 +349,9 @@ def order_value():
     by_month = defaultdict(list)
     for order, total in orders.items():
         by_month[month_of[order]].append(total)
-    rows = [{"month": m, "orders": len(v), "avg_order_value": money(sum(v) / len(v))} for m, v in sorted(by_month.items())]
+    rows = [
+        {"month": m, "orders": len(v), "avg_order_value": money(sum(v) / len(v))} for m, v in sorted(by_month.items())
+    ]
     write(OUT / "order_value.csv", rows, ["month", "orders", "avg_order_value"])
 
 
@@ -365,7 +361,9 @@ def anomalies():
     values = [float(r["revenue"]) for r in rows]
     mean = sum(values) / len(values)
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values)) or 1.0
-    flagged = [{"month": r["key"], "revenue": r["revenue"], "z": f"{(float(r['revenue']) - mean) / sd:.2f}"} for r in rows]
+    flagged = [
+        {"month": r["key"], "revenue": r["revenue"], "z": f"{(float(r['revenue']) - mean) / sd:.2f}"} for r in rows
+    ]
     write(OUT / "monthly_zscores.csv", flagged, ["month", "revenue", "z"])
 
 
@@ -391,7 +389,9 @@ def build_report():
     for title, name in [("By region", "revenue_by_region"), ("By category", "revenue_by_category")]:
         lines += [f"## {title}", "", "| key | revenue |", "|---|---|"]
         lines += [f"| {r['key']} | {r['revenue']} |" for r in read(OUT / f"{name}.csv")] + [""]
-    lines += ["## Top customers", ""] + [f"- {r['customer_id']}: {r['revenue']}" for r in read(OUT / "top_customers.csv")[:5]]
+    lines += ["## Top customers", ""] + [
+        f"- {r['customer_id']}: {r['revenue']}" for r in read(OUT / "top_customers.csv")[:5]
+    ]
     (REPORTS / "report.md").write_text("\n".join(lines) + "\n")
 
 
@@ -417,7 +417,9 @@ def file_manifest():
             path = os.path.join(root, name)[2:]
             if path.startswith("log/") or path == "out/MANIFEST.txt":
                 continue
-            lines.append(f"{os.path.getsize(path):>10}  {hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]}  {path}")
+            lines.append(
+                f"{os.path.getsize(path):>10}  {hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]}  {path}"
+            )
     (OUT / "MANIFEST.txt").write_text("\n".join(lines) + "\n")
     print(f"{len(lines)} files")
 

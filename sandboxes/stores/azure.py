@@ -324,7 +324,7 @@ class AzureBlobStore(ObjectStore):
         props = self._properties(key)
         if props is None:
             raise ObjectMissing(key, self.url)
-        return ObjectInfo(key, int(props.size), props.last_modified.timestamp())
+        return ObjectInfo(key, int(props.size), props.last_modified.timestamp(), props.etag)
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         start = len(self._key_prefix)
@@ -341,7 +341,7 @@ class AzureBlobStore(ObjectStore):
 
             items, token = self._call("list", None, fetch)
             for props in items:
-                yield ObjectInfo(props.name[start:], int(props.size), props.last_modified.timestamp())
+                yield ObjectInfo(props.name[start:], int(props.size), props.last_modified.timestamp(), props.etag)
             if not token:
                 return
 

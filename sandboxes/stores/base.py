@@ -32,6 +32,9 @@ class ObjectInfo:
     key: str
     size: int
     modified: float  # seconds since the epoch, as the store reports it
+    #: The store's version tag for this content (S3/R2/Azure ETag, GCS generation, a stat fingerprint for a
+    #: folder): equal tags mean the object was not rewritten. None when the backend cannot tell.
+    etag: str | None = None
 
 
 class ObjectStore(abc.ABC):

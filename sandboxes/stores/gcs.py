@@ -49,6 +49,11 @@ def is_transient(e: BaseException) -> bool:
     return type(e).__name__ == "DataCorruption" or is_network_error(e)
 
 
+def _generation(blob: Any) -> str | None:
+    """GCS gives every write of an object a new generation number: the object's version tag."""
+    return str(blob.generation) if blob.generation is not None else None
+
+
 class GCSStore(ObjectStore):
     """Objects under ``prefix/`` in one GCS bucket. Thread-safe: the client is shared across threads, which
     google-cloud-storage documents as safe; each call makes its own `Blob` object."""
@@ -247,7 +252,7 @@ class GCSStore(ObjectStore):
         blob = self._get_blob(key)
         if blob is None:
             raise ObjectMissing(key, self.url)
-        return ObjectInfo(key, int(blob.size), blob.updated.timestamp())
+        return ObjectInfo(key, int(blob.size), blob.updated.timestamp(), _generation(blob))
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         start = len(self._key_prefix)
@@ -268,7 +273,7 @@ class GCSStore(ObjectStore):
 
             blobs, token = self._call("list", None, fetch)
             for blob in blobs:
-                yield ObjectInfo(blob.name[start:], int(blob.size), blob.updated.timestamp())
+                yield ObjectInfo(blob.name[start:], int(blob.size), blob.updated.timestamp(), _generation(blob))
             if not token:
                 return
 

@@ -37,6 +37,11 @@ def check_key(key: str) -> str:
     return key
 
 
+def stat_etag(st: os.stat_result) -> str:
+    """A folder has no version tags: size, mtime, ctime and inode change whenever a file is rewritten."""
+    return f"{st.st_size}-{st.st_mtime_ns}-{st.st_ctime_ns}-{st.st_ino}"
+
+
 class FileStore(ObjectStore):
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root).expanduser().absolute()
@@ -173,7 +178,7 @@ class FileStore(ObjectStore):
             st = self._path(key).stat()
         except FileNotFoundError:
             raise ObjectMissing(key, self.url) from None
-        return ObjectInfo(key, st.st_size, st.st_mtime)
+        return ObjectInfo(key, st.st_size, st.st_mtime, stat_etag(st))
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         # Walk only the folders that can hold matching keys.
@@ -193,7 +198,7 @@ class FileStore(ObjectStore):
                         st = os.stat(os.path.join(dirpath, name))
                     except FileNotFoundError:
                         continue  # deleted while we listed
-                    yield ObjectInfo(key, st.st_size, st.st_mtime)
+                    yield ObjectInfo(key, st.st_size, st.st_mtime, stat_etag(st))
 
     def delete(self, key: str) -> None:
         try:

@@ -415,7 +415,7 @@ class S3Store(ObjectStore):
         head = self._call("stat", key, lambda: self._head(full))
         if head is None:
             raise ObjectMissing(key, self.url)
-        return ObjectInfo(key, int(head["ContentLength"]), head["LastModified"].timestamp())
+        return ObjectInfo(key, int(head["ContentLength"]), head["LastModified"].timestamp(), head.get("ETag"))
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         start = len(self._key_prefix)
@@ -432,7 +432,7 @@ class S3Store(ObjectStore):
 
             page = self._call("list", None, fetch)
             for obj in page.get("Contents", ()):
-                yield ObjectInfo(obj["Key"][start:], int(obj["Size"]), obj["LastModified"].timestamp())
+                yield ObjectInfo(obj["Key"][start:], int(obj["Size"]), obj["LastModified"].timestamp(), obj.get("ETag"))
             token = page.get("NextContinuationToken")
             if not page.get("IsTruncated") or not token:
                 return

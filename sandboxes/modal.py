@@ -1,0 +1,231 @@
+"""The Modal provider: sandboxes are Modal Sandboxes, driven through the ``modal`` SDK's async (``.aio``) interface.
+
+Configuration comes from the worker's environment as the SDK reads it (``MODAL_TOKEN_ID``/``MODAL_TOKEN_SECRET``
+or ``~/.modal.toml``); the pipeline's ``sandbox.options`` may name an ``image`` (a registry tag, default Debian
+slim), ``cpu``, ``memory`` (MiB), ``app`` (default ``tardigrade``), a ``lifetime`` in seconds (default 24 h, Modal's
+maximum) and ``native_snapshot: true``. Network is off unless the pipeline allows it (``block_network``).
+
+Modal runs ``exec`` as root; step commands drop to uid 1000 with ``setpriv`` (util-linux, in every Debian image),
+so read-only mounts and root-owned helper files stay out of their reach. ``exec`` has no kill: the reaper (see
+sandboxes/remote.py) ends a timed-out or cancelled command by its marker. Files move with the SDK's filesystem
+API (``copy_to_local``/``copy_from_local``, streamed). "Gone" is ``NotFoundError`` (unknown id),
+``SandboxTerminatedError``, ``SandboxTimeoutError`` or ``ClientClosed``; a sandbox whose ``poll()`` returns an exit
+code has finished and is gone too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from sandboxes.errors import ProviderUnavailable, SandboxError, SandboxLost
+from sandboxes.manifest import WORKSPACE, sandbox_path
+from sandboxes.provider import SandboxSpec
+from sandboxes.remote import BASE_ENV, SANDBOX_UID, RemoteProcess, RemoteProvider, RemoteSandbox
+
+DEFAULT_APP = "tardigrade"
+DEFAULT_LIFETIME = 24 * 3600
+_IO_DIR = "/tmp/.tardigrade-io"  # root-owned, 0711: files handed to uid 1000 by unguessable name
+
+
+def _exceptions() -> Any:
+    import modal.exception
+
+    return modal.exception
+
+
+class _ModalProcess:
+    def __init__(self, process: Any, pumps: Sequence[asyncio.Future[None]]) -> None:
+        self._process = process
+        self._pumps = pumps
+
+    async def wait(self) -> int:
+        code = await self._process.wait.aio()
+        await asyncio.gather(*self._pumps)
+        return int(code)
+
+    async def kill(self) -> None:
+        """Modal's exec has no kill; the reaper ends the process by its marker."""
+
+
+async def _drain(stream: Any, on_output: Callable[[bytes], None]) -> None:
+    async for chunk in stream:
+        on_output(chunk if isinstance(chunk, bytes) else str(chunk).encode())
+
+
+class ModalSandbox(RemoteSandbox):
+    provider = "modal"
+
+    def __init__(self, provider: ModalProvider, sdk_sandbox: Any, spec: SandboxSpec) -> None:
+        super().__init__(provider, str(sdk_sandbox.object_id), spec)
+        self._sb = sdk_sandbox
+
+    async def _spawn(
+        self, command: str, *, env: Mapping[str, str], cwd: str, root: bool, on_output: Callable[[bytes], None]
+    ) -> RemoteProcess:
+        script = command
+        if not root:
+            script = (
+                f"exec setpriv --reuid={SANDBOX_UID} --regid={SANDBOX_UID} --clear-groups -- /bin/sh -c"
+                f" {shlex.quote(command)}"
+            )
+        process = await self._sb.exec.aio("/bin/sh", "-c", script, workdir=cwd, env=dict(env), text=False)
+        pumps = [
+            asyncio.ensure_future(_drain(process.stdout, on_output)),
+            asyncio.ensure_future(_drain(process.stderr, on_output)),
+        ]
+        return _ModalProcess(process, pumps)
+
+    async def _download(self, remote_path: str, local_path: Path) -> None:
+        await self._sb.filesystem.copy_to_local.aio(remote_path, str(local_path))
+
+    async def _upload(self, local_path: Path, remote_path: str) -> None:
+        await self._sb.filesystem.copy_from_local.aio(str(local_path), remote_path)
+
+    async def _probe_alive(self) -> bool:
+        return await self._sb.poll.aio() is None
+
+    async def _terminate(self) -> None:
+        await self._sb.terminate.aio()
+
+    def _is_gone_error(self, error: BaseException) -> bool:
+        exc = _exceptions()
+        return isinstance(
+            error, exc.NotFoundError | exc.SandboxTerminatedError | exc.SandboxTimeoutError | exc.ClientClosed
+        )
+
+    async def read_file(self, path: str, *, limit: int | None = None) -> bytes:
+        target = sandbox_path(path)
+        head = f"head -c {limit}" if limit is not None else "cat"
+        data = bytearray()
+        errors = bytearray()
+        async with self._sdk(f"reading {target}"):
+            process = await self._spawn_split(target, head, data, errors)
+            code = await process.wait()
+        if code != 0:
+            message = errors.decode(errors="replace").strip()
+            if "No such file" in message:
+                raise FileNotFoundError(target)
+            raise SandboxError(f"reading {target} failed: {message[-500:]}")
+        return bytes(data)
+
+    async def _spawn_split(self, target: str, head: str, data: bytearray, errors: bytearray) -> RemoteProcess:
+        """``cat`` as uid 1000 with stdout (the bytes) and stderr (the error) kept apart."""
+        command = (
+            f"exec setpriv --reuid={SANDBOX_UID} --regid={SANDBOX_UID} --clear-groups -- {head} --"
+            f" {shlex.quote(target)}"
+        )
+        process = await self._sb.exec.aio("/bin/sh", "-c", command, workdir=WORKSPACE, env=dict(BASE_ENV), text=False)
+        pumps = [
+            asyncio.ensure_future(_drain(process.stdout, data.extend)),
+            asyncio.ensure_future(_drain(process.stderr, errors.extend)),
+        ]
+        return _ModalProcess(process, pumps)
+
+    async def write_file(self, path: str, data: bytes, *, mode: int = 0o644) -> None:
+        """Hand the bytes over through a root-owned drop folder, then let uid 1000 write the file itself, so the
+        sandbox's permissions apply (a symlink cannot make root write into a read-only mount)."""
+        target = sandbox_path(path)
+        drop = f"{_IO_DIR}/{uuid.uuid4().hex}"
+        await self._run_root(f"mkdir -p {_IO_DIR} && chmod 711 {_IO_DIR}", "preparing a file transfer")
+        async with self._sdk(f"writing {target}"):
+            await self._sb.filesystem.write_bytes.aio(data, drop)
+        try:
+            await self._run_root(f"chmod 644 {drop}", "preparing a file transfer")
+            quoted = shlex.quote(target)
+            await self._user_shell(
+                f'mkdir -p -- "$(dirname -- {quoted})" && cat {drop} > {quoted} && chmod {mode:o} -- {quoted}',
+                f"writing {target}",
+            )
+        finally:
+            await self._run_root(f"rm -f {drop}", "removing a transferred file")
+
+    async def _native_snapshot(self) -> str | None:
+        async with self._sdk("taking a Modal filesystem snapshot"):
+            image = await self._sb.snapshot_filesystem.aio()
+        return str(image.object_id)
+
+
+class ModalProvider(RemoteProvider):
+    name = "modal"
+
+    def __init__(
+        self, state_root: Path, *, sdk: Any = None, app: str = DEFAULT_APP, lifetime: int = DEFAULT_LIFETIME
+    ) -> None:
+        """``sdk`` is the ``modal`` module (the tests pass a fake with the same ``Sandbox``, ``App``, ``Image``)."""
+        super().__init__(state_root)
+        if sdk is None:
+            try:
+                import modal
+            except ImportError:
+                raise ProviderUnavailable(
+                    "the modal provider needs the modal SDK: pip install 'tardigrade[modal]'"
+                ) from None
+            sdk = modal
+        self._sdk = sdk
+        self.app_name = app
+        self.lifetime = lifetime
+
+    @classmethod
+    def from_env(cls, state_root: Path) -> ModalProvider:
+        has_tokens = os.environ.get("MODAL_TOKEN_ID") and os.environ.get("MODAL_TOKEN_SECRET")
+        config = Path(os.environ.get("MODAL_CONFIG_PATH", Path.home() / ".modal.toml"))
+        if not has_tokens and not config.is_file():
+            raise ProviderUnavailable(
+                "the modal provider is not configured on this worker: set MODAL_TOKEN_ID and MODAL_TOKEN_SECRET in"
+                " the worker's environment (or run `modal token new`), or use another provider"
+            )
+        return cls(state_root)
+
+    async def create(self, spec: SandboxSpec) -> ModalSandbox:
+        image_tag = spec.options.get("image")
+        image = self._sdk.Image.from_registry(str(image_tag)) if image_tag else self._sdk.Image.debian_slim()
+        return await self._create(spec, image)
+
+    async def _create(self, spec: SandboxSpec, image: Any) -> ModalSandbox:
+        options = spec.options
+
+        async def make() -> ModalSandbox:
+            app = await self._sdk.App.lookup.aio(str(options.get("app") or self.app_name), create_if_missing=True)
+            sb = await self._sdk.Sandbox.create.aio(
+                "sleep",
+                "infinity",
+                app=app,
+                image=image,
+                block_network=not spec.network,
+                timeout=int(options.get("lifetime", self.lifetime)),
+                cpu=options.get("cpu"),
+                memory=options.get("memory"),
+                workdir="/",
+            )
+            return ModalSandbox(self, sb, spec)
+
+        sandbox = await self._prepared(make)
+        assert isinstance(sandbox, ModalSandbox)
+        return sandbox
+
+    async def create_from(self, spec: SandboxSpec, native_snapshot: str | None) -> tuple[ModalSandbox, bool]:
+        if native_snapshot:
+            exc = _exceptions()
+            try:
+                image = await self._sdk.Image.from_id.aio(native_snapshot)
+                return await self._create(spec, image), True
+            except (exc.NotFoundError, exc.InvalidError):
+                pass  # expired or deleted: the portable snapshot is the fallback
+        return await self.create(spec), False
+
+    async def attach(self, sandbox_id: str) -> ModalSandbox:
+        exc = _exceptions()
+        try:
+            sb = await self._sdk.Sandbox.from_id.aio(sandbox_id)
+        except exc.NotFoundError:
+            raise SandboxLost(sandbox_id, "Modal does not know it any more") from None
+        code = await sb.poll.aio()
+        if code is not None:
+            raise SandboxLost(sandbox_id, f"it has finished (exit code {code}): terminated or timed out")
+        return ModalSandbox(self, sb, SandboxSpec(network=False))
