@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
+import sys
 
 from temporalio.worker import Worker
 
@@ -57,3 +59,7 @@ async def main() -> None:
 
 if __name__ == "__main__":
     asyncio.run(main())
+    # Skip interpreter finalization: the Temporal client's native threads can abort it (exit code -6).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -110,7 +110,17 @@ async def _print_result(client: Any, workflow_id: str, as_json: bool) -> int:
         print(f"  final snapshot    {result.final_snapshot}")
         print(f"  workspace digest  {result.workspace_digest}")
         print(f"  store             {result.store}")
+        if result.usage.model_calls:
+            print(f"  model usage       {_usage(result.usage)}")
+        for agent in result.agents:
+            print(
+                f"  agent step {agent.step + 1:<6} {agent.turns} turns, {agent.tool_calls} tool calls: {agent.summary}"
+            )
     return 0
+
+
+def _usage(usage: Any) -> str:
+    return f"{usage.model_calls} model calls, {usage.input_tokens} input + {usage.output_tokens} output tokens"
 
 
 async def cmd_result(args: argparse.Namespace) -> int:
@@ -153,6 +163,13 @@ async def cmd_status(args: argparse.Namespace) -> int:
             print(
                 f"  last snapshot     {status.last_snapshot.snapshot_id} (after step {status.last_snapshot.step + 1})"
             )
+        if status.agent:
+            print(
+                f"  agent             turn {status.agent.turn}/{status.agent.max_turns}, "
+                f"{status.agent.tool_calls} tool calls so far"
+            )
+        if status.usage.model_calls:
+            print(f"  model usage       {_usage(status.usage)}")
         if status.last_error:
             print(f"  last error        {status.last_error}")
         print(f"  snapshots         {len(status.checkpoints)} recent:")

@@ -76,6 +76,11 @@ async def run_demo(
         f"Done in {seconds:.1f} s: {result.steps_completed}/{result.steps_total} steps, "
         f"{result.rehydrations} rehydration(s), {result.step_runs} step runs ({reran} re-run after a loss)."
     )
+    for agent in result.agents:
+        model = steps[agent.step].model
+        kind = "scripted model, no API call" if model is not None and model.provider == "scripted" else "model"
+        calls = f"{agent.turns} turns, {agent.tool_calls} tool calls"
+        say(f"  agent step {agent.step + 1} ({kind}): {calls} - {agent.summary}")
     say(f"  final snapshot    {result.final_snapshot}")
     say(f"  workspace digest  {result.workspace_digest}")
     say(f"  snapshot store    {result.store}")

@@ -27,6 +27,24 @@ class ObjectMissing(StoreError):
         self.store_url = store_url
 
 
+def check_key(key: str) -> str:
+    """Keys are relative, slash-separated and never climb out of the store."""
+    parts = key.split("/")
+    if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise StoreError(f"invalid object key {key!r}")
+    return key
+
+
+def require_length(data: bytes, key: str, store_url: str, offset: int, length: int) -> bytes:
+    """A ranged read must return exactly what was asked: a short one means a truncated or replaced object."""
+    if len(data) != length:
+        raise StoreError(
+            f"object {key!r} in {store_url} is shorter than expected: asked for {length} bytes at offset {offset},"
+            f" got {len(data)} (truncated or overwritten?)"
+        )
+    return data
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     key: str

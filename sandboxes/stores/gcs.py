@@ -22,8 +22,7 @@ from google.api_core import exceptions as gexc
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 
-from sandboxes.stores.base import ObjectInfo, ObjectMissing, ObjectStore, StoreError
-from sandboxes.stores.local import check_key
+from sandboxes.stores.base import ObjectInfo, ObjectMissing, ObjectStore, StoreError, check_key, require_length
 from sandboxes.stores.retry import DEFAULT_POLICY, RetryPolicy, is_network_error, is_transient_status, retry_call
 
 T = TypeVar("T")
@@ -224,13 +223,7 @@ class GCSStore(ObjectStore):
             except gexc.RequestRangeNotSatisfiable:
                 return b""  # starts past the end: reported as a short read below
 
-        data = self._call("get range of", key, attempt)
-        if len(data) != length:
-            raise StoreError(
-                f"object {key!r} in {self.url} is shorter than expected: asked for {length} bytes at offset {offset},"
-                f" got {len(data)} (truncated or overwritten?)"
-            )
-        return data
+        return require_length(self._call("get range of", key, attempt), key, self.url, offset, length)
 
     def get_file(self, key: str, path: Path) -> None:
         blob = self._blob(key)

@@ -12,13 +12,20 @@ import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from sandboxes.stores.base import ObjectInfo, ObjectMissing, ObjectStore, StoreError
+from sandboxes.stores.base import ObjectInfo, ObjectMissing, ObjectStore, StoreError, check_key
 
 _TMP_DIR = ".tmp"
+
+
+def _write_all(fd: int, parts: Sequence[bytes | bytearray | memoryview]) -> None:
+    for part in parts:
+        view = memoryview(part)
+        while view:
+            view = view[os.write(fd, view) :]
 
 
 def _fsync_dir(path: Path) -> None:
@@ -27,14 +34,6 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-
-
-def check_key(key: str) -> str:
-    """Keys are relative, slash-separated and never climb out of the store."""
-    parts = key.split("/")
-    if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts) or parts[0] == _TMP_DIR:
-        raise StoreError(f"invalid object key {key!r}")
-    return key
 
 
 def stat_etag(st: os.stat_result) -> str:
@@ -54,7 +53,9 @@ class FileStore(ObjectStore):
             raise StoreError(f"cannot create snapshot store folder {self.root}: {e.strerror}") from e
 
     def _path(self, key: str) -> Path:
-        return self.root / check_key(key)
+        if check_key(key).split("/", 1)[0] == _TMP_DIR:
+            raise StoreError(f"invalid object key {key!r}: {_TMP_DIR}/ holds writes in progress")
+        return self.root / key
 
     def _publish(self, tmp: str, key: str, *, sync_dir: bool = True) -> bool:
         final = self._path(key)
@@ -76,10 +77,7 @@ class FileStore(ObjectStore):
             return
         fd, tmp = self._temp()
         try:
-            for part in parts:
-                view = memoryview(part)
-                while view:
-                    view = view[os.write(fd, view) :]
+            _write_all(fd, parts)
         except BaseException:
             os.unlink(tmp)
             raise
@@ -114,14 +112,13 @@ class FileStore(ObjectStore):
     def _temp(self) -> tuple[int, str]:
         return tempfile.mkstemp(dir=self.root / _TMP_DIR, prefix="put-")
 
-    def put(self, key: str, data: bytes) -> bool:
+    def _write_new(self, key: str, write: Callable[[int], None]) -> bool:
+        """Write a temporary file with ``write(fd)``, fsync it, and link it into place unless the key exists."""
         if self._path(key).exists():
             return False
         fd, tmp = self._temp()
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            write(fd)
             os.fsync(fd)
         except BaseException:
             os.unlink(tmp)
@@ -130,20 +127,15 @@ class FileStore(ObjectStore):
             os.close(fd)
         return self._publish(tmp, key)
 
+    def put(self, key: str, data: bytes) -> bool:
+        return self._write_new(key, lambda fd: _write_all(fd, [data]))
+
     def put_file(self, key: str, path: Path) -> bool:
-        if self._path(key).exists():
-            return False
-        fd, tmp = self._temp()
-        try:
+        def copy(fd: int) -> None:
             with open(path, "rb") as src, os.fdopen(fd, "wb", closefd=False) as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
-            os.fsync(fd)
-        except BaseException:
-            os.unlink(tmp)
-            raise
-        finally:
-            os.close(fd)
-        return self._publish(tmp, key)
+
+        return self._write_new(key, copy)
 
     def get(self, key: str) -> bytes:
         try:

@@ -21,8 +21,7 @@ import boto3
 import botocore.exceptions
 from botocore.config import Config
 
-from sandboxes.stores.base import ObjectInfo, ObjectMissing, ObjectStore, StoreError
-from sandboxes.stores.local import check_key
+from sandboxes.stores.base import ObjectInfo, ObjectMissing, ObjectStore, StoreError, check_key, require_length
 from sandboxes.stores.retry import (
     DEFAULT_POLICY,
     RetryPolicy,
@@ -384,13 +383,7 @@ class S3Store(ObjectStore):
                 raise
             return bytes(response["Body"].read())
 
-        data = self._call("get range of", key, attempt)
-        if len(data) != length:
-            raise StoreError(
-                f"object {key!r} in {self.url} is shorter than expected: asked for {length} bytes at offset {offset},"
-                f" got {len(data)} (truncated or overwritten?)"
-            )
-        return data
+        return require_length(self._call("get range of", key, attempt), key, self.url, offset, length)
 
     def get_file(self, key: str, path: Path) -> None:
         full = self._key(key)
