@@ -151,8 +151,10 @@ def _read_file(root_fd: int, path: str, st: os.stat_result, writer: PackWriter, 
                     chunks = [writer.add(data, blob)] if data else []
                     size = len(data)
                 else:
-                    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+                    hasher = blake3.blake3()  # fed 512 KiB at a time: threads would cost more than they save
                     chunks, size = [], 0
+                    # FastCDC reuses its buffer between chunks (the pack writer copies what it keeps): reusing
+                    # memory beats fresh blocks, whose page faults cost more than the copy on these machines.
                     for chunk in chunker.cut_stream(f):
                         hasher.update(chunk.data)
                         chunks.append(writer.add(chunk.data))

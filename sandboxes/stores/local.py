@@ -13,7 +13,6 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from sandboxes.stores.base import ObjectInfo, ObjectMissing, ObjectStore, StoreError, check_key
@@ -71,13 +70,15 @@ class FileStore(ObjectStore):
         return True
 
     def put_deferred(self, key: str, parts: Sequence[bytes | bytearray | memoryview]) -> None:
-        """Write now, fsync and link into place at `flush`: an object is never visible before it is durable,
-        so a crash can not leave a truncated object under its final name."""
+        """Write and fsync now, link into place at `flush`: an object is never visible before it is durable, so a
+        crash cannot leave a truncated object under its final name. The pack writer calls this from its upload
+        threads, so the fsyncs overlap with reading and hashing the next files."""
         if self._path(key).exists():
             return
         fd, tmp = self._temp()
         try:
             _write_all(fd, parts)
+            os.fsync(fd)
         except BaseException:
             os.unlink(tmp)
             raise
@@ -91,17 +92,6 @@ class FileStore(ObjectStore):
             pending, self._deferred = self._deferred, []
         if not pending:
             return
-
-        def sync(tmp: str) -> None:
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-        # The device flushes several files faster in parallel than one after another.
-        with ThreadPoolExecutor(min(8, len(pending))) as pool:
-            list(pool.map(sync, [tmp for tmp, _ in pending]))
         folders = set()
         for tmp, key in pending:
             if self._publish(tmp, key, sync_dir=False):
