@@ -28,17 +28,21 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _RESERVED_ENV = {"HOME", "PATH", "USER", "PWD", "TMPDIR"}
 
 
+def _absolute(path: str) -> str:
+    """``~`` is the home folder, a relative path is inside the workspace; the result is normalized."""
+    if path == "~" or path.startswith("~/"):
+        path = HOME + path[1:]
+    elif not path.startswith("/"):
+        path = f"{WORKSPACE}/{path}"
+    return posixpath.normpath(path)
+
+
 def sandbox_path(path: str, *, field: str = "path") -> str:
     """Normalize a path as a sandbox sees it: relative paths are inside the workspace, ``~`` is the home folder.
     Only paths inside the workspace or home may be written."""
     if not path or not path.strip():
         raise ValueError(f"{field} is empty")
-    original = path
-    if path == "~" or path.startswith("~/"):
-        path = HOME + path[1:]
-    elif not path.startswith("/"):
-        path = f"{WORKSPACE}/{path}"
-    normalized = posixpath.normpath(path)
+    original, normalized = path, _absolute(path)
     if not any(normalized == root or normalized.startswith(root + "/") for root in WRITABLE_ROOTS):
         raise ValueError(f"{field} {original!r} is outside the sandbox's writable areas ({WORKSPACE} and {HOME})")
     return normalized
@@ -129,12 +133,7 @@ def mount_path(path: str) -> str:
     be anywhere but the system's folders (``/data``, ``/workspace/inputs``, ``~/datasets``)."""
     if not path or not path.strip():
         raise ValueError("path is empty")
-    original = path
-    if path == "~" or path.startswith("~/"):
-        path = HOME + path[1:]
-    elif not path.startswith("/"):
-        path = f"{WORKSPACE}/{path}"
-    normalized = posixpath.normpath(path)
+    original, normalized = path, _absolute(path)
     if normalized in ("/", "//", *WRITABLE_ROOTS, "/home"):
         raise ValueError(f"path {original!r} would hide a whole folder; mount into a subfolder such as /workspace/data")
     if any(normalized == d or normalized.startswith(d + "/") for d in _SYSTEM_DIRS):

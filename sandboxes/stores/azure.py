@@ -37,7 +37,15 @@ from azure.core.exceptions import (
 )
 from azure.storage.blob import BlobBlock, BlobClient, BlobServiceClient
 
-from sandboxes.stores.base import ObjectInfo, ObjectMissing, ObjectStore, StoreError, check_key, require_length
+from sandboxes.stores.base import (
+    ObjectInfo,
+    ObjectMissing,
+    ObjectStore,
+    StoreError,
+    check_key,
+    missing_bucket,
+    require_length,
+)
 from sandboxes.stores.retry import DEFAULT_POLICY, RetryPolicy, is_network_error, is_transient_status, retry_call
 
 T = TypeVar("T")
@@ -189,10 +197,7 @@ class AzureBlobStore(ObjectStore):
         return StoreError(f"{what} failed: {type(e).__name__}")
 
     def _no_container(self) -> StoreError:
-        return StoreError(
-            f"container {self.container!r} does not exist at endpoint {self.endpoint} (store {self.url}); create it"
-            " or fix the URL"
-        )
+        return missing_bucket("container", self.container, self.endpoint, self.url)
 
     def _check_container(self) -> None:
         """Fail at open, not at the first snapshot: the container must exist and be listable."""

@@ -35,6 +35,13 @@ def check_key(key: str) -> str:
     return key
 
 
+def missing_bucket(kind: str, name: str, endpoint: str, store_url: str) -> StoreError:
+    """Opening a store whose bucket (or container) is not there: say which, where, and what to do."""
+    return StoreError(
+        f"{kind} {name!r} does not exist at endpoint {endpoint} (store {store_url}); create it or fix the URL"
+    )
+
+
 def require_length(data: bytes, key: str, store_url: str, offset: int, length: int) -> bytes:
     """A ranged read must return exactly what was asked: a short one means a truncated or replaced object."""
     if len(data) != length:

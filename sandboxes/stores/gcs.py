@@ -22,7 +22,15 @@ from google.api_core import exceptions as gexc
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 
-from sandboxes.stores.base import ObjectInfo, ObjectMissing, ObjectStore, StoreError, check_key, require_length
+from sandboxes.stores.base import (
+    ObjectInfo,
+    ObjectMissing,
+    ObjectStore,
+    StoreError,
+    check_key,
+    missing_bucket,
+    require_length,
+)
 from sandboxes.stores.retry import DEFAULT_POLICY, RetryPolicy, is_network_error, is_transient_status, retry_call
 
 T = TypeVar("T")
@@ -141,10 +149,7 @@ class GCSStore(ObjectStore):
         return StoreError(f"{what} failed: {type(e).__name__}: {e}")
 
     def _no_bucket(self) -> StoreError:
-        endpoint = self._emulator or "https://storage.googleapis.com"
-        return StoreError(
-            f"bucket {self.bucket!r} does not exist at endpoint {endpoint} (store {self.url}); create it or fix the URL"
-        )
+        return missing_bucket("bucket", self.bucket, self._emulator or "https://storage.googleapis.com", self.url)
 
     def _check_bucket(self) -> None:
         """Fail at open, not at the first snapshot: the bucket must exist and be listable with these credentials."""

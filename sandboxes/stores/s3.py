@@ -21,7 +21,15 @@ import boto3
 import botocore.exceptions
 from botocore.config import Config
 
-from sandboxes.stores.base import ObjectInfo, ObjectMissing, ObjectStore, StoreError, check_key, require_length
+from sandboxes.stores.base import (
+    ObjectInfo,
+    ObjectMissing,
+    ObjectStore,
+    StoreError,
+    check_key,
+    missing_bucket,
+    require_length,
+)
 from sandboxes.stores.retry import (
     DEFAULT_POLICY,
     RetryPolicy,
@@ -230,10 +238,7 @@ class S3Store(ObjectStore):
         return ""
 
     def _no_bucket(self) -> StoreError:
-        return StoreError(
-            f"bucket {self.bucket!r} does not exist at endpoint {self.endpoint} (store {self.url}); create it or fix"
-            " the URL"
-        )
+        return missing_bucket("bucket", self.bucket, self.endpoint, self.url)
 
     def _check_bucket(self) -> None:
         """Fail at open, not at the first snapshot: the bucket must exist and be listable with these credentials."""
