@@ -45,7 +45,7 @@ from activities.secrets import Redactor
 from tardigrade.agent_spec import FINISH, READ_ONLY_TOOLS, ModelConfig, tool_schema
 
 if TYPE_CHECKING:
-    import openai  # an optional extra (tardigrade[openai]): imported when a model is first called
+    import openai  # an optional extra (tardigrade-temporal[openai]): imported when a model is first called
 
 RETRYABLE_STATUS = frozenset({408, 409, 429})  # and every 5xx
 MAX_RETRY_AFTER = 600.0  # seconds; a longer retry-after is capped (the activity's retry policy bounds the total)
@@ -341,7 +341,8 @@ async def _openai_reply(root: AgentRoot, items: list[dict[str, Any]], turn: int)
         import openai
     except ImportError:
         raise _failure(
-            "the openai package is not installed on this worker; install it with pip install 'tardigrade[openai]'",
+            "the openai package is not installed on this worker;"
+            " install it with pip install 'tardigrade-temporal[openai]'",
             "ModelNotConfigured",
         ) from None
     base_url = model.base_url or os.environ.get("OPENAI_BASE_URL") or None

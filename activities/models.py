@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from sandboxes.manifest import Manifest
-from sandboxes.outputs import Output
+from sandboxes.manifest import Manifest, Output
 from tardigrade.pipeline import Pipeline, SandboxConfig, Step, Timeouts
 
 #: The most output a step result carries into history; the full log goes to the snapshot store.

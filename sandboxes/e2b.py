@@ -166,7 +166,9 @@ class E2BProvider(RemoteProvider):
             try:
                 from e2b import AsyncSandbox
             except ImportError:
-                raise ProviderUnavailable("the e2b provider needs the e2b SDK: pip install 'tardigrade[e2b]'") from None
+                raise ProviderUnavailable(
+                    "the e2b provider needs the e2b SDK: pip install 'tardigrade-temporal[e2b]'"
+                ) from None
             sdk = AsyncSandbox
         self._sdk = sdk
         self.template = template

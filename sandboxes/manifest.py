@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from sandboxes.snapshots.selection import Selection
+from sandboxes.selection import Selection
 
 WORKSPACE = "/workspace"
 HOME = "/home/sandbox"
@@ -268,3 +268,50 @@ class Manifest(_Strict):
 
 
 IsolationLevel = Literal["required", "preferred"]
+
+
+# Outputs belong to the pipeline, not the Manifest, but share its path and URL rules. Publishing them is in
+# sandboxes/outputs.py; this is the pure declaration the workflow may import.
+PLACEHOLDERS = ("run", "step", "pipeline")
+_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+
+
+class Output(BaseModel):
+    """A sandbox path (a file or a folder) published to an object-store prefix after a step or at the end."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    path: str
+    to: str
+    after: str = "end"  # "end", "each_step" (every checkpoint) or the name of a step
+    include: list[str] = Field(default_factory=list)
+    exclude: list[str] = Field(default_factory=list)
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        return sandbox_path(v)
+
+    @field_validator("to")
+    @classmethod
+    def _to(cls, v: str) -> str:
+        for name in _PLACEHOLDER.findall(v):
+            if name not in PLACEHOLDERS:
+                known = ", ".join("{" + p + "}" for p in PLACEHOLDERS)
+                raise ValueError(f"unknown placeholder {{{name}}}; use {known}")
+        return check_data_url(v, "to")
+
+    def destination(self, *, run: str, step: int | None, pipeline: str) -> str:
+        """The URL with its placeholders filled in (``{step}`` is 1-based, or ``end``)."""
+        values = {"run": run, "step": "end" if step is None else str(step + 1), "pipeline": pipeline}
+        return _PLACEHOLDER.sub(lambda m: _safe_segment(values[m.group(1)]), self.to)
+
+    def applies_after(self, step_name: str | None) -> bool:
+        """Whether this output is published after the checkpoint of ``step_name`` (None: the end of the run)."""
+        if step_name is None:
+            return self.after == "end"
+        return self.after == "each_step" or self.after == step_name
+
+
+def _safe_segment(value: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "-", value)

@@ -164,7 +164,7 @@ class ModalProvider(RemoteProvider):
                 import modal
             except ImportError:
                 raise ProviderUnavailable(
-                    "the modal provider needs the modal SDK: pip install 'tardigrade[modal]'"
+                    "the modal provider needs the modal SDK: pip install 'tardigrade-temporal[modal]'"
                 ) from None
             sdk = modal
         self._sdk = sdk

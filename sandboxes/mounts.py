@@ -34,7 +34,7 @@ from urllib.parse import urlsplit
 
 from sandboxes.errors import SandboxError
 from sandboxes.manifest import Mount
-from sandboxes.snapshots.selection import glob_to_regex
+from sandboxes.selection import glob_to_regex
 from sandboxes.stores import ObjectInfo, ObjectMissing, ObjectStore, StoreError, open_store, redact_url
 from sandboxes.stores.local import stat_etag
 

@@ -26,16 +26,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import blake3
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from sandboxes.errors import TardigradeError
-from sandboxes.manifest import check_data_url, sandbox_path, tree_path
+from sandboxes.manifest import Output, tree_path
+from sandboxes.selection import glob_to_regex
 from sandboxes.snapshots import Selection, SnapshotEngine
-from sandboxes.snapshots.selection import glob_to_regex
 from sandboxes.stores import ObjectStore, StoreError, open_store, redact_url
-
-PLACEHOLDERS = ("run", "step", "pipeline")
-_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 
 
 class OutputError(TardigradeError):
@@ -44,47 +40,6 @@ class OutputError(TardigradeError):
 
 class OutputConflict(OutputError):
     """The destination already holds a different object under an output's name; nothing was overwritten."""
-
-
-class Output(BaseModel):
-    """A sandbox path (a file or a folder) published to an object-store prefix after a step or at the end."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    path: str
-    to: str
-    after: str = "end"  # "end", "each_step" (every checkpoint) or the name of a step
-    include: list[str] = Field(default_factory=list)
-    exclude: list[str] = Field(default_factory=list)
-
-    @field_validator("path")
-    @classmethod
-    def _path(cls, v: str) -> str:
-        return sandbox_path(v)
-
-    @field_validator("to")
-    @classmethod
-    def _to(cls, v: str) -> str:
-        for name in _PLACEHOLDER.findall(v):
-            if name not in PLACEHOLDERS:
-                known = ", ".join("{" + p + "}" for p in PLACEHOLDERS)
-                raise ValueError(f"unknown placeholder {{{name}}}; use {known}")
-        return check_data_url(v, "to")
-
-    def destination(self, *, run: str, step: int | None, pipeline: str) -> str:
-        """The URL with its placeholders filled in (``{step}`` is 1-based, or ``end``)."""
-        values = {"run": run, "step": "end" if step is None else str(step + 1), "pipeline": pipeline}
-        return _PLACEHOLDER.sub(lambda m: _safe_segment(values[m.group(1)]), self.to)
-
-    def applies_after(self, step_name: str | None) -> bool:
-        """Whether this output is published after the checkpoint of ``step_name`` (None: the end of the run)."""
-        if step_name is None:
-            return self.after == "end"
-        return self.after == "each_step" or self.after == step_name
-
-
-def _safe_segment(value: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]", "-", value)
 
 
 @dataclass

@@ -4,6 +4,7 @@
     tardigrade run PIPELINE.yaml [--address] [--task-queue] [--store URL] [--wait] [--json]
     tardigrade status WORKFLOW_ID      tardigrade result WORKFLOW_ID
     tardigrade server                  (the embedded Temporal dev server, in the foreground)
+    tardigrade worker [--address] [--task-queue] [--namespace]
     tardigrade snapshot create|restore|ls|verify ...
 
 Exit codes: 0 success, 1 the run failed, 2 bad input (pipeline file, store URL, snapshot id...).
@@ -44,6 +45,17 @@ def _print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2, default=str))
 
 
+def failure_message(error: BaseException) -> str:
+    """The innermost message of a Temporal failure chain ("Workflow execution failed" -> "Activity task
+    failed" -> the activity's own words): the one that says what to change."""
+    message = str(error)
+    cause: BaseException | None = error
+    while cause is not None:
+        message = getattr(cause, "message", None) or str(cause) or message
+        cause = getattr(cause, "cause", None) or cause.__cause__
+    return message
+
+
 def _address_or_fail(explicit: str | None) -> str:
     from tardigrade.devserver import resolve_address
 
@@ -66,6 +78,12 @@ async def cmd_demo(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(out)
     return 0
+
+
+async def cmd_worker(args: argparse.Namespace) -> int:
+    from tardigrade.worker import serve
+
+    return await serve(args.address, args.task_queue, args.namespace)
 
 
 async def cmd_run(args: argparse.Namespace) -> int:
@@ -93,8 +111,7 @@ async def _print_result(client: Any, workflow_id: str, as_json: bool) -> int:
     try:
         result = await run_result(client, workflow_id)
     except WorkflowFailureError as e:
-        cause = e.cause
-        message = getattr(cause, "message", None) or str(cause or e)
+        message = failure_message(e)
         if as_json:
             _print_json({"workflow_id": workflow_id, "status": "failed", "error": message})
         else:
@@ -138,8 +155,7 @@ async def cmd_status(args: argparse.Namespace) -> int:
     try:
         status = await run_status(client, args.workflow_id)
     except WorkflowFailureError as e:
-        cause = e.cause
-        message = getattr(cause, "message", None) or str(cause or e)
+        message = failure_message(e)
         if args.json:
             _print_json({"workflow_id": args.workflow_id, "status": "failed", "error": message})
         else:
@@ -190,7 +206,7 @@ async def cmd_server(args: argparse.Namespace) -> int:
     await server.start()
     server.write_state_file()
     print(f"Temporal dev server on {server.address}; Web UI: {server.ui_url}; database: {server.db_file}")
-    print("Ctrl-C stops it. `python worker.py` and `tardigrade run` find it without --address.")
+    print("Ctrl-C stops it. `tardigrade worker` and `tardigrade run` find it without --address.")
     try:
         while server.process is not None and server.process.poll() is None:
             await asyncio.sleep(1)
@@ -414,6 +430,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ui-port", type=int)
     p.set_defaults(handler=cmd_server)
 
+    p = sub.add_parser("worker", help="run a worker with the plugin (Ctrl-C stops it; its runs move to others)")
+    p.add_argument("--task-queue", help=f"(default: $TARDIGRADE_TASK_QUEUE or {config.DEFAULT_TASK_QUEUE!r})")
+    p.add_argument("--namespace", help="(default: $TEMPORAL_NAMESPACE or 'default')")
+    common(p, as_json=False)
+    p.set_defaults(handler=cmd_worker)
+
     p = sub.add_parser("snapshot", help="create, restore, list and verify snapshots directly")
     snap = p.add_subparsers(dest="snapshot_command", required=True)
     for name, help_text in [
@@ -469,8 +491,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except WorkflowFailureError as e:
-        cause = e.cause
-        print(f"error: the run failed: {getattr(cause, 'message', None) or cause or e}", file=sys.stderr)
+        print(f"error: the run failed: {failure_message(e)}", file=sys.stderr)
         return 1
     except RPCError as e:
         print(f"error: Temporal said: {e.message}", file=sys.stderr)

@@ -108,6 +108,6 @@ async def run_status(client: Client, workflow_id: str) -> RunStatus | RunResult:
             return await handle.query(PipelineWorkflow.status)
         except RPCError as e:
             raise RuntimeError(
-                f"run {workflow_id} is running but no worker answered ({e.message}); is `python worker.py` up?"
+                f"run {workflow_id} is running but no worker answered ({e.message}); is `tardigrade worker` up?"
             ) from e
     return await handle.result()

@@ -1,6 +1,6 @@
 """Defaults shared by the CLI, the worker and the client helpers: task queue, state folder, store, address.
 
-Every default can be overridden by an environment variable, so one `export` configures both `python worker.py`
+Every default can be overridden by an environment variable, so one `export` configures both `tardigrade worker`
 and `tardigrade run`: TEMPORAL_ADDRESS, TEMPORAL_NAMESPACE, TARDIGRADE_TASK_QUEUE, TARDIGRADE_STORE,
 TARDIGRADE_HOME.
 """

@@ -23,7 +23,8 @@ from tardigrade.devserver import EmbeddedTemporal, resolve_address
 from tardigrade.pipeline import PipelineError, load_pipeline
 from workflows.pipeline import PipelineWorkflow
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "data-pipeline.yaml"
+# tardigrade/examples links to the repository's examples/, so a checkout and an installed wheel both have it.
+EXAMPLE = Path(__file__).resolve().parent / "examples" / "data-pipeline.yaml"
 
 
 async def run_demo(

@@ -20,8 +20,7 @@ from typing import Annotated, Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from sandboxes.manifest import WORKSPACE, Manifest, sandbox_path, tree_path
-from sandboxes.outputs import Output
+from sandboxes.manifest import WORKSPACE, Manifest, Output, sandbox_path, tree_path
 from tardigrade.agent_spec import DEFAULT_TOOLS, ModelConfig, ToolName, check_agent_step
 
 _DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s)?\s*$")

@@ -351,7 +351,7 @@ def test_credentials_in_urls_are_refused_without_echoing_them(url: str) -> None:
 def test_missing_sdk_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delitem(sys.modules, "sandboxes.stores.s3", raising=False)
     monkeypatch.setitem(sys.modules, "boto3", None)  # makes `import boto3` raise ImportError
-    with pytest.raises(StoreError, match=r"s3:// stores need boto3: pip install 'tardigrade\[s3\]'"):
+    with pytest.raises(StoreError, match=r"s3:// stores need boto3: pip install 'tardigrade-temporal\[s3\]'"):
         open_store("s3://bucket/prefix")
 
 

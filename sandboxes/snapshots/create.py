@@ -21,11 +21,11 @@ import blake3
 import pyfastcdc
 
 from sandboxes.errors import WorkspaceChanged
+from sandboxes.selection import Selection
 from sandboxes.snapshots import tree as t
 from sandboxes.snapshots.crypto import Encryption
 from sandboxes.snapshots.gc import Epoch
 from sandboxes.snapshots.packs import KnownBlobs, PackWriter, blob_hash
-from sandboxes.snapshots.selection import Selection
 from sandboxes.snapshots.statcache import CachedFile, StatCacheCursor, StatCacheWriter, stat_key
 from sandboxes.snapshots.walk import Walker
 from sandboxes.stores.base import ObjectStore

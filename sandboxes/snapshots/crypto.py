@@ -22,13 +22,15 @@ import os
 import secrets
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import blake3
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from sandboxes.errors import SnapshotError
 from sandboxes.stores.base import ObjectInfo, ObjectStore
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 ENV_KEY = "TARDIGRADE_ENCRYPTION_KEY"
 MAGIC = b"TGE1"
@@ -45,11 +47,23 @@ def new_key() -> str:
     return base64.b64encode(secrets.token_bytes(32)).decode()
 
 
+def _aesgcm(key: bytes) -> AESGCM:
+    # `cryptography` is the optional 'encryption' extra: a worker without a key never needs it.
+    try:
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    except ModuleNotFoundError:
+        raise EncryptionError(
+            f"{ENV_KEY} is set but the 'cryptography' package is missing; "
+            "install it with: pip install 'tardigrade-temporal[encryption]'"
+        ) from None
+    return AESGCM(key)
+
+
 class Encryption:
     def __init__(self, master_key: bytes) -> None:
         if len(master_key) != 32:
             raise EncryptionError(f"{ENV_KEY} must be 32 bytes, base64-encoded; got {len(master_key)} bytes")
-        self._aead = AESGCM(blake3.blake3(master_key, derive_key_context="tardigrade 2026 object encryption").digest())
+        self._aead = _aesgcm(blake3.blake3(master_key, derive_key_context="tardigrade 2026 object encryption").digest())
         self._mac_key = blake3.blake3(master_key, derive_key_context="tardigrade 2026 blob ids").digest()
         self.key_id = blake3.blake3(master_key, derive_key_context="tardigrade 2026 key id").digest()[:KEY_ID_BYTES]
 
@@ -80,6 +94,8 @@ class Encryption:
         if key_id != self.key_id:
             raise EncryptionError(f"{what} is encrypted with another key (id {key_id.hex()}, ours {self.key_id.hex()})")
         nonce = data[len(MAGIC) + KEY_ID_BYTES : len(MAGIC) + KEY_ID_BYTES + NONCE_BYTES]
+        from cryptography.exceptions import InvalidTag  # present: __init__ built the cipher with it
+
         try:
             return self._aead.decrypt(nonce, data[len(MAGIC) + KEY_ID_BYTES + NONCE_BYTES :], MAGIC + key_id)
         except InvalidTag:

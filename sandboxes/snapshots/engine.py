@@ -30,6 +30,7 @@ import blake3
 import zstandard
 
 from sandboxes.errors import SnapshotCorrupt, SnapshotError, SnapshotMissing
+from sandboxes.selection import Selection
 from sandboxes.snapshots import tree as t
 from sandboxes.snapshots.create import CreateStats, create_snapshot
 from sandboxes.snapshots.crypto import EncryptedStore, Encryption, EncryptionError, require_no_encryption
@@ -37,7 +38,6 @@ from sandboxes.snapshots.gc import Epoch, GcPolicy, GcReport, collect_garbage, l
 from sandboxes.snapshots.index import BlobIndex
 from sandboxes.snapshots.packs import blob_hash, decode_blob, index_key, pack_key
 from sandboxes.snapshots.restore import RestoreStats, read_footer, restore_tree, tree_entries
-from sandboxes.snapshots.selection import Selection
 from sandboxes.stores.base import ObjectMissing, ObjectStore
 
 _ID = re.compile(r"^[0-9a-f]{64}$")

@@ -27,11 +27,11 @@ from typing import IO
 import blake3
 
 from sandboxes.errors import UnsafeTree
+from sandboxes.selection import Selection
 from sandboxes.snapshots import tree as t
 from sandboxes.snapshots.create import MODE_MASK, Fingerprint
 from sandboxes.snapshots.crypto import Encryption
 from sandboxes.snapshots.packs import BlobFetcher
-from sandboxes.snapshots.selection import Selection
 from sandboxes.snapshots.statcache import StatCacheCursor, StatCacheWriter, stat_key
 from sandboxes.snapshots.walk import Walker
 from sandboxes.stores.base import ObjectStore

@@ -11,7 +11,7 @@ import os
 import stat
 from collections.abc import Iterator
 
-from sandboxes.snapshots.selection import Selection
+from sandboxes.selection import Selection
 
 
 class Walker(Iterator[tuple[str, os.stat_result, bool]]):

@@ -131,4 +131,4 @@ def open_store(url: str) -> ObjectStore:
         if (e.name or "").split(".")[0] not in _SDK_MODULES:
             raise
         package, extra = _EXTRAS[scheme]
-        raise StoreError(f"{scheme}:// stores need {package}: pip install 'tardigrade[{extra}]'") from None
+        raise StoreError(f"{scheme}:// stores need {package}: pip install 'tardigrade-temporal[{extra}]'") from None
