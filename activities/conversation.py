@@ -28,9 +28,9 @@ from typing import Any
 import blake3
 from pydantic import BaseModel, ConfigDict
 
-from activities.models import CONVERSATION_NODES
-from sandboxes.stores import ObjectMissing, ObjectStore
+from tardigrade.activities.models import CONVERSATION_NODES
 from tardigrade.agent_spec import ModelConfig
+from tardigrade.sandboxes.stores import ObjectMissing, ObjectStore
 
 NODES = CONVERSATION_NODES
 ITEMS = "agent/items/"

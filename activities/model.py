@@ -28,8 +28,15 @@ from typing import TYPE_CHECKING, Any
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities.conversation import AgentRoot, Conversation, ConversationError, Conversations, Node, StoredReply
-from activities.models import (
+from tardigrade.activities.conversation import (
+    AgentRoot,
+    Conversation,
+    ConversationError,
+    Conversations,
+    Node,
+    StoredReply,
+)
+from tardigrade.activities.models import (
     AGENT_START,
     AGENT_TEXT_BYTES,
     MODEL_CALL,
@@ -40,8 +47,8 @@ from activities.models import (
     TokenUsage,
     ToolCallRef,
 )
-from activities.sandbox import heartbeating
-from activities.secrets import Redactor
+from tardigrade.activities.sandbox import heartbeating
+from tardigrade.activities.secrets import Redactor
 from tardigrade.agent_spec import FINISH, READ_ONLY_TOOLS, ModelConfig, tool_schema
 
 if TYPE_CHECKING:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from sandboxes.manifest import Manifest, Output
 from tardigrade.pipeline import Pipeline, SandboxConfig, Step, Timeouts
+from tardigrade.sandboxes.manifest import Manifest, Output
 
 #: The most output a step result carries into history; the full log goes to the snapshot store.
 OUTPUT_TAIL_BYTES = 2048

@@ -27,7 +27,7 @@ import zstandard
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities.models import (
+from tardigrade.activities.models import (
     CHECKPOINT,
     DESTROY,
     OUTPUT_TAIL_BYTES,
@@ -47,15 +47,21 @@ from activities.models import (
     SnapshotRef,
     StepOutcome,
 )
-from activities.secrets import Redactor, resolve_secrets
-from sandboxes.errors import IsolationUnavailable, ProviderUnavailable, SandboxError, SandboxLost, SnapshotError
-from sandboxes.manifest import SEED_SELECTION
-from sandboxes.mounts import MountError, open_source
-from sandboxes.outputs import OutputError, open_destination, upload_output
-from sandboxes.provider import FaultInjector, Sandbox, SandboxProvider, SandboxSpec
-from sandboxes.providers import build_provider, choose
-from sandboxes.snapshots import SnapshotEngine
-from sandboxes.stores import ObjectStore, open_store
+from tardigrade.activities.secrets import Redactor, resolve_secrets
+from tardigrade.sandboxes.errors import (
+    IsolationUnavailable,
+    ProviderUnavailable,
+    SandboxError,
+    SandboxLost,
+    SnapshotError,
+)
+from tardigrade.sandboxes.manifest import SEED_SELECTION
+from tardigrade.sandboxes.mounts import MountError, open_source
+from tardigrade.sandboxes.outputs import OutputError, open_destination, upload_output
+from tardigrade.sandboxes.provider import FaultInjector, Sandbox, SandboxProvider, SandboxSpec
+from tardigrade.sandboxes.providers import build_provider, choose
+from tardigrade.sandboxes.snapshots import SnapshotEngine
+from tardigrade.sandboxes.stores import ObjectStore, open_store
 
 P = ParamSpec("P")
 R = TypeVar("R")

@@ -26,14 +26,11 @@ from typing import Any
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities.conversation import AgentRoot, Conversation, ConversationError, Conversations
-from activities.models import AGENT_TEXT_BYTES, AGENT_TOOL, ToolCallInput, ToolCallResult
-from activities.patch import PatchError, apply_hunks, parse_patch
-from activities.sandbox import SandboxActivities, heartbeating, maps_sandbox_errors
-from activities.secrets import Redactor, resolve_secrets
-from sandboxes.errors import SandboxError
-from sandboxes.manifest import sandbox_path
-from sandboxes.provider import ExecResult, Sandbox
+from tardigrade.activities.conversation import AgentRoot, Conversation, ConversationError, Conversations
+from tardigrade.activities.models import AGENT_TEXT_BYTES, AGENT_TOOL, ToolCallInput, ToolCallResult
+from tardigrade.activities.patch import PatchError, apply_hunks, parse_patch
+from tardigrade.activities.sandbox import SandboxActivities, heartbeating, maps_sandbox_errors
+from tardigrade.activities.secrets import Redactor, resolve_secrets
 from tardigrade.agent_spec import (
     DEFAULT_EXEC_TIMEOUT,
     FINISH,
@@ -44,6 +41,9 @@ from tardigrade.agent_spec import (
     WriteFileArgs,
     check_arguments,
 )
+from tardigrade.sandboxes.errors import SandboxError
+from tardigrade.sandboxes.manifest import sandbox_path
+from tardigrade.sandboxes.provider import ExecResult, Sandbox
 
 TOOL_OUTPUT_LIMIT = 16 * 1024  # bytes of one tool's output the model sees; the rest is in the store
 READ_LIMIT = 1 << 20  # read_file reads at most this much of a file

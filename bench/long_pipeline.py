@@ -23,12 +23,12 @@ sys.path.insert(0, str(REPO))
 
 from temporalio.worker import Worker  # noqa: E402
 
-from sandboxes.snapshots import SnapshotEngine  # noqa: E402
-from sandboxes.stores import open_store  # noqa: E402
 from tardigrade.client import connect, start_pipeline  # noqa: E402
 from tardigrade.devserver import EmbeddedTemporal  # noqa: E402
 from tardigrade.pipeline import LoadedPipeline, parse_pipeline  # noqa: E402
 from tardigrade.plugin import TardigradePlugin  # noqa: E402
+from tardigrade.sandboxes.snapshots import SnapshotEngine  # noqa: E402
+from tardigrade.sandboxes.stores import open_store  # noqa: E402
 
 
 async def main() -> None:

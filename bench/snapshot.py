@@ -41,8 +41,8 @@ Row = tuple[str, float, str]
 
 
 def child(op: str, store_url: str, root: str, cache: str, arg: str) -> None:
-    from sandboxes.snapshots import SnapshotEngine
-    from sandboxes.stores import open_store
+    from tardigrade.sandboxes.snapshots import SnapshotEngine
+    from tardigrade.sandboxes.stores import open_store
 
     engine = SnapshotEngine(open_store(store_url), scratch_dir=Path(cache) / "scratch", encryption=None)
     started = time.perf_counter()
@@ -151,7 +151,7 @@ def moto(base: Path) -> Iterator[str]:
 
 
 def store_bytes(store_url: str) -> int:
-    from sandboxes.stores import open_store
+    from tardigrade.sandboxes.stores import open_store
 
     return sum(o.size for o in open_store(store_url).list(""))
 
@@ -297,7 +297,7 @@ def bench_store(kind: str, store_url: str, base: Path, ws: Path, many: Path, arg
     )
     before = store_bytes(store_url)
     small = ours("create", store_url, many, base / f"{kind}-many-cache")
-    from sandboxes.stores import open_store
+    from tardigrade.sandboxes.stores import open_store
 
     objects = len([o for o in open_store(store_url).list("") if not o.key.startswith("snapshots/")])
     rows.append(

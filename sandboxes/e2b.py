@@ -19,10 +19,10 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from sandboxes.errors import ProviderUnavailable, SandboxError, SandboxLost
-from sandboxes.manifest import sandbox_path
-from sandboxes.provider import SandboxSpec
-from sandboxes.remote import SANDBOX_UID, RemoteProcess, RemoteProvider, RemoteSandbox
+from tardigrade.sandboxes.errors import ProviderUnavailable, SandboxError, SandboxLost
+from tardigrade.sandboxes.manifest import sandbox_path
+from tardigrade.sandboxes.provider import SandboxSpec
+from tardigrade.sandboxes.remote import SANDBOX_UID, RemoteProcess, RemoteProvider, RemoteSandbox
 
 DEFAULT_TEMPLATE = "base"
 DEFAULT_LIFETIME = 3600

@@ -11,8 +11,8 @@ import asyncio
 from collections.abc import Awaitable, Mapping
 from typing import Any
 
-from sandboxes.local import LocalSandbox, destroy_like_a_crash
-from sandboxes.provider import Sandbox
+from tardigrade.sandboxes.local import LocalSandbox, destroy_like_a_crash
+from tardigrade.sandboxes.provider import Sandbox
 
 
 class DestroySandboxDuringStep:

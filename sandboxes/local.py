@@ -33,12 +33,19 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import IO
 
-from sandboxes.errors import IsolationUnavailable, SandboxError, SandboxLost
-from sandboxes.manifest import HOME, WORKSPACE, Mount, sandbox_path
-from sandboxes.mounts import MountStats, materialize
-from sandboxes.provider import ExecResult, FaultInjector, OutputCallback, Sandbox, SandboxProvider, SandboxSpec
-from sandboxes.snapshots import RestoreStats, Selection, SnapshotEngine, SnapshotInfo
-from sandboxes.stores import ObjectStore
+from tardigrade.sandboxes.errors import IsolationUnavailable, SandboxError, SandboxLost
+from tardigrade.sandboxes.manifest import HOME, WORKSPACE, Mount, sandbox_path
+from tardigrade.sandboxes.mounts import MountStats, materialize
+from tardigrade.sandboxes.provider import (
+    ExecResult,
+    FaultInjector,
+    OutputCallback,
+    Sandbox,
+    SandboxProvider,
+    SandboxSpec,
+)
+from tardigrade.sandboxes.snapshots import RestoreStats, Selection, SnapshotEngine, SnapshotInfo
+from tardigrade.sandboxes.stores import ObjectStore
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from sandboxes.selection import Selection
+from tardigrade.sandboxes.selection import Selection
 
 WORKSPACE = "/workspace"
 HOME = "/home/sandbox"

@@ -23,10 +23,10 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from sandboxes.errors import ProviderUnavailable, SandboxError, SandboxLost
-from sandboxes.manifest import WORKSPACE, sandbox_path
-from sandboxes.provider import SandboxSpec
-from sandboxes.remote import BASE_ENV, SANDBOX_UID, RemoteProcess, RemoteProvider, RemoteSandbox
+from tardigrade.sandboxes.errors import ProviderUnavailable, SandboxError, SandboxLost
+from tardigrade.sandboxes.manifest import WORKSPACE, sandbox_path
+from tardigrade.sandboxes.provider import SandboxSpec
+from tardigrade.sandboxes.remote import BASE_ENV, SANDBOX_UID, RemoteProcess, RemoteProvider, RemoteSandbox
 
 DEFAULT_APP = "tardigrade"
 DEFAULT_LIFETIME = 24 * 3600

@@ -32,11 +32,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from sandboxes.errors import SandboxError
-from sandboxes.manifest import Mount
-from sandboxes.selection import glob_to_regex
-from sandboxes.stores import ObjectInfo, ObjectMissing, ObjectStore, StoreError, open_store, redact_url
-from sandboxes.stores.local import stat_etag
+from tardigrade.sandboxes.errors import SandboxError
+from tardigrade.sandboxes.manifest import Mount
+from tardigrade.sandboxes.selection import glob_to_regex
+from tardigrade.sandboxes.stores import ObjectInfo, ObjectMissing, ObjectStore, StoreError, open_store, redact_url
+from tardigrade.sandboxes.stores.local import stat_etag
 
 log = logging.getLogger(__name__)
 

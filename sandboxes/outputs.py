@@ -27,11 +27,11 @@ from pathlib import Path
 
 import blake3
 
-from sandboxes.errors import TardigradeError
-from sandboxes.manifest import Output, tree_path
-from sandboxes.selection import glob_to_regex
-from sandboxes.snapshots import Selection, SnapshotEngine
-from sandboxes.stores import ObjectStore, StoreError, open_store, redact_url
+from tardigrade.sandboxes.errors import TardigradeError
+from tardigrade.sandboxes.manifest import Output, tree_path
+from tardigrade.sandboxes.selection import glob_to_regex
+from tardigrade.sandboxes.snapshots import Selection, SnapshotEngine
+from tardigrade.sandboxes.stores import ObjectStore, StoreError, open_store, redact_url
 
 
 class OutputError(TardigradeError):

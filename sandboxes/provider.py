@@ -13,12 +13,12 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from sandboxes.manifest import Mount
-from sandboxes.snapshots import RestoreStats, Selection, SnapshotEngine, SnapshotInfo
-from sandboxes.stores import ObjectStore
+from tardigrade.sandboxes.manifest import Mount
+from tardigrade.sandboxes.snapshots import RestoreStats, Selection, SnapshotEngine, SnapshotInfo
+from tardigrade.sandboxes.stores import ObjectStore
 
 if TYPE_CHECKING:
-    from sandboxes.mounts import MountStats
+    from tardigrade.sandboxes.mounts import MountStats
 
 OutputCallback = Callable[[bytes], None]
 

@@ -17,8 +17,8 @@ import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from sandboxes.errors import ProviderUnavailable
-from sandboxes.provider import FaultInjector, SandboxProvider
+from tardigrade.sandboxes.errors import ProviderUnavailable
+from tardigrade.sandboxes.provider import FaultInjector, SandboxProvider
 
 KNOWN = ("local", "e2b", "modal")
 
@@ -38,14 +38,14 @@ def build_provider(
         offered = os.environ["TARDIGRADE_PROVIDERS"]
         raise ProviderUnavailable(f"this worker does not offer the {name} provider (TARDIGRADE_PROVIDERS={offered})")
     if name == "local":
-        from sandboxes.local import LocalSandboxProvider
+        from tardigrade.sandboxes.local import LocalSandboxProvider
 
         return LocalSandboxProvider(state_dir / "sandboxes", worker_id=worker_id, fault_injector=fault_injector)
     if name == "e2b":
-        from sandboxes.e2b import E2BProvider
+        from tardigrade.sandboxes.e2b import E2BProvider
 
         return E2BProvider.from_env(state_dir / "remote" / "e2b")
-    from sandboxes.modal import ModalProvider
+    from tardigrade.sandboxes.modal import ModalProvider
 
     return ModalProvider.from_env(state_dir / "remote" / "modal")
 

@@ -46,12 +46,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Protocol
 
-from sandboxes.errors import SandboxError, SandboxLost, WorkspaceChanged
-from sandboxes.manifest import HOME, WORKSPACE, Mount, sandbox_path
-from sandboxes.mounts import MountStats, materialize
-from sandboxes.provider import ExecResult, OutputCallback, Sandbox, SandboxProvider, SandboxSpec
-from sandboxes.snapshots import RestoreStats, Selection, SnapshotEngine, SnapshotInfo
-from sandboxes.stores import ObjectStore
+from tardigrade.sandboxes.errors import SandboxError, SandboxLost, WorkspaceChanged
+from tardigrade.sandboxes.manifest import HOME, WORKSPACE, Mount, sandbox_path
+from tardigrade.sandboxes.mounts import MountStats, materialize
+from tardigrade.sandboxes.provider import ExecResult, OutputCallback, Sandbox, SandboxProvider, SandboxSpec
+from tardigrade.sandboxes.snapshots import RestoreStats, Selection, SnapshotEngine, SnapshotInfo
+from tardigrade.sandboxes.stores import ObjectStore
 
 log = logging.getLogger(__name__)
 

@@ -26,13 +26,13 @@ from pydantic import BaseModel
 from temporalio.client import WorkflowFailureError
 from temporalio.service import RPCError
 
-from sandboxes.errors import TardigradeError
-from sandboxes.stores import StoreError
 from tardigrade import config
 from tardigrade.pipeline import PipelineError
+from tardigrade.sandboxes.errors import TardigradeError
+from tardigrade.sandboxes.stores import StoreError
 
 if TYPE_CHECKING:
-    from sandboxes.snapshots import SnapshotEngine
+    from tardigrade.sandboxes.snapshots import SnapshotEngine
 
 
 class UsageError(Exception):
@@ -148,7 +148,7 @@ async def cmd_result(args: argparse.Namespace) -> int:
 
 
 async def cmd_status(args: argparse.Namespace) -> int:
-    from activities.models import RunStatus
+    from tardigrade.activities.models import RunStatus
     from tardigrade.client import connect, run_status
 
     client = await connect(_address_or_fail(args.address))
@@ -219,8 +219,8 @@ def _engine(store_url: str) -> SnapshotEngine:
     """An engine with a persistent cache folder, so repeated commands reuse the dedupe index and trees."""
     import blake3
 
-    from sandboxes.snapshots import SnapshotEngine
-    from sandboxes.stores import open_store
+    from tardigrade.sandboxes.snapshots import SnapshotEngine
+    from tardigrade.sandboxes.stores import open_store
 
     store = open_store(store_url)
     scratch = config.state_dir() / "cli-cache" / blake3.blake3(store.url.encode()).hexdigest()[:16]
@@ -231,9 +231,9 @@ async def _live_snapshots(address: str, store_url: str) -> set[str]:
     """The last snapshot and seed of every running pipeline that uses this store: GC must keep them."""
     from temporalio.client import Client
 
-    from activities.models import RunInput, RunStatus
+    from tardigrade.activities.models import RunInput, RunStatus
     from tardigrade.client import connect
-    from workflows.pipeline import PipelineWorkflow
+    from tardigrade.workflows.pipeline import PipelineWorkflow
 
     client: Client = await connect(address)
     keep: set[str] = set()
@@ -256,9 +256,9 @@ async def _live_snapshots(address: str, store_url: str) -> set[str]:
 
 
 async def _gc(engine: SnapshotEngine, args: argparse.Namespace) -> int:
-    from sandboxes.snapshots.gc import GcPolicy
     from tardigrade.devserver import resolve_address
     from tardigrade.pipeline import parse_duration
+    from tardigrade.sandboxes.snapshots.gc import GcPolicy
 
     live = None
     if not args.no_live_check:
@@ -300,7 +300,7 @@ async def _gc(engine: SnapshotEngine, args: argparse.Namespace) -> int:
 
 async def cmd_snapshot(args: argparse.Namespace) -> int:
     if args.snapshot_command == "keygen":
-        from sandboxes.snapshots.crypto import ENV_KEY, new_key
+        from tardigrade.sandboxes.snapshots.crypto import ENV_KEY, new_key
 
         print(f"export {ENV_KEY}={new_key()}")
         return 0

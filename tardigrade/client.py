@@ -15,14 +15,14 @@ from pathlib import Path
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
 from temporalio.service import RPCError
 
-from activities.models import RunInput, RunResult, RunStatus
-from sandboxes.manifest import SEED_SELECTION, tree_path
-from sandboxes.snapshots import SnapshotEngine
-from sandboxes.stores import open_store
 from tardigrade import config
+from tardigrade.activities.models import RunInput, RunResult, RunStatus
 from tardigrade.pipeline import LoadedPipeline
 from tardigrade.plugin import TardigradePlugin
-from workflows.pipeline import PipelineWorkflow
+from tardigrade.sandboxes.manifest import SEED_SELECTION, tree_path
+from tardigrade.sandboxes.snapshots import SnapshotEngine
+from tardigrade.sandboxes.stores import open_store
+from tardigrade.workflows.pipeline import PipelineWorkflow
 
 # Inline files get a fixed mtime, so the same Manifest always makes the same seed snapshot.
 INLINE_MTIME_NS = 946_684_800 * 10**9  # 2000-01-01

@@ -26,13 +26,13 @@ from temporalio.contrib.pydantic import PydanticPayloadConverter
 from temporalio.plugin import SimplePlugin
 from temporalio.worker import Worker, WorkerConfig
 
-from activities.conversation import Conversations
-from activities.model import ModelActivities
-from activities.sandbox import SandboxActivities
-from activities.tools import ToolActivities
-from sandboxes.provider import FaultInjector, SandboxProvider
 from tardigrade import config
-from workflows.pipeline import PipelineWorkflow
+from tardigrade.activities.conversation import Conversations
+from tardigrade.activities.model import ModelActivities
+from tardigrade.activities.sandbox import SandboxActivities
+from tardigrade.activities.tools import ToolActivities
+from tardigrade.sandboxes.provider import FaultInjector, SandboxProvider
+from tardigrade.workflows.pipeline import PipelineWorkflow
 
 PLUGIN_NAME = "tardigrade.TardigradePlugin"
 

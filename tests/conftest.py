@@ -19,11 +19,11 @@ import pytest
 from temporalio.client import Client, WorkflowHandle
 from temporalio.worker import Worker
 
-from sandboxes.provider import FaultInjector
 from tardigrade.client import connect, start_pipeline
 from tardigrade.devserver import EmbeddedTemporal
 from tardigrade.pipeline import LoadedPipeline, load_pipeline, parse_pipeline
 from tardigrade.plugin import TardigradePlugin
+from tardigrade.sandboxes.provider import FaultInjector
 
 pytest_plugins = ["tests.emulators"]
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from sandboxes.errors import SnapshotCorrupt, SnapshotError
-from sandboxes.snapshots import SnapshotEngine
-from sandboxes.snapshots.crypto import ENV_KEY, Encryption, EncryptionError, new_key
-from sandboxes.stores import open_store
+from tardigrade.sandboxes.errors import SnapshotCorrupt, SnapshotError
+from tardigrade.sandboxes.snapshots import SnapshotEngine
+from tardigrade.sandboxes.snapshots.crypto import ENV_KEY, Encryption, EncryptionError, new_key
+from tardigrade.sandboxes.stores import open_store
 
 MARKER = b"PLAINTEXT-THAT-MUST-NOT-BE-STORED-" * 50
 

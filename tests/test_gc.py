@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from sandboxes.snapshots import SnapshotEngine
-from sandboxes.snapshots.gc import GcError, GcPolicy, load_epochs
-from sandboxes.stores import FileStore, open_store
+from tardigrade.sandboxes.snapshots import SnapshotEngine
+from tardigrade.sandboxes.snapshots.gc import GcError, GcPolicy, load_epochs
+from tardigrade.sandboxes.stores import FileStore, open_store
 
 
 def objects(store_root: Path, prefix: str) -> set[str]:
@@ -82,7 +82,7 @@ def test_a_writer_never_reuses_a_condemned_pack(tmp_path: Path) -> None:
 def test_a_snapshot_written_while_the_collector_marks_does_not_lose_its_data(tmp_path: Path) -> None:
     """The window every mark-and-sweep has: a snapshot written after the marks were taken, reusing a pack the
     sweep is about to delete. The epoch a grace period earlier told the writer not to reuse that pack."""
-    from sandboxes.snapshots.gc import collect_garbage
+    from tardigrade.sandboxes.snapshots.gc import collect_garbage
 
     root = tmp_path / "store"
     engine = SnapshotEngine(FileStore(root), scratch_dir=tmp_path / "scratch")

@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from sandboxes.faults import DestroySandboxDuringStep
 from tardigrade.client import start_pipeline
+from tardigrade.sandboxes.faults import DestroySandboxDuringStep
 from tests.conftest import REPO, InProcessWorkers, pipeline_from
 
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from sandboxes.errors import IsolationUnavailable, SandboxError, SandboxLost
-from sandboxes.local import LocalSandbox, LocalSandboxProvider, destroy_like_a_crash
-from sandboxes.provider import SandboxSpec
+from tardigrade.sandboxes.errors import IsolationUnavailable, SandboxError, SandboxLost
+from tardigrade.sandboxes.local import LocalSandbox, LocalSandboxProvider, destroy_like_a_crash
+from tardigrade.sandboxes.provider import SandboxSpec
 
 
 @pytest.fixture

@@ -17,16 +17,16 @@ import pytest
 from temporalio.client import Client, WorkflowFailureError
 from temporalio.worker import Worker
 
-from activities.models import RunResult
-from sandboxes.e2b import E2BProvider
-from sandboxes.faults import DestroySandboxDuringStep
-from sandboxes.local import LocalSandbox, LocalSandboxProvider
-from sandboxes.provider import FaultInjector, Sandbox, SandboxProvider
-from sandboxes.snapshots import SnapshotEngine
-from sandboxes.stores import open_store
+from tardigrade.activities.models import RunResult
 from tardigrade.client import connect, start_pipeline
 from tardigrade.pipeline import PipelineError, load_pipeline
 from tardigrade.plugin import TardigradePlugin
+from tardigrade.sandboxes.e2b import E2BProvider
+from tardigrade.sandboxes.faults import DestroySandboxDuringStep
+from tardigrade.sandboxes.local import LocalSandbox, LocalSandboxProvider
+from tardigrade.sandboxes.provider import FaultInjector, Sandbox, SandboxProvider
+from tardigrade.sandboxes.snapshots import SnapshotEngine
+from tardigrade.sandboxes.stores import open_store
 from tests.conftest import fast_timeouts, pipeline_from
 from tests.emulators import AZURITE_KEY, S3_ACCESS_KEY, S3_SECRET_KEY, azure_service, gcs_client, s3_client
 from tests.history import activity_runs, history_json, step_runs
@@ -192,7 +192,7 @@ async def _outputs_exactly_once(
     )  # fmt: skip
     # The network drops after the first object of the first upload: the activity is retried and must neither
     # duplicate nor overwrite what already arrived.
-    from sandboxes.outputs import open_destination as real_open
+    from tardigrade.sandboxes.outputs import open_destination as real_open
 
     failures = {"left": 1}
 
@@ -212,7 +212,7 @@ async def _outputs_exactly_once(
             store.put_file = put_file  # type: ignore[method-assign]
         return store
 
-    monkeypatch.setattr("activities.sandbox.open_destination", flaky_open)
+    monkeypatch.setattr("tardigrade.activities.sandbox.open_destination", flaky_open)
     client = await data_workers.start()
     handle = await start_pipeline(client, loaded, task_queue=data_workers.task_queue, store_url=local_store)
     result = await handle.result()

@@ -21,14 +21,14 @@ from typing import Any
 
 import pytest
 
-from sandboxes.errors import SandboxLost
-from sandboxes.local import LocalSandbox, LocalSandboxProvider, destroy_like_a_crash
-from sandboxes.manifest import Mount, SnapshotPaths
-from sandboxes.mounts import open_source
-from sandboxes.provider import Sandbox, SandboxProvider, SandboxSpec
-from sandboxes.remote import RemoteSandbox
-from sandboxes.snapshots import SnapshotEngine
-from sandboxes.stores import open_store
+from tardigrade.sandboxes.errors import SandboxLost
+from tardigrade.sandboxes.local import LocalSandbox, LocalSandboxProvider, destroy_like_a_crash
+from tardigrade.sandboxes.manifest import Mount, SnapshotPaths
+from tardigrade.sandboxes.mounts import open_source
+from tardigrade.sandboxes.provider import Sandbox, SandboxProvider, SandboxSpec
+from tardigrade.sandboxes.remote import RemoteSandbox
+from tardigrade.sandboxes.snapshots import SnapshotEngine
+from tardigrade.sandboxes.stores import open_store
 from tests.provider_fakes import FakeCloud, bind_e2b, bind_modal, fakes_unavailable
 
 PROVIDERS = ("local", "e2b-fake", "modal-fake", "e2b-live", "modal-live")
@@ -71,8 +71,8 @@ async def make_harness(name: str, root: Path) -> AsyncIterator[Harness]:
         yield Harness(name, local, lose_local)
         await local.close()
         return
-    from sandboxes.e2b import E2BProvider
-    from sandboxes.modal import ModalProvider
+    from tardigrade.sandboxes.e2b import E2BProvider
+    from tardigrade.sandboxes.modal import ModalProvider
 
     cloud = FakeCloud(root / "cloud") if name.endswith("-fake") else None
     provider: SandboxProvider

@@ -13,10 +13,10 @@ import blake3
 import pytest
 import zstandard
 
-from sandboxes.errors import SnapshotCorrupt, SnapshotError, SnapshotMissing, UnsafeTree
-from sandboxes.snapshots import Selection, SnapshotEngine
-from sandboxes.snapshots.engine import tree_key
-from sandboxes.stores import FileStore
+from tardigrade.sandboxes.errors import SnapshotCorrupt, SnapshotError, SnapshotMissing, UnsafeTree
+from tardigrade.sandboxes.snapshots import Selection, SnapshotEngine
+from tardigrade.sandboxes.snapshots.engine import tree_key
+from tardigrade.sandboxes.stores import FileStore
 
 
 @pytest.fixture
@@ -213,8 +213,8 @@ def plant_tree(engine: SnapshotEngine, entries: list[dict[str, object]]) -> str:
 
 
 def file_entry(path: str, engine: SnapshotEngine, content: bytes = b"pwned") -> dict[str, object]:
-    from sandboxes.snapshots.index import BlobIndex
-    from sandboxes.snapshots.packs import PackWriter
+    from tardigrade.sandboxes.snapshots.index import BlobIndex
+    from tardigrade.sandboxes.snapshots.packs import PackWriter
 
     writer = PackWriter(engine.store, BlobIndex(engine.store, None))
     ref = writer.add(content)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from sandboxes.snapshots import SnapshotEngine
-from sandboxes.stores import FileStore, open_store
+from tardigrade.sandboxes.snapshots import SnapshotEngine
+from tardigrade.sandboxes.stores import FileStore, open_store
 from tests.conftest import REPO
 
 
@@ -70,8 +70,8 @@ KILLER = """
 import sys
 from pathlib import Path
 sys.path.insert(0, {repo!r})
-from sandboxes.snapshots import SnapshotEngine
-from sandboxes.stores import open_store
+from tardigrade.sandboxes.snapshots import SnapshotEngine
+from tardigrade.sandboxes.stores import open_store
 engine = SnapshotEngine(open_store({store!r}), scratch_dir=Path({scratch!r}))
 print("ready", flush=True)
 engine.create({ws!r}, cache_path=Path({cache!r}))

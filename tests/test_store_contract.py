@@ -27,10 +27,10 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from sandboxes.errors import SnapshotCorrupt
-from sandboxes.snapshots import SnapshotEngine
-from sandboxes.stores import ObjectMissing, ObjectStore, StoreError, open_store
-from sandboxes.stores.retry import RetryPolicy, Transient, retry_call
+from tardigrade.sandboxes.errors import SnapshotCorrupt
+from tardigrade.sandboxes.snapshots import SnapshotEngine
+from tardigrade.sandboxes.stores import ObjectMissing, ObjectStore, StoreError, open_store
+from tardigrade.sandboxes.stores.retry import RetryPolicy, Transient, retry_call
 from tests.emulators import (
     GCS_RESUMABLE_PRECONDITION_IGNORED,
     SECRETS,
@@ -290,7 +290,7 @@ def test_invalid_keys_are_refused(store: ObjectStore) -> None:
 def test_s3_with_aws_default_checksums(s3_bucket: str, tmp_path: Path) -> None:
     """Against AWS itself, botocore sends a CRC32 with every upload and multipart completions must repeat each
     part's; S3-compatibles get that only with ``checksums=True``. moto checks the checksums, so run that path too."""
-    from sandboxes.stores.s3 import S3Store
+    from tardigrade.sandboxes.stores.s3 import S3Store
 
     store = S3Store(s3_bucket, "aws-mode", checksums=True)
     big = tmp_path / "big"
@@ -349,7 +349,7 @@ def test_credentials_in_urls_are_refused_without_echoing_them(url: str) -> None:
 
 
 def test_missing_sdk_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delitem(sys.modules, "sandboxes.stores.s3", raising=False)
+    monkeypatch.delitem(sys.modules, "tardigrade.sandboxes.stores.s3", raising=False)
     monkeypatch.setitem(sys.modules, "boto3", None)  # makes `import boto3` raise ImportError
     with pytest.raises(StoreError, match=r"s3:// stores need boto3: pip install 'tardigrade-temporal\[s3\]'"):
         open_store("s3://bucket/prefix")
@@ -409,15 +409,15 @@ def _unreachable(kind: str, monkeypatch: pytest.MonkeyPatch, policy: RetryPolicy
         s.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{s.getsockname()[1]}"
     if kind == "s3":
-        from sandboxes.stores.s3 import S3Store
+        from tardigrade.sandboxes.stores.s3 import S3Store
 
         return S3Store("tg-unreachable", "p", endpoint=dead, retry=policy)
     if kind == "gcs":
-        from sandboxes.stores.gcs import GCSStore
+        from tardigrade.sandboxes.stores.gcs import GCSStore
 
         monkeypatch.setenv("STORAGE_EMULATOR_HOST", dead)
         return GCSStore("tg-unreachable", "p", retry=policy)
-    from sandboxes.stores.azure import AzureBlobStore
+    from tardigrade.sandboxes.stores.azure import AzureBlobStore
 
     conn = os.environ["AZURE_STORAGE_CONNECTION_STRING"]
     monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", conn.split("BlobEndpoint=")[0] + f"BlobEndpoint={dead}/x;")
@@ -486,7 +486,7 @@ def test_sdk_errors_are_classified() -> None:
     from azure.core.exceptions import HttpResponseError, ResourceExistsError, ServiceRequestError
     from google.api_core import exceptions as gexc
 
-    from sandboxes.stores import azure, gcs, s3
+    from tardigrade.sandboxes.stores import azure, gcs, s3
 
     def client_error(code: str, status: int) -> Exception:
         return botocore.exceptions.ClientError(

@@ -11,13 +11,13 @@ from typing import Any
 import psutil
 import pytest
 
-from activities.models import RunResult, RunStatus
-from sandboxes.snapshots import SnapshotEngine
-from sandboxes.stores import open_store
+from tardigrade.activities.models import RunResult, RunStatus
 from tardigrade.client import connect, start_pipeline
+from tardigrade.sandboxes.snapshots import SnapshotEngine
+from tardigrade.sandboxes.stores import open_store
+from tardigrade.workflows.pipeline import PipelineWorkflow
 from tests.conftest import WorkerProcess, fast_timeouts, pipeline_from, wait_for
 from tests.history import activity_runs, step_runs
-from workflows.pipeline import PipelineWorkflow
 
 SLEEP_MARK = "7.77"  # a sleep length no other process on the machine uses, to find orphans by
 

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-import workflows
+import tardigrade.workflows
 
 # Optional SDKs and I/O libraries: none of them may be loaded by importing workflow code.
 FORBIDDEN_LIBRARIES = (
@@ -37,15 +37,14 @@ ALLOWED_OWN = {
     "tardigrade",
     "tardigrade.pipeline",
     "tardigrade.agent_spec",
-    "activities",
-    "activities.models",
-    "sandboxes",
-    "sandboxes.manifest",
-    "sandboxes.selection",
+    "tardigrade.activities",
+    "tardigrade.activities.models",
+    "tardigrade.sandboxes",
+    "tardigrade.sandboxes.manifest",
+    "tardigrade.sandboxes.selection",
 }
-OWN_ROOTS = ("tardigrade", "activities", "sandboxes", "workflows")
 
-WORKFLOW_MODULES = sorted(m.name for m in pkgutil.iter_modules(workflows.__path__, "workflows."))
+WORKFLOW_MODULES = sorted(m.name for m in pkgutil.iter_modules(tardigrade.workflows.__path__, "tardigrade.workflows."))
 
 PROBE = """
 import importlib, json, sys
@@ -55,7 +54,7 @@ print(json.dumps(sorted(sys.modules)))
 
 
 def test_there_are_workflow_modules() -> None:
-    assert {"workflows.pipeline", "workflows.agent"} <= set(WORKFLOW_MODULES)
+    assert {"tardigrade.workflows.pipeline", "tardigrade.workflows.agent"} <= set(WORKFLOW_MODULES)
 
 
 @pytest.mark.parametrize("module", WORKFLOW_MODULES)
@@ -70,7 +69,9 @@ def test_workflow_module_loads_only_pure_models(module: str) -> None:
     own = sorted(
         name
         for name in loaded
-        if name.split(".")[0] in OWN_ROOTS and name not in ALLOWED_OWN and not name.startswith("workflows")
+        if name.split(".")[0] == "tardigrade"
+        and name not in ALLOWED_OWN
+        and not name.startswith("tardigrade.workflows")
     )
     assert not own, (
         f"importing {module} loads {own}: workflow code may import only the pure models ({sorted(ALLOWED_OWN)})"

@@ -33,7 +33,7 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
-    from activities.models import (
+    from tardigrade.activities.models import (
         AGENT_START,
         AGENT_TOOL,
         CHECKPOINT,

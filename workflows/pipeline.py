@@ -25,7 +25,7 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
-    from activities.models import (
+    from tardigrade.activities.models import (
         CHECKPOINT,
         DESTROY,
         PROVISION,
@@ -52,7 +52,7 @@ with workflow.unsafe.imports_passed_through():
         step_label,
     )
     from tardigrade.pipeline import Pipeline
-    from workflows.agent import AgentContext, AgentLoop
+    from tardigrade.workflows.agent import AgentContext, AgentLoop
 
 # Failures that no new sandbox can fix: the run stops and says what to change.
 FATAL_ERRORS = frozenset(

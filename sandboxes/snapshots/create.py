@@ -20,15 +20,15 @@ from pathlib import Path
 import blake3
 import pyfastcdc
 
-from sandboxes.errors import WorkspaceChanged
-from sandboxes.selection import Selection
-from sandboxes.snapshots import tree as t
-from sandboxes.snapshots.crypto import Encryption
-from sandboxes.snapshots.gc import Epoch
-from sandboxes.snapshots.packs import KnownBlobs, PackWriter, blob_hash
-from sandboxes.snapshots.statcache import CachedFile, StatCacheCursor, StatCacheWriter, stat_key
-from sandboxes.snapshots.walk import Walker
-from sandboxes.stores.base import ObjectStore
+from tardigrade.sandboxes.errors import WorkspaceChanged
+from tardigrade.sandboxes.selection import Selection
+from tardigrade.sandboxes.snapshots import tree as t
+from tardigrade.sandboxes.snapshots.crypto import Encryption
+from tardigrade.sandboxes.snapshots.gc import Epoch
+from tardigrade.sandboxes.snapshots.packs import KnownBlobs, PackWriter, blob_hash
+from tardigrade.sandboxes.snapshots.statcache import CachedFile, StatCacheCursor, StatCacheWriter, stat_key
+from tardigrade.sandboxes.snapshots.walk import Walker
+from tardigrade.sandboxes.stores.base import ObjectStore
 
 LARGE_FILE = 1 << 20  # files from this size on are cut into chunks
 CHUNK_AVG, CHUNK_MIN, CHUNK_MAX = 512 << 10, 256 << 10, 2 << 20  # a one-byte edit stores ~0.8 MiB

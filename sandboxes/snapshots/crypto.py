@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING
 
 import blake3
 
-from sandboxes.errors import SnapshotError
-from sandboxes.stores.base import ObjectInfo, ObjectStore
+from tardigrade.sandboxes.errors import SnapshotError
+from tardigrade.sandboxes.stores.base import ObjectInfo, ObjectStore
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM

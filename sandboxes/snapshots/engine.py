@@ -29,16 +29,16 @@ from typing import Any, Literal
 import blake3
 import zstandard
 
-from sandboxes.errors import SnapshotCorrupt, SnapshotError, SnapshotMissing
-from sandboxes.selection import Selection
-from sandboxes.snapshots import tree as t
-from sandboxes.snapshots.create import CreateStats, create_snapshot
-from sandboxes.snapshots.crypto import EncryptedStore, Encryption, EncryptionError, require_no_encryption
-from sandboxes.snapshots.gc import Epoch, GcPolicy, GcReport, collect_garbage, load_epochs
-from sandboxes.snapshots.index import BlobIndex
-from sandboxes.snapshots.packs import blob_hash, decode_blob, index_key, pack_key
-from sandboxes.snapshots.restore import RestoreStats, read_footer, restore_tree, tree_entries
-from sandboxes.stores.base import ObjectMissing, ObjectStore
+from tardigrade.sandboxes.errors import SnapshotCorrupt, SnapshotError, SnapshotMissing
+from tardigrade.sandboxes.selection import Selection
+from tardigrade.sandboxes.snapshots import tree as t
+from tardigrade.sandboxes.snapshots.create import CreateStats, create_snapshot
+from tardigrade.sandboxes.snapshots.crypto import EncryptedStore, Encryption, EncryptionError, require_no_encryption
+from tardigrade.sandboxes.snapshots.gc import Epoch, GcPolicy, GcReport, collect_garbage, load_epochs
+from tardigrade.sandboxes.snapshots.index import BlobIndex
+from tardigrade.sandboxes.snapshots.packs import blob_hash, decode_blob, index_key, pack_key
+from tardigrade.sandboxes.snapshots.restore import RestoreStats, read_footer, restore_tree, tree_entries
+from tardigrade.sandboxes.stores.base import ObjectMissing, ObjectStore
 
 _ID = re.compile(r"^[0-9a-f]{64}$")
 _TREE_CACHE_LIMIT = 32
@@ -328,7 +328,7 @@ class SnapshotEngine:
         return problems
 
     def collect_garbage(self, policy: GcPolicy, *, now: float | None = None) -> GcReport:
-        """Delete what no kept snapshot needs, in two phases a grace period apart (see `sandboxes.snapshots.gc`)."""
+        """Delete what no kept snapshot needs, in two phases a grace period apart (see snapshots/gc.py)."""
 
         def tree_packs(snapshot_id: str) -> set[str]:
             packs: set[str] = set()

@@ -28,8 +28,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sandboxes.snapshots.packs import index_key, pack_key
-from sandboxes.stores.base import ObjectMissing, ObjectStore
+from tardigrade.sandboxes.snapshots.packs import index_key, pack_key
+from tardigrade.sandboxes.stores.base import ObjectMissing, ObjectStore
 
 CONDEMNED = "gc/condemned/"
 DELETED = "gc/deleted/"
@@ -167,7 +167,7 @@ def collect_garbage(
 ) -> GcReport:
     """One GC run (see the module docstring). ``tree_packs(snapshot_id)`` yields the packs a tree references
     and raises `SnapshotMissing` if the tree is gone."""
-    from sandboxes.errors import SnapshotError
+    from tardigrade.sandboxes.errors import SnapshotError
 
     now = time.time() if now is None else now
     report = GcReport()
@@ -236,7 +236,7 @@ def collect_garbage(
 
 def _sweep(store: ObjectStore, epoch: Epoch, marked: set[str], kept: set[str], report: GcReport, dry: bool) -> None:
     """Delete what an old-enough epoch condemned and nothing references now; turn it into a deleted record."""
-    from sandboxes.snapshots.engine import record_key, tree_key
+    from tardigrade.sandboxes.snapshots.engine import record_key, tree_key
 
     gone = set()
     for pack in epoch.packs:

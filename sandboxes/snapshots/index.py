@@ -19,10 +19,10 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
 
-from sandboxes.snapshots.gc import Epoch
-from sandboxes.snapshots.packs import blob_hash
-from sandboxes.snapshots.tree import ChunkRef
-from sandboxes.stores.base import ObjectMissing, ObjectStore
+from tardigrade.sandboxes.snapshots.gc import Epoch
+from tardigrade.sandboxes.snapshots.packs import blob_hash
+from tardigrade.sandboxes.snapshots.tree import ChunkRef
+from tardigrade.sandboxes.stores.base import ObjectMissing, ObjectStore
 
 REFRESH_SECONDS = 300.0
 _LRU_LIMIT = 200_000

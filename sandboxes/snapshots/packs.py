@@ -25,10 +25,10 @@ from typing import Generic, Protocol, TypeVar
 import blake3
 import zstandard
 
-from sandboxes.errors import SnapshotCorrupt
-from sandboxes.snapshots.crypto import Encryption, EncryptionError
-from sandboxes.snapshots.tree import CODEC_ENCRYPTED, CODEC_RAW, CODEC_ZSTD, ChunkRef
-from sandboxes.stores.base import ObjectMissing, ObjectStore
+from tardigrade.sandboxes.errors import SnapshotCorrupt
+from tardigrade.sandboxes.snapshots.crypto import Encryption, EncryptionError
+from tardigrade.sandboxes.snapshots.tree import CODEC_ENCRYPTED, CODEC_RAW, CODEC_ZSTD, ChunkRef
+from tardigrade.sandboxes.stores.base import ObjectMissing, ObjectStore
 
 PACK_TARGET = 16 << 20
 SAMPLE = 64 << 10  # bytes test-compressed to decide whether a blob is worth compressing
@@ -62,7 +62,7 @@ def pack_index(refs: list[ChunkRef]) -> bytes:
 
 
 class KnownBlobs(Protocol):
-    """Where blobs the store already holds live (see `sandboxes.snapshots.index.BlobIndex`)."""
+    """Where blobs the store already holds live (see `BlobIndex` in snapshots/index.py)."""
 
     def get(self, blob: str) -> ChunkRef | None: ...
 

@@ -26,15 +26,15 @@ from typing import IO
 
 import blake3
 
-from sandboxes.errors import UnsafeTree
-from sandboxes.selection import Selection
-from sandboxes.snapshots import tree as t
-from sandboxes.snapshots.create import MODE_MASK, Fingerprint
-from sandboxes.snapshots.crypto import Encryption
-from sandboxes.snapshots.packs import BlobFetcher
-from sandboxes.snapshots.statcache import StatCacheCursor, StatCacheWriter, stat_key
-from sandboxes.snapshots.walk import Walker
-from sandboxes.stores.base import ObjectStore
+from tardigrade.sandboxes.errors import UnsafeTree
+from tardigrade.sandboxes.selection import Selection
+from tardigrade.sandboxes.snapshots import tree as t
+from tardigrade.sandboxes.snapshots.create import MODE_MASK, Fingerprint
+from tardigrade.sandboxes.snapshots.crypto import Encryption
+from tardigrade.sandboxes.snapshots.packs import BlobFetcher
+from tardigrade.sandboxes.snapshots.statcache import StatCacheCursor, StatCacheWriter, stat_key
+from tardigrade.sandboxes.snapshots.walk import Walker
+from tardigrade.sandboxes.stores.base import ObjectStore
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 

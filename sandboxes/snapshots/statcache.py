@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from sandboxes.snapshots.tree import json_str, sort_key
+from tardigrade.sandboxes.snapshots.tree import json_str, sort_key
 
 FORMAT = "tardigrade-statcache/2"
 

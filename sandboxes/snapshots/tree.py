@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 
 import blake3
 
-from sandboxes.errors import UnsafeTree
+from tardigrade.sandboxes.errors import UnsafeTree
 
 FORMAT = "tardigrade-tree/1"
 EMPTY_HASH = blake3.blake3(b"").hexdigest()

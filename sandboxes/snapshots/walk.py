@@ -11,7 +11,7 @@ import os
 import stat
 from collections.abc import Iterator
 
-from sandboxes.selection import Selection
+from tardigrade.sandboxes.selection import Selection
 
 
 class Walker(Iterator[tuple[str, os.stat_result, bool]]):

@@ -11,8 +11,8 @@ import re
 from pathlib import Path
 from urllib.parse import parse_qs, urlencode, urlsplit
 
-from sandboxes.stores.base import ObjectInfo, ObjectMissing, ObjectStore, StoreError
-from sandboxes.stores.local import FileStore
+from tardigrade.sandboxes.stores.base import ObjectInfo, ObjectMissing, ObjectStore, StoreError
+from tardigrade.sandboxes.stores.local import FileStore
 
 __all__ = ["FileStore", "ObjectInfo", "ObjectMissing", "ObjectStore", "StoreError", "open_store", "redact_url"]
 
@@ -111,7 +111,7 @@ def open_store(url: str) -> ObjectStore:
 
     try:
         if scheme in ("s3", "r2"):
-            from sandboxes.stores.s3 import S3Store
+            from tardigrade.sandboxes.stores.s3 import S3Store
 
             return S3Store(
                 bucket,
@@ -121,10 +121,10 @@ def open_store(url: str) -> ObjectStore:
                 r2_account=parts.netloc if scheme == "r2" else None,
             )
         if scheme == "gs":
-            from sandboxes.stores.gcs import GCSStore
+            from tardigrade.sandboxes.stores.gcs import GCSStore
 
             return GCSStore(bucket, prefix, project=params.get("project"))
-        from sandboxes.stores.azure import AzureBlobStore
+        from tardigrade.sandboxes.stores.azure import AzureBlobStore
 
         return AzureBlobStore(bucket, prefix, account=params.get("account"), endpoint=endpoint)
     except ImportError as e:

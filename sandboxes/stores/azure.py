@@ -37,7 +37,7 @@ from azure.core.exceptions import (
 )
 from azure.storage.blob import BlobBlock, BlobClient, BlobServiceClient
 
-from sandboxes.stores.base import (
+from tardigrade.sandboxes.stores.base import (
     ObjectInfo,
     ObjectMissing,
     ObjectStore,
@@ -46,7 +46,13 @@ from sandboxes.stores.base import (
     missing_bucket,
     require_length,
 )
-from sandboxes.stores.retry import DEFAULT_POLICY, RetryPolicy, is_network_error, is_transient_status, retry_call
+from tardigrade.sandboxes.stores.retry import (
+    DEFAULT_POLICY,
+    RetryPolicy,
+    is_network_error,
+    is_transient_status,
+    retry_call,
+)
 
 T = TypeVar("T")
 

@@ -22,7 +22,7 @@ from google.api_core import exceptions as gexc
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 
-from sandboxes.stores.base import (
+from tardigrade.sandboxes.stores.base import (
     ObjectInfo,
     ObjectMissing,
     ObjectStore,
@@ -31,7 +31,13 @@ from sandboxes.stores.base import (
     missing_bucket,
     require_length,
 )
-from sandboxes.stores.retry import DEFAULT_POLICY, RetryPolicy, is_network_error, is_transient_status, retry_call
+from tardigrade.sandboxes.stores.retry import (
+    DEFAULT_POLICY,
+    RetryPolicy,
+    is_network_error,
+    is_transient_status,
+    retry_call,
+)
 
 T = TypeVar("T")
 

@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from sandboxes.stores.base import ObjectInfo, ObjectMissing, ObjectStore, StoreError, check_key
+from tardigrade.sandboxes.stores.base import ObjectInfo, ObjectMissing, ObjectStore, StoreError, check_key
 
 _TMP_DIR = ".tmp"
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from sandboxes.stores.base import StoreError
+from tardigrade.sandboxes.stores.base import StoreError
 
 T = TypeVar("T")
 

@@ -21,7 +21,7 @@ import boto3
 import botocore.exceptions
 from botocore.config import Config
 
-from sandboxes.stores.base import (
+from tardigrade.sandboxes.stores.base import (
     ObjectInfo,
     ObjectMissing,
     ObjectStore,
@@ -30,7 +30,7 @@ from sandboxes.stores.base import (
     missing_bucket,
     require_length,
 )
-from sandboxes.stores.retry import (
+from tardigrade.sandboxes.stores.retry import (
     DEFAULT_POLICY,
     RetryPolicy,
     Transient,
