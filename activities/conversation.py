@@ -28,7 +28,7 @@ from typing import Any
 import blake3
 from pydantic import BaseModel, ConfigDict
 
-from tardigrade.activities.models import CONVERSATION_NODES
+from tardigrade.activities.contract import CONVERSATION_NODES
 from tardigrade.agent_spec import ModelConfig
 from tardigrade.sandboxes.stores import ObjectMissing, ObjectStore
 

@@ -27,7 +27,7 @@ import zstandard
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from tardigrade.activities.models import (
+from tardigrade.activities.contract import (
     CHECKPOINT,
     DESTROY,
     OUTPUT_TAIL_BYTES,

@@ -26,8 +26,8 @@ from typing import Any
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from tardigrade.activities.contract import AGENT_TEXT_BYTES, AGENT_TOOL, ToolCallInput, ToolCallResult
 from tardigrade.activities.conversation import AgentRoot, Conversation, ConversationError, Conversations
-from tardigrade.activities.models import AGENT_TEXT_BYTES, AGENT_TOOL, ToolCallInput, ToolCallResult
 from tardigrade.activities.patch import PatchError, apply_hunks, parse_patch
 from tardigrade.activities.sandbox import SandboxActivities, heartbeating, maps_sandbox_errors
 from tardigrade.activities.secrets import Redactor, resolve_secrets

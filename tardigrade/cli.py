@@ -148,8 +148,8 @@ async def cmd_result(args: argparse.Namespace) -> int:
 
 
 async def cmd_status(args: argparse.Namespace) -> int:
-    from tardigrade.activities.models import RunStatus
     from tardigrade.client import connect, run_status
+    from tardigrade.workflows.state import RunStatus
 
     client = await connect(_address_or_fail(args.address))
     try:
@@ -231,9 +231,9 @@ async def _live_snapshots(address: str, store_url: str) -> set[str]:
     """The last snapshot and seed of every running pipeline that uses this store: GC must keep them."""
     from temporalio.client import Client
 
-    from tardigrade.activities.models import RunInput, RunStatus
     from tardigrade.client import connect
     from tardigrade.workflows.pipeline import PipelineWorkflow
+    from tardigrade.workflows.state import RunInput, RunStatus
 
     client: Client = await connect(address)
     keep: set[str] = set()

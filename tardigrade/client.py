@@ -16,13 +16,13 @@ from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
 from temporalio.service import RPCError
 
 from tardigrade import config
-from tardigrade.activities.models import RunInput, RunResult, RunStatus
 from tardigrade.pipeline import LoadedPipeline
 from tardigrade.plugin import TardigradePlugin
 from tardigrade.sandboxes.manifest import SEED_SELECTION, tree_path
 from tardigrade.sandboxes.snapshots import SnapshotEngine
 from tardigrade.sandboxes.stores import open_store
 from tardigrade.workflows.pipeline import PipelineWorkflow
+from tardigrade.workflows.state import RunInput, RunResult, RunStatus
 
 # Inline files get a fixed mtime, so the same Manifest always makes the same seed snapshot.
 INLINE_MTIME_NS = 946_684_800 * 10**9  # 2000-01-01

@@ -16,12 +16,12 @@ from typing import Any
 
 from temporalio.worker import Worker
 
-from tardigrade.activities.models import RunResult, RunStatus
 from tardigrade.client import connect, new_workflow_id, start_pipeline
 from tardigrade.devserver import EmbeddedTemporal, resolve_address
 from tardigrade.pipeline import PipelineError, load_pipeline
 from tardigrade.sandboxes.faults import DestroySandboxDuringStep
 from tardigrade.workflows.pipeline import PipelineWorkflow
+from tardigrade.workflows.state import RunResult, RunStatus
 
 # tardigrade/examples links to the repository's examples/, so a checkout and an installed wheel both have it.
 EXAMPLE = Path(__file__).resolve().parent / "examples" / "data-pipeline.yaml"

@@ -28,7 +28,7 @@ from temporalio.worker import Worker, WorkerConfig
 
 from tardigrade import config
 from tardigrade.activities.conversation import Conversations
-from tardigrade.activities.model import ModelActivities
+from tardigrade.activities.model_calls import ModelActivities
 from tardigrade.activities.sandbox import SandboxActivities
 from tardigrade.activities.tools import ToolActivities
 from tardigrade.sandboxes.provider import FaultInjector, SandboxProvider

@@ -15,8 +15,8 @@ import pytest
 import zstandard
 from temporalio.client import Client, WorkflowFailureError
 
-from tardigrade.activities.model import NUDGE
-from tardigrade.activities.models import RunResult, RunStatus, TokenUsage
+from tardigrade.activities.contract import TokenUsage
+from tardigrade.activities.model_calls import NUDGE
 from tardigrade.activities.patch import PatchError, apply_hunks, parse_patch
 from tardigrade.client import connect, start_pipeline
 from tardigrade.pipeline import LoadedPipeline, PipelineError, parse_pipeline
@@ -24,6 +24,7 @@ from tardigrade.sandboxes.faults import DestroySandboxDuringStep
 from tardigrade.sandboxes.snapshots import SnapshotEngine
 from tardigrade.sandboxes.stores import open_store
 from tardigrade.workflows.pipeline import PipelineWorkflow
+from tardigrade.workflows.state import RunResult, RunStatus
 from tests.conftest import InProcessWorkers, WorkerProcess, fast_timeouts, pipeline_from, wait_for
 from tests.fake_openai import FakeOpenAI, Turn, call, calls, fake_openai_server  # noqa: F401 - the fixture
 from tests.history import activity_runs, history_json

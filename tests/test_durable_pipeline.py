@@ -11,13 +11,13 @@ import pytest
 from temporalio.client import WorkflowFailureError
 from temporalio.worker import Worker
 
-from tardigrade.activities.models import RunResult
 from tardigrade.client import connect, start_pipeline
 from tardigrade.pipeline import load_pipeline
 from tardigrade.plugin import TardigradePlugin
 from tardigrade.sandboxes.faults import DestroySandboxDuringStep
 from tardigrade.sandboxes.snapshots import SnapshotEngine
 from tardigrade.sandboxes.stores import open_store
+from tardigrade.workflows.state import RunResult
 from tests.conftest import EXAMPLE, InProcessWorkers, fast_timeouts, pipeline_from
 from tests.history import activity_runs, history_json, run_ids, step_runs
 

@@ -17,7 +17,6 @@ import pytest
 from temporalio.client import Client, WorkflowFailureError
 from temporalio.worker import Worker
 
-from tardigrade.activities.models import RunResult
 from tardigrade.client import connect, start_pipeline
 from tardigrade.pipeline import PipelineError, load_pipeline
 from tardigrade.plugin import TardigradePlugin
@@ -27,6 +26,7 @@ from tardigrade.sandboxes.local import LocalSandbox, LocalSandboxProvider
 from tardigrade.sandboxes.provider import FaultInjector, Sandbox, SandboxProvider
 from tardigrade.sandboxes.snapshots import SnapshotEngine
 from tardigrade.sandboxes.stores import open_store
+from tardigrade.workflows.state import RunResult
 from tests.conftest import fast_timeouts, pipeline_from
 from tests.emulators import AZURITE_KEY, S3_ACCESS_KEY, S3_SECRET_KEY, azure_service, gcs_client, s3_client
 from tests.history import activity_runs, history_json, step_runs

@@ -11,11 +11,11 @@ from typing import Any
 import psutil
 import pytest
 
-from tardigrade.activities.models import RunResult, RunStatus
 from tardigrade.client import connect, start_pipeline
 from tardigrade.sandboxes.snapshots import SnapshotEngine
 from tardigrade.sandboxes.stores import open_store
 from tardigrade.workflows.pipeline import PipelineWorkflow
+from tardigrade.workflows.state import RunResult, RunStatus
 from tests.conftest import WorkerProcess, fast_timeouts, pipeline_from, wait_for
 from tests.history import activity_runs, step_runs
 

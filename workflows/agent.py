@@ -26,42 +26,36 @@ import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
-    from tardigrade.activities.models import (
-        AGENT_START,
-        AGENT_TOOL,
-        CHECKPOINT,
+    from tardigrade.activities.contract import (
         CONVERSATION_NODES,
-        MODEL_CALL,
-        MODEL_FATAL_ERRORS,
         OUTPUT_TAIL_BYTES,
-        AgentProgress,
-        AgentReport,
-        AgentResume,
         AgentStartInput,
-        AgentStartResult,
         CheckpointInput,
-        CheckpointRecord,
         ModelCallInput,
         ModelCallResult,
-        RunState,
         SandboxPlan,
-        SandboxRef,
         SnapshotRef,
         StepOutcome,
         TokenUsage,
         ToolCallInput,
         ToolCallRef,
         ToolCallResult,
-        step_label,
     )
     from tardigrade.pipeline import Pipeline, Step
+    from tardigrade.workflows.activity_calls import ActivityCalls
+    from tardigrade.workflows.state import (
+        AgentProgress,
+        AgentReport,
+        AgentResume,
+        CheckpointRecord,
+        RunState,
+        step_label,
+    )
 
 
 @dataclass
@@ -73,7 +67,7 @@ class AgentContext:
     store: str
     index: int
     attempt: int  # 1 + the step's failed attempts: a retry after a failure is a new conversation
-    sandbox_options: Callable[[SandboxRef], dict[str, Any]]
+    activities: ActivityCalls
     on_progress: Callable[[AgentProgress | None], None]
 
 
@@ -146,8 +140,7 @@ class AgentLoop:
         context, pipeline = self.context, self.context.pipeline
         assert self.step.model is not None
         try:
-            started: AgentStartResult = await workflow.execute_activity(
-                AGENT_START,
+            started = await context.activities.agent_start(
                 AgentStartInput(
                     store=context.store,
                     run_id=workflow.info().run_id,
@@ -158,10 +151,6 @@ class AgentLoop:
                     env={**pipeline.manifest.env, **self.step.env},
                     secrets=list(pipeline.manifest.secrets),
                 ),
-                result_type=AgentStartResult,
-                task_queue=workflow.info().task_queue,
-                start_to_close_timeout=timedelta(seconds=60),
-                retry_policy=RetryPolicy(maximum_attempts=5, non_retryable_error_types=list(MODEL_FATAL_ERRORS)),
                 summary=f"{self.label} · start agent ({self.step.model.label})",
             )
         except ActivityError as e:
@@ -173,8 +162,7 @@ class AgentLoop:
         assert model is not None
         number = turn.number + 1
         try:
-            result: ModelCallResult = await workflow.execute_activity(
-                MODEL_CALL,
+            return await self.context.activities.model_call(
                 ModelCallInput(
                     store=self.context.store,
                     conversation=turn.conversation,
@@ -182,24 +170,11 @@ class AgentLoop:
                     nudge=nudge,
                     turn=number,
                 ),
-                result_type=ModelCallResult,
-                task_queue=workflow.info().task_queue,
-                start_to_close_timeout=timedelta(seconds=model.request_timeout + 60),
-                heartbeat_timeout=timedelta(seconds=self.context.pipeline.timeouts.heartbeat),
-                # 408/409/429/5xx and network errors are retried; the server's retry-after, when it sends one,
-                # replaces the backoff for that attempt (ApplicationError.next_retry_delay).
-                retry_policy=RetryPolicy(
-                    initial_interval=timedelta(seconds=1),
-                    backoff_coefficient=2.0,
-                    maximum_interval=timedelta(seconds=60),
-                    maximum_attempts=model.max_attempts,
-                    non_retryable_error_types=list(MODEL_FATAL_ERRORS),
-                ),
+                model=model,
                 summary=f"{self.label} · model turn {number}",
             )
         except ActivityError as e:
             raise self._failed(f"the model call of turn {number} failed", e) from e
-        return result
 
     async def _run_tools(self, root: str, turn: _Turn) -> None:
         """The turn's remaining calls in order; consecutive read-only calls run side by side."""
@@ -222,8 +197,7 @@ class AgentLoop:
     async def _tool(self, root: str, turn: _Turn, call: ToolCallRef) -> ToolCallResult:
         state = self.context.state
         assert state.sandbox is not None
-        result: ToolCallResult = await workflow.execute_activity(
-            AGENT_TOOL,
+        return await self.context.activities.agent_tool(
             ToolCallInput(
                 sandbox=state.sandbox,
                 store=self.context.store,
@@ -233,20 +207,16 @@ class AgentLoop:
                 index=self.context.index,
                 turn=turn.number,
             ),
-            result_type=ToolCallResult,
-            start_to_close_timeout=timedelta(seconds=self.step.timeout + 60),
+            timeout=self.step.timeout,
             summary=f"{self.label} · tool {call.description}",
-            **self.context.sandbox_options(state.sandbox),
         )
-        return result
 
     async def _checkpoint(self, root: str, turn: _Turn, call: ToolCallRef) -> None:
         """Snapshot the files a mutating call left, and record them with the conversation as the resume point."""
         context, state = self.context, self.context.state
         assert state.sandbox is not None
         previous = state.agent.snapshot if state.agent is not None else state.last_snapshot
-        snapshot: SnapshotRef = await workflow.execute_activity(
-            CHECKPOINT,
+        snapshot = await context.activities.checkpoint(
             CheckpointInput(
                 sandbox=state.sandbox,
                 plan=SandboxPlan.of(context.pipeline),
@@ -255,10 +225,7 @@ class AgentLoop:
                 step=context.index,
                 parent=previous.snapshot_id if previous else None,
             ),
-            result_type=SnapshotRef,
-            start_to_close_timeout=timedelta(seconds=context.pipeline.timeouts.checkpoint),
-            summary=f"{self.label} · checkpoint after turn {turn.number} · {call.description}"[:200],
-            **context.sandbox_options(state.sandbox),
+            summary=f"{self.label} · checkpoint after turn {turn.number} · {call.description}",
         )
         record = CheckpointRecord(step=context.index, snapshot_id=snapshot.snapshot_id, turn=turn.number)
         state.checkpoints.append(record)

@@ -17,72 +17,40 @@ below Temporal's history limits. Deterministic: no I/O, clocks or randomness her
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
-from typing import Any
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
-    from tardigrade.activities.models import (
-        CHECKPOINT,
-        DESTROY,
-        PROVISION,
-        ROLLBACK,
-        RUN_STEP,
-        UPLOAD_OUTPUTS,
-        AgentProgress,
+    from tardigrade.activities.contract import (
+        SANDBOX_FATAL_ERRORS,
         CheckpointInput,
-        CheckpointRecord,
-        OutputRecord,
         OutputsInput,
         ProvisionInput,
         RollbackInput,
-        RollbackResult,
+        RunStepInput,
+        SandboxPlan,
+        StepOutcome,
+    )
+    from tardigrade.pipeline import Pipeline
+    from tardigrade.workflows.activity_calls import ActivityCalls
+    from tardigrade.workflows.agent import AgentContext, AgentLoop
+    from tardigrade.workflows.state import (
+        AgentProgress,
+        CheckpointRecord,
         RunInput,
         RunResult,
         RunState,
         RunStatus,
-        RunStepInput,
-        SandboxPlan,
-        SandboxRef,
-        SnapshotRef,
-        StepOutcome,
         step_label,
     )
-    from tardigrade.pipeline import Pipeline
-    from tardigrade.workflows.agent import AgentContext, AgentLoop
 
-# Failures that no new sandbox can fix: the run stops and says what to change.
-FATAL_ERRORS = frozenset(
-    {
-        "SecretMissing",
-        "SetupFailed",
-        "IsolationUnavailable",
-        "ProviderUnavailable",
-        "SnapshotMissing",
-        "SnapshotCorrupt",
-        "UnsafeTree",
-        "SnapshotError",
-        "StoreError",
-        "MountError",
-        "OutputError",
-        "OutputConflict",
-    }
-)
-OUTPUT_RETRY = RetryPolicy(  # publishing is idempotent: retrying a flaky bucket is safe
-    maximum_attempts=5,
-    initial_interval=timedelta(seconds=1),
-    non_retryable_error_types=["OutputError", "OutputConflict", "SnapshotMissing", "SnapshotCorrupt"],
-)
-NO_RETRY = RetryPolicy(maximum_attempts=1)  # sandbox activities: the workflow itself decides what a failure means
 MAX_RETRY_BACKOFF = 300.0
 
 
 def _fatal(error: ActivityError) -> bool:
     cause = error.cause
-    return isinstance(cause, ApplicationError) and cause.type in FATAL_ERRORS
+    return isinstance(cause, ApplicationError) and cause.type in SANDBOX_FATAL_ERRORS
 
 
 def _describe(error: BaseException) -> str:
@@ -102,6 +70,7 @@ class PipelineWorkflow:
         self._segment_steps = 0
         self._agent_progress: AgentProgress | None = None
         self._sandbox_plan: SandboxPlan | None = None
+        self._calls: ActivityCalls | None = None
 
     # -- the run ----------------------------------------------------------------------------------------------
 
@@ -197,7 +166,7 @@ class PipelineWorkflow:
         if state.sandbox is not None:
             # Kill orphans of the dead attempt if their worker still lives; a dead worker took them with it.
             # Not awaited: the new sandbox does not share files with the old one.
-            self._start_destroy(state.sandbox)
+            self._activities.start_destroy(state.sandbox, summary="destroy the lost sandbox and any orphaned processes")
             if state.sandbox.provider not in state.lost_providers:
                 state.lost_providers.append(state.sandbox.provider)  # the next provision tries the others first
         state.sandbox = None
@@ -232,8 +201,7 @@ class PipelineWorkflow:
             self._set_phase("provisioning", None)
         if state.lost_providers and len(pipeline.sandbox.preferences) > 1:
             summary += f" (preferring a provider other than {', '.join(state.lost_providers)})"
-        state.sandbox = await workflow.execute_activity(
-            PROVISION,
+        state.sandbox = await self._activities.provision(
             ProvisionInput(
                 run_id=workflow.info().workflow_id,
                 plan=self._plan,
@@ -243,11 +211,6 @@ class PipelineWorkflow:
                 reason="rehydrate" if restore else "start",
                 avoid_providers=list(state.lost_providers),
             ),
-            result_type=SandboxRef,
-            task_queue=workflow.info().task_queue,
-            start_to_close_timeout=timedelta(seconds=pipeline.timeouts.provision),
-            heartbeat_timeout=timedelta(seconds=pipeline.timeouts.heartbeat),
-            retry_policy=RetryPolicy(maximum_attempts=3, non_retryable_error_types=list(FATAL_ERRORS)),
             summary=summary,
         )
         state.needs_rollback = False
@@ -258,8 +221,7 @@ class PipelineWorkflow:
         assert state.sandbox is not None
         attempt = state.failures.get(index, 0) + 1
         label = step_label(pipeline, index)
-        outcome: StepOutcome = await workflow.execute_activity(
-            RUN_STEP,
+        return await self._activities.run_step(
             RunStepInput(
                 sandbox=state.sandbox,
                 plan=self._plan,
@@ -268,12 +230,8 @@ class PipelineWorkflow:
                 index=index,
                 attempt=attempt,
             ),
-            result_type=StepOutcome,
-            start_to_close_timeout=timedelta(seconds=pipeline.steps[index].timeout + 60),
             summary=label if attempt == 1 else f"{label} (attempt {attempt})",
-            **self._sandbox_options(state.sandbox),
         )
-        return outcome
 
     async def _run_agent(self, index: int) -> StepOutcome:
         context = AgentContext(
@@ -282,7 +240,7 @@ class PipelineWorkflow:
             store=self._run_input.store,
             index=index,
             attempt=self._state.failures.get(index, 0) + 1,
-            sandbox_options=self._sandbox_options,
+            activities=self._activities,
             on_progress=self._on_agent_progress,
         )
         return await AgentLoop(context).run()
@@ -299,8 +257,7 @@ class PipelineWorkflow:
         pipeline, state = self._pipeline, self._state
         assert state.sandbox is not None
         self._set_phase("checkpointing", step if step >= 0 else None)
-        snapshot = await workflow.execute_activity(
-            CHECKPOINT,
+        snapshot = await self._activities.checkpoint(
             CheckpointInput(
                 sandbox=state.sandbox,
                 plan=self._plan,
@@ -309,28 +266,21 @@ class PipelineWorkflow:
                 step=step,
                 parent=state.last_snapshot.snapshot_id if state.last_snapshot else None,
             ),
-            result_type=SnapshotRef,
-            start_to_close_timeout=timedelta(seconds=pipeline.timeouts.checkpoint),
             summary="checkpoint after setup" if step < 0 else f"checkpoint after {step_label(pipeline, step)}",
-            **self._sandbox_options(state.sandbox),
         )
         state.last_snapshot = snapshot
         state.checkpoints.append(CheckpointRecord(step=step, snapshot_id=snapshot.snapshot_id))
 
     async def _rollback(self) -> None:
-        pipeline, state = self._pipeline, self._state
+        state = self._state
         assert state.sandbox is not None and state.last_snapshot is not None
         self._set_phase("rolling back", state.next_step)
         where = "setup" if state.last_snapshot.step < 0 else f"step {state.last_snapshot.step + 1}"
-        await workflow.execute_activity(
-            ROLLBACK,
+        await self._activities.rollback(
             RollbackInput(
                 sandbox=state.sandbox, plan=self._plan, store=self._run_input.store, snapshot=state.last_snapshot
             ),
-            result_type=RollbackResult,
-            start_to_close_timeout=timedelta(seconds=pipeline.timeouts.checkpoint),
             summary=f"roll back to the snapshot after {where} before retrying",
-            **self._sandbox_options(state.sandbox),
         )
         state.needs_rollback = False
 
@@ -343,8 +293,7 @@ class PipelineWorkflow:
             return
         self._set_phase("publishing outputs", step)
         where = step_label(pipeline, step) if step is not None else "the run"
-        records = await workflow.execute_activity(
-            UPLOAD_OUTPUTS,
+        records = await self._activities.upload_outputs(
             OutputsInput(
                 pipeline=pipeline.name,
                 store=self._run_input.store,
@@ -353,37 +302,9 @@ class PipelineWorkflow:
                 step=step,
                 outputs=due,
             ),
-            result_type=list[OutputRecord],
-            task_queue=workflow.info().task_queue,  # reads the snapshot store: any worker can do it
-            start_to_close_timeout=timedelta(seconds=pipeline.timeouts.checkpoint),
-            heartbeat_timeout=timedelta(seconds=max(pipeline.timeouts.heartbeat, 30)),
-            retry_policy=OUTPUT_RETRY,
             summary=f"publish {len(due)} output(s) of {where}",
         )
         state.outputs.extend(records)
-
-    def _sandbox_options(self, sandbox: SandboxRef) -> dict[str, Any]:
-        timeouts = self._pipeline.timeouts
-        options: dict[str, Any] = {
-            "task_queue": sandbox.task_queue,
-            "heartbeat_timeout": timedelta(seconds=timeouts.heartbeat),
-            "retry_policy": NO_RETRY,
-        }
-        if sandbox.host_bound:
-            # Work waiting longer than this on a host's own queue means the host is gone.
-            options["schedule_to_start_timeout"] = timedelta(seconds=timeouts.host_pickup)
-        return options
-
-    def _start_destroy(self, sandbox: SandboxRef) -> None:
-        workflow.start_activity(
-            DESTROY,
-            sandbox,
-            task_queue=sandbox.task_queue,
-            start_to_close_timeout=timedelta(seconds=120),
-            schedule_to_start_timeout=timedelta(seconds=self._pipeline.timeouts.host_pickup),
-            retry_policy=NO_RETRY,
-            summary="destroy the lost sandbox and any orphaned processes",
-        )
 
     async def _destroy_sandbox(self) -> None:
         sandbox = self._state.sandbox
@@ -391,15 +312,7 @@ class PipelineWorkflow:
             return
         self._state.sandbox = None
         try:
-            await workflow.execute_activity(
-                DESTROY,
-                sandbox,
-                task_queue=sandbox.task_queue,
-                start_to_close_timeout=timedelta(seconds=120),
-                schedule_to_start_timeout=timedelta(seconds=self._pipeline.timeouts.host_pickup),
-                retry_policy=RetryPolicy(maximum_attempts=2),
-                summary="destroy the sandbox",
-            )
+            await self._activities.destroy(sandbox, summary="destroy the sandbox")
         except ActivityError:
             workflow.logger.warning("could not destroy sandbox %s; its worker will clean it up", sandbox.sandbox_id)
 
@@ -501,6 +414,12 @@ class PipelineWorkflow:
     @property
     def _pipeline(self) -> Pipeline:
         return self._run_input.pipeline
+
+    @property
+    def _activities(self) -> ActivityCalls:
+        if self._calls is None:
+            self._calls = ActivityCalls(self._pipeline.timeouts)
+        return self._calls
 
     @property
     def _plan(self) -> SandboxPlan:

@@ -28,15 +28,7 @@ from typing import TYPE_CHECKING, Any
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from tardigrade.activities.conversation import (
-    AgentRoot,
-    Conversation,
-    ConversationError,
-    Conversations,
-    Node,
-    StoredReply,
-)
-from tardigrade.activities.models import (
+from tardigrade.activities.contract import (
     AGENT_START,
     AGENT_TEXT_BYTES,
     MODEL_CALL,
@@ -46,6 +38,14 @@ from tardigrade.activities.models import (
     ModelCallResult,
     TokenUsage,
     ToolCallRef,
+)
+from tardigrade.activities.conversation import (
+    AgentRoot,
+    Conversation,
+    ConversationError,
+    Conversations,
+    Node,
+    StoredReply,
 )
 from tardigrade.activities.sandbox import heartbeating
 from tardigrade.activities.secrets import Redactor
