@@ -1,0 +1,5 @@
+"""`python -m tardigrade.cli`: the `tardigrade` command."""
+
+from tardigrade.cli import run
+
+run()
