@@ -19,7 +19,7 @@ import re
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 from azure.core import MatchConditions
@@ -37,24 +37,9 @@ from azure.core.exceptions import (
 )
 from azure.storage.blob import BlobBlock, BlobClient, BlobServiceClient
 
-from tardigrade.sandboxes.stores.base import (
-    ObjectInfo,
-    ObjectMissing,
-    ObjectStore,
-    StoreError,
-    check_key,
-    missing_bucket,
-    require_length,
-)
-from tardigrade.sandboxes.stores.retry import (
-    DEFAULT_POLICY,
-    RetryPolicy,
-    is_network_error,
-    is_transient_status,
-    retry_call,
-)
-
-T = TypeVar("T")
+from tardigrade.sandboxes.stores.base import ObjectInfo, ObjectMissing, StoreError, missing_bucket, require_length
+from tardigrade.sandboxes.stores.cloud import CloudStore
+from tardigrade.sandboxes.stores.retry import DEFAULT_POLICY, RetryPolicy, is_network_error, is_transient_status
 
 _MiB = 1 << 20
 _GET_CHUNK = 1 * _MiB
@@ -86,9 +71,15 @@ def _account_from_connection_string(conn: str) -> str | None:
     return match.group(1).strip() if match else None
 
 
-class AzureBlobStore(ObjectStore):
+class AzureBlobStore(CloudStore):
     """Objects under ``prefix/`` in one Azure Blob container. Thread-safe: one service client is shared, which
     the Azure SDK supports."""
+
+    service = "Azure Blob Storage"
+    reach_advice = "check the account/endpoint and the network"
+    # Not chained: a transport error's text can hold the request URL, and with a SAS credential that URL holds
+    # the signature. The explanation carries the status, the error code and Azure's message.
+    chain_sdk_errors = False
 
     def __init__(
         self,
@@ -113,7 +104,11 @@ class AzureBlobStore(ObjectStore):
         # The endpoint without its query: a SAS token would be there.
         self.endpoint = urlsplit(self._service.primary_endpoint)._replace(query="").geturl().rstrip("/")
         self._container = self._service.get_container_client(container)
-        self._check_container()
+        try:
+            self._check_container()
+        except BaseException:
+            self.close()  # a store that failed to open is not returned, so nobody else would close its connections
+            raise
 
     def _make_client(self, account: str | None, endpoint: str | None) -> BlobServiceClient:
         options: dict[str, Any] = {
@@ -167,24 +162,19 @@ class AzureBlobStore(ObjectStore):
     # -- plumbing ---------------------------------------------------------------------------------------------
 
     def _blob(self, key: str) -> BlobClient:
-        return self._container.get_blob_client(self._key_prefix + check_key(key))
+        return self._container.get_blob_client(self._key(key))
 
-    def _call(self, op: str, key: str | None, fn: Callable[[], T]) -> T:
-        what = f"{op} {key!r} in {self.url}" if key else f"{op} {self.url}"
-        try:
-            return retry_call(fn, is_transient=is_transient, what=what, policy=self._retry)
-        except StoreError:
-            raise
-        except ResourceNotFoundError as e:
-            if _error_code(e) == "ContainerNotFound" or key is None:
-                raise self._no_container() from None
-            raise ObjectMissing(key, self.url) from None
-        except Exception as e:
-            # Not chained: a transport error's text can hold the request URL, and with a SAS credential that URL
-            # holds the signature. The explanation carries the status, the error code and Azure's message.
-            raise self._explain(what, e) from None
+    def _is_transient(self, e: BaseException) -> bool:
+        return is_transient(e)
 
-    def _explain(self, what: str, e: BaseException) -> StoreError:
+    def _not_found(self, e: BaseException, key: str | None) -> StoreError | None:
+        if not isinstance(e, ResourceNotFoundError):
+            return None
+        if _error_code(e) == "ContainerNotFound" or key is None:
+            return self._no_container()
+        return ObjectMissing(key, self.url)
+
+    def _explain_sdk_error(self, what: str, e: BaseException) -> StoreError | None:
         if isinstance(e, ClientAuthenticationError) or (isinstance(e, HttpResponseError) and e.status_code == 403):
             return StoreError(
                 f"{what}: access denied ({_first_line(e)}). Check the account key, SAS token or Entra ID role"
@@ -192,15 +182,8 @@ class AzureBlobStore(ObjectStore):
             )
         if isinstance(e, HttpResponseError) and e.status_code is not None:
             detail = f"{e.status_code} {_error_code(e) or ''} {_first_line(e)}".replace("  ", " ")
-            if is_transient(e):
-                detail += f" (still failing after {self._retry.attempts} attempts; the service is throttling or down)"
-            return StoreError(f"{what} failed: {detail}")
-        if is_transient(e):
-            return StoreError(
-                f"{what}: cannot reach Azure Blob Storage at {self.endpoint} ({type(e).__name__}) after"
-                f" {self._retry.attempts} attempts; check the account/endpoint and the network"
-            )
-        return StoreError(f"{what} failed: {type(e).__name__}")
+            return StoreError(f"{what} failed: {detail}" + (self._still_failing() if is_transient(e) else ""))
+        return None
 
     def _no_container(self) -> StoreError:
         return missing_bucket("container", self.container, self.endpoint, self.url)

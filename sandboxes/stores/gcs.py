@@ -15,31 +15,16 @@ import contextlib
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import google.auth.exceptions
 from google.api_core import exceptions as gexc
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 
-from tardigrade.sandboxes.stores.base import (
-    ObjectInfo,
-    ObjectMissing,
-    ObjectStore,
-    StoreError,
-    check_key,
-    missing_bucket,
-    require_length,
-)
-from tardigrade.sandboxes.stores.retry import (
-    DEFAULT_POLICY,
-    RetryPolicy,
-    is_network_error,
-    is_transient_status,
-    retry_call,
-)
-
-T = TypeVar("T")
+from tardigrade.sandboxes.stores.base import ObjectInfo, ObjectMissing, StoreError, missing_bucket, require_length
+from tardigrade.sandboxes.stores.cloud import CloudStore
+from tardigrade.sandboxes.stores.retry import DEFAULT_POLICY, RetryPolicy, is_network_error, is_transient_status
 
 _MiB = 1 << 20
 _PAGE = 1000
@@ -67,9 +52,12 @@ def _generation(blob: Any) -> str | None:
     return str(blob.generation) if blob.generation is not None else None
 
 
-class GCSStore(ObjectStore):
+class GCSStore(CloudStore):
     """Objects under ``prefix/`` in one GCS bucket. Thread-safe: the client is shared across threads, which
     google-cloud-storage documents as safe; each call makes its own `Blob` object."""
+
+    service = "GCS"
+    reach_advice = "check the network (and STORAGE_EMULATOR_HOST if you use an emulator)"
 
     def __init__(
         self,
@@ -88,10 +76,15 @@ class GCSStore(ObjectStore):
         self._chunk_size = max(256 << 10, chunk_size // (256 << 10) * (256 << 10))  # GCS wants multiples of 256 KiB
         self._retry = retry
         self._emulator = os.environ.get("STORAGE_EMULATOR_HOST")
+        self.endpoint = self._emulator or "https://storage.googleapis.com"
         self._client = self._make_client(project)
         self._bucket = self._client.bucket(bucket)
         self.bucket = bucket
-        self._check_bucket()
+        try:
+            self._check_bucket()
+        except BaseException:
+            self.close()  # a store that failed to open is not returned, so nobody else would close its connections
+            raise
 
     def _make_client(self, project: str | None) -> storage.Client:
         if self._emulator:
@@ -114,28 +107,23 @@ class GCSStore(ObjectStore):
     # -- plumbing ---------------------------------------------------------------------------------------------
 
     def _blob(self, key: str, *, upload: bool = False) -> storage.Blob:
-        blob = self._bucket.blob(self._key_prefix + check_key(key))
+        blob = self._bucket.blob(self._key(key))
         if upload:
             # Otherwise resumable uploads buffer 100 MiB chunks. Not for downloads: with a chunk size set they
             # become a series of ranged GETs instead of one streamed response.
             blob.chunk_size = self._chunk_size
         return blob
 
-    def _call(self, op: str, key: str | None, fn: Callable[[], T]) -> T:
-        what = f"{op} {key!r} in {self.url}" if key else f"{op} {self.url}"
-        try:
-            return retry_call(fn, is_transient=is_transient, what=what, policy=self._retry)
-        except StoreError:
-            raise
-        except gexc.NotFound:
-            # The bucket was checked at open, so a 404 on an object request means the object is missing.
-            if key is not None:
-                raise ObjectMissing(key, self.url) from None
-            raise self._no_bucket() from None
-        except Exception as e:
-            raise self._explain(what, e) from e
+    def _is_transient(self, e: BaseException) -> bool:
+        return is_transient(e)
 
-    def _explain(self, what: str, e: BaseException) -> StoreError:
+    def _not_found(self, e: BaseException, key: str | None) -> StoreError | None:
+        if not isinstance(e, gexc.NotFound):
+            return None
+        # The bucket was checked at open, so a 404 on an object request means the object is missing.
+        return ObjectMissing(key, self.url) if key is not None else self._no_bucket()
+
+    def _explain_sdk_error(self, what: str, e: BaseException) -> StoreError | None:
         if isinstance(e, gexc.Forbidden | gexc.Unauthorized | google.auth.exceptions.RefreshError):
             return StoreError(
                 f"{what}: access denied ({type(e).__name__}). Check that the credentials are valid and grant"
@@ -143,19 +131,11 @@ class GCSStore(ObjectStore):
             )
         if isinstance(e, gexc.GoogleAPICallError):
             detail = f"{_status(e)} {e.message}".strip()
-            if is_transient(e):
-                detail += f" (still failing after {self._retry.attempts} attempts; the service is throttling or down)"
-            return StoreError(f"{what} failed: {detail}")
-        if is_transient(e):
-            endpoint = self._emulator or "https://storage.googleapis.com"
-            return StoreError(
-                f"{what}: cannot reach GCS at {endpoint} ({type(e).__name__}) after {self._retry.attempts} attempts;"
-                " check the network (and STORAGE_EMULATOR_HOST if you use an emulator)"
-            )
-        return StoreError(f"{what} failed: {type(e).__name__}: {e}")
+            return StoreError(f"{what} failed: {detail}" + (self._still_failing() if is_transient(e) else ""))
+        return None
 
     def _no_bucket(self) -> StoreError:
-        return missing_bucket("bucket", self.bucket, self._emulator or "https://storage.googleapis.com", self.url)
+        return missing_bucket("bucket", self.bucket, self.endpoint, self.url)
 
     def _check_bucket(self) -> None:
         """Fail at open, not at the first snapshot: the bucket must exist and be listable with these credentials."""
@@ -246,7 +226,7 @@ class GCSStore(ObjectStore):
         self._call("get", key, attempt)
 
     def _get_blob(self, key: str) -> Any:
-        name = self._key_prefix + check_key(key)
+        name = self._key(key)
         return self._call("stat", key, lambda: self._bucket.get_blob(name, retry=None, timeout=_TIMEOUT))
 
     def exists(self, key: str) -> bool:

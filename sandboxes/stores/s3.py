@@ -14,32 +14,22 @@ import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import urlencode
 
 import boto3
 import botocore.exceptions
 from botocore.config import Config
 
-from tardigrade.sandboxes.stores.base import (
-    ObjectInfo,
-    ObjectMissing,
-    ObjectStore,
-    StoreError,
-    check_key,
-    missing_bucket,
-    require_length,
-)
+from tardigrade.sandboxes.stores.base import ObjectInfo, ObjectMissing, StoreError, missing_bucket, require_length
+from tardigrade.sandboxes.stores.cloud import CloudStore
 from tardigrade.sandboxes.stores.retry import (
     DEFAULT_POLICY,
     RetryPolicy,
     Transient,
     is_network_error,
     is_transient_status,
-    retry_call,
 )
-
-T = TypeVar("T")
 
 _MiB = 1 << 20
 _PAGE = 1000  # S3's maximum page size for ListObjectsV2
@@ -122,9 +112,11 @@ class _FileSlice:
         self.close()
 
 
-class S3Store(ObjectStore):
+class S3Store(CloudStore):
     """Objects under ``prefix/`` in one S3 (or S3-compatible) bucket. Thread-safe: one boto3 client is shared,
     which boto3 supports (sessions are not shared; this store makes its own)."""
+
+    service = "the S3 endpoint"
 
     def __init__(
         self,
@@ -185,28 +177,23 @@ class S3Store(ObjectStore):
                 " region and AWS configuration"
             ) from None
         self.endpoint: str = self._client.meta.endpoint_url
-        self._check_bucket()
+        try:
+            self._check_bucket()
+        except BaseException:
+            self.close()  # a store that failed to open is not returned, so nobody else would close its connections
+            raise
 
     # -- plumbing ---------------------------------------------------------------------------------------------
 
-    def _key(self, key: str) -> str:
-        return self._key_prefix + check_key(key)
+    def _is_transient(self, e: BaseException) -> bool:
+        return is_transient(e)
 
-    def _call(self, op: str, key: str | None, fn: Callable[[], T]) -> T:
-        """Run one request with retries; turn whatever is left into an `ObjectMissing` or an explained error."""
-        what = f"{op} {key!r} in {self.url}" if key else f"{op} {self.url}"
-        try:
-            return retry_call(fn, is_transient=is_transient, what=what, policy=self._retry)
-        except StoreError:
-            raise
-        except botocore.exceptions.ClientError as e:
-            if key is not None and _code(e) in _MISSING_CODES:
-                raise ObjectMissing(key, self.url) from None
-            raise self._explain(what, e) from e
-        except Exception as e:
-            raise self._explain(what, e) from e
+    def _not_found(self, e: BaseException, key: str | None) -> StoreError | None:
+        if key is not None and isinstance(e, botocore.exceptions.ClientError) and _code(e) in _MISSING_CODES:
+            return ObjectMissing(key, self.url)
+        return None
 
-    def _explain(self, what: str, e: BaseException) -> StoreError:
+    def _explain_sdk_error(self, what: str, e: BaseException) -> StoreError | None:
         if isinstance(e, botocore.exceptions.NoCredentialsError | botocore.exceptions.PartialCredentialsError):
             return StoreError(
                 f"{what}: no AWS credentials found. Set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE,"
@@ -222,20 +209,9 @@ class S3Store(ObjectStore):
                     f" s3:GetObject, s3:PutObject, s3:DeleteObject and s3:ListBucket on bucket {self.bucket!r}"
                 )
             message = str(e.response.get("Error", {}).get("Message", "")).strip()
-            return StoreError(f"{what} failed: {code or status} {message}".rstrip() + self._advice(status))
-        if isinstance(e, Transient):
-            return StoreError(f"{what}: {e}; another writer kept the key busy, try again later")
-        if is_transient(e):
-            return StoreError(
-                f"{what}: cannot reach the S3 endpoint {self.endpoint} ({type(e).__name__}) after"
-                f" {self._retry.attempts} attempts; check the endpoint and the network"
-            )
-        return StoreError(f"{what} failed: {type(e).__name__}: {e}")
-
-    def _advice(self, status: int | None) -> str:
-        if is_transient_status(status):
-            return f" (still failing after {self._retry.attempts} attempts; the service is throttling or down)"
-        return ""
+            advice = self._still_failing() if is_transient_status(status) else ""
+            return StoreError(f"{what} failed: {code or status} {message}".rstrip() + advice)
+        return None
 
     def _no_bucket(self) -> StoreError:
         return missing_bucket("bucket", self.bucket, self.endpoint, self.url)
