@@ -1,8 +1,16 @@
 """Tardigrade: a Temporal plugin that makes AI agent pipelines survive crashes.
 
-Public API: `TardigradePlugin` for your client and worker, the client helpers (`connect`, `start_pipeline`,
-`run_status`, `run_result`), and `load_pipeline` for pipeline files. Imports are lazy so that the workflow
-code can import `tardigrade.pipeline` without pulling in the plugin (which imports the workflow).
+Public API:
+- `TardigradePlugin`: put it on your Temporal client (and so on its workers).
+- `Pipeline` and `Step` to build a pipeline in Python, or `load_pipeline` to read a file; `PipelineError` for a
+  pipeline file's mistakes.
+- `start_pipeline` to start a run, `run_status` and `run_result` to follow it, `connect` for a client with the
+  plugin.
+- `PipelineWorkflow` (the workflow type ``TardigradePipeline``) and its input, result and ``status`` query:
+  `RunInput`, `RunResult`, `RunStatus`.
+
+Imports are lazy: ``import tardigrade`` loads nothing else, so workflow code can import `tardigrade.pipeline`
+without pulling in the plugin (which imports the workflow).
 """
 
 from __future__ import annotations
@@ -11,12 +19,19 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from tardigrade.client import connect, run_result, run_status, start_pipeline
-    from tardigrade.pipeline import Pipeline, PipelineError, load_pipeline
+    from tardigrade.pipeline import Pipeline, PipelineError, Step, load_pipeline
     from tardigrade.plugin import TardigradePlugin
+    from tardigrade.workflows.pipeline import PipelineWorkflow
+    from tardigrade.workflows.state import RunInput, RunResult, RunStatus
 
 __all__ = [
     "Pipeline",
     "PipelineError",
+    "PipelineWorkflow",
+    "RunInput",
+    "RunResult",
+    "RunStatus",
+    "Step",
     "TardigradePlugin",
     "connect",
     "load_pipeline",
@@ -33,7 +48,12 @@ _HOMES = {
     "run_result": "tardigrade.client",
     "Pipeline": "tardigrade.pipeline",
     "PipelineError": "tardigrade.pipeline",
+    "Step": "tardigrade.pipeline",
     "load_pipeline": "tardigrade.pipeline",
+    "PipelineWorkflow": "tardigrade.workflows.pipeline",
+    "RunInput": "tardigrade.workflows.state",
+    "RunResult": "tardigrade.workflows.state",
+    "RunStatus": "tardigrade.workflows.state",
 }
 
 
@@ -43,3 +63,7 @@ def __getattr__(name: str) -> Any:
 
         return getattr(importlib.import_module(_HOMES[name]), name)
     raise AttributeError(f"module 'tardigrade' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

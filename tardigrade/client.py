@@ -1,7 +1,11 @@
 """Client helpers: connect, stage a pipeline's files, start a run, read its status and result.
 
-Staging is why no file content ever enters workflow history: the Manifest's files (inline or copied from next
-to the pipeline file) become a *seed snapshot* in the snapshot store, and the workflow input carries only its id.
+Staging is why no file content ever enters workflow history: the Manifest's files (inline or copied from disk)
+become a *seed snapshot* in the snapshot store, and the workflow input carries only its id.
+
+A pipeline comes from a file (`load_pipeline`, whose ``source:`` paths are relative to the file) or is built in
+Python (`Pipeline(...)`, whose relative ``source:`` paths are relative to ``base_dir=``, by default the current
+directory when the run is started).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
 from temporalio.service import RPCError
 
 from tardigrade import config
-from tardigrade.pipeline import LoadedPipeline
+from tardigrade.pipeline import LoadedPipeline, Pipeline, check_sources
 from tardigrade.plugin import TardigradePlugin
 from tardigrade.sandboxes.manifest import SEED_SELECTION, tree_path
 from tardigrade.sandboxes.snapshots import SnapshotEngine
@@ -32,9 +36,34 @@ async def connect(address: str, *, namespace: str | None = None, plugin: Tardigr
     return await Client.connect(address, namespace=config.namespace(namespace), plugins=[plugin or TardigradePlugin()])
 
 
-def stage_pipeline(loaded: LoadedPipeline, store_url: str | None = None) -> RunInput:
-    """Upload the Manifest's files and folders as a seed snapshot; return the workflow input that names it."""
-    pipeline = loaded.pipeline
+def _with_base_dir(pipeline: Pipeline | LoadedPipeline, base_dir: str | Path | None) -> tuple[Pipeline, Path]:
+    """The pipeline and the folder its relative ``source:`` files are read from, after checking they all exist."""
+    if isinstance(pipeline, LoadedPipeline):
+        where = str(pipeline.path)
+        relative_to = "the pipeline file" if base_dir is None else f"base_dir ({base_dir})"
+        folder = Path(base_dir if base_dir is not None else pipeline.base_dir).absolute()
+        pipeline = pipeline.pipeline
+    elif isinstance(pipeline, Pipeline):
+        where = f"pipeline {pipeline.name!r}"
+        folder = Path(base_dir if base_dir is not None else Path.cwd()).absolute()
+        relative_to = f"base_dir ({folder}); pass start_pipeline(..., base_dir=...) to read them from elsewhere"
+    else:
+        raise TypeError(
+            f"expected a Pipeline (built in Python) or a LoadedPipeline (from load_pipeline), not {type(pipeline)!r}"
+        )
+    check_sources(pipeline, folder, source=where, relative_to=relative_to)
+    return pipeline, folder
+
+
+def stage_pipeline(
+    pipeline: Pipeline | LoadedPipeline, store_url: str | None = None, *, base_dir: str | Path | None = None
+) -> RunInput:
+    """Upload the Manifest's files and folders as a seed snapshot; return the workflow input that names it.
+
+    ``base_dir`` is where relative ``source:`` files are read: by default the pipeline file's folder for a loaded
+    pipeline, and the current directory for one built in Python.
+    """
+    pipeline, source_dir = _with_base_dir(pipeline, base_dir)
     store_url = store_url or pipeline.store or config.default_store_url()
     manifest = pipeline.manifest
     seed = None
@@ -51,7 +80,7 @@ def stage_pipeline(loaded: LoadedPipeline, store_url: str | None = None) -> RunI
                     mtime = INLINE_MTIME_NS
                 else:
                     assert f.source is not None
-                    source = loaded.base_dir / f.source
+                    source = source_dir / f.source
                     shutil.copyfile(source, target)
                     mtime = source.stat().st_mtime_ns
                 os.chmod(target, 0o755 if f.executable else 0o644)
@@ -77,19 +106,28 @@ def new_workflow_id(pipeline_name: str) -> str:
 
 async def start_pipeline(
     client: Client,
-    loaded: LoadedPipeline,
+    pipeline: Pipeline | LoadedPipeline,
     *,
     task_queue: str | None = None,
     workflow_id: str | None = None,
     store_url: str | None = None,
+    base_dir: str | Path | None = None,
 ) -> WorkflowHandle[PipelineWorkflow, RunResult]:
-    run_input = stage_pipeline(loaded, store_url)
+    """Stage the pipeline's files and start a run; ``await handle.result()`` waits for its `RunResult`.
+
+    ``pipeline`` is a `Pipeline` built in Python or what `load_pipeline` returned. ``base_dir``: where relative
+    ``source:`` files are read (default: the pipeline file's folder, or the current directory for a `Pipeline`).
+    ``store_url``: the snapshot store (default: the pipeline's ``store:``, else ``TARDIGRADE_STORE``, else a local
+    folder). The client must carry `TardigradePlugin` (or another pydantic data converter).
+    """
+    run_input = stage_pipeline(pipeline, store_url, base_dir=base_dir)
+    staged = run_input.pipeline
     return await client.start_workflow(
         PipelineWorkflow.run,
         run_input,
-        id=workflow_id or new_workflow_id(loaded.pipeline.name),
+        id=workflow_id or new_workflow_id(staged.name),
         task_queue=config.task_queue(task_queue),
-        static_summary=f"pipeline {loaded.pipeline.name} · {len(loaded.pipeline.steps)} steps",
+        static_summary=f"pipeline {staged.name} · {len(staged.steps)} steps",
     )
 
 

@@ -9,6 +9,11 @@
 
 `load_pipeline` turns any problem - bad YAML, an unknown key, a wrong type, a missing local file - into one
 `PipelineError` whose message names the file and the field (``steps[3].timeout``) and says what is expected.
+
+A pipeline can also be built in Python: the same models, so the same rules (a mistake raises pydantic's
+ValidationError, naming the field); `start_pipeline` then checks its ``source:`` files as `load_pipeline` does::
+
+    Pipeline(name="nightly", steps=[Step(name="generate", run="python3 gen.py", timeout="5m")])
 """
 
 from __future__ import annotations
@@ -26,8 +31,9 @@ from tardigrade.sandboxes.manifest import WORKSPACE, Manifest, Output, sandbox_p
 _DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s)?\s*$")
 
 
-class PipelineError(Exception):
-    """A pipeline file is not valid. The message names the file and field and says how to fix it."""
+class PipelineError(ValueError):
+    """A pipeline is not valid. The message names the file and the field and says how to fix it. A ValueError, like
+    the ValidationError of a pipeline built in Python, so ``except ValueError`` catches either."""
 
 
 def parse_duration(value: Any, *, allow_zero: bool = False) -> float:
@@ -279,12 +285,20 @@ def load_pipeline(path: str | Path) -> LoadedPipeline:
         problem = getattr(e, "problem", None) or str(e)
         raise PipelineError(f"{path}: invalid YAML{where}: {problem}") from None
     pipeline = parse_pipeline(data, str(path))
+    check_sources(pipeline, path.parent, source=str(path), relative_to="the pipeline file")
+    return LoadedPipeline(pipeline=pipeline, path=path.resolve())
+
+
+def check_sources(pipeline: Pipeline, base_dir: Path, *, source: str, relative_to: str) -> None:
+    """Every Manifest file copied from disk (``source:``) must exist; relative paths are resolved against base_dir.
+
+    Checked before anything is staged, so a typo is one clear error rather than a half-uploaded seed snapshot.
+    """
     for i, f in enumerate(pipeline.manifest.files):
         if f.source is not None:
-            src = (path.parent / f.source).resolve()
+            src = (base_dir / f.source).resolve()
             if not src.is_file():
                 raise PipelineError(
-                    f"{path}: manifest.files[{i}].source: file {f.source!r} not found (looked for {src}); paths are"
-                    " relative to the pipeline file"
+                    f"{source}: manifest.files[{i}].source: file {f.source!r} not found (looked for {src}); paths are"
+                    f" relative to {relative_to}"
                 )
-    return LoadedPipeline(pipeline=pipeline, path=path.resolve())

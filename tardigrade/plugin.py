@@ -4,10 +4,13 @@
     worker = Worker(client, task_queue="tardigrade")   # workflows and activities come from the plugin
     await worker.run()
 
-On a client it installs the pydantic data converter. On a worker it registers the pipeline workflow, the
-sandbox activities and the agent activities (model calls, tool calls), and runs a second, private worker on a
-queue of this process's own: sandboxes of host-bound providers (the local one) live on this machine, so their
-activities are routed to that queue, and a run whose host has died notices (its work is not picked up) and
+On a client it makes sure the data converter handles pydantic models (see `compose_data_converter`: it composes
+with other plugins' converters, such as OpenAIAgentsPlugin's, rather than replacing them). On a worker it registers
+the pipeline workflow, the sandbox activities and the agent activities (model calls, tool calls), adds our modules
+to the workflow sandbox's passthrough list (so a workflow file that imports `tardigrade` validates, and our models
+are not re-imported for every workflow run; our own workflow code stays sandboxed), and runs a second, private
+worker on a queue of this process's own: sandboxes of host-bound providers (the local one) live on this machine, so
+their activities are routed to that queue, and a run whose host has died notices (its work is not picked up) and
 rehydrates on another worker.
 """
 
@@ -15,16 +18,19 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pkgutil
 import socket
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import temporalio.converter
-from temporalio.contrib.pydantic import PydanticPayloadConverter
+from temporalio.client import ClientConfig
+from temporalio.contrib.pydantic import PydanticJSONPlainPayloadConverter, PydanticPayloadConverter
+from temporalio.converter import CompositePayloadConverter, DataConverter, DefaultPayloadConverter
 from temporalio.plugin import SimplePlugin
-from temporalio.worker import Worker, WorkerConfig
+from temporalio.worker import ReplayerConfig, Worker, WorkerConfig, WorkflowRunner
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
 from tardigrade import config
 from tardigrade.activities.conversation import Conversations
@@ -37,10 +43,93 @@ from tardigrade.workflows.pipeline import PipelineWorkflow
 PLUGIN_NAME = "tardigrade.TardigradePlugin"
 
 
-def _with_pydantic(existing: temporalio.converter.DataConverter | None) -> temporalio.converter.DataConverter:
-    """Keep a user's codec and failure converter; only teach the payload converter about pydantic models."""
-    base = existing or temporalio.converter.DataConverter.default
-    return dataclasses.replace(base, payload_converter_class=PydanticPayloadConverter)
+def _passthrough_modules() -> tuple[str, ...]:
+    """Modules the workflow sandbox takes from the host instead of re-importing them for every workflow run: all
+    of ours but tardigrade.workflows. The workflow code stays sandboxed, so Temporal's determinism checks keep
+    guarding it; the package itself is lazy and cheap to re-import."""
+    import tardigrade
+
+    return tuple(f"tardigrade.{m.name}" for m in pkgutil.iter_modules(tardigrade.__path__) if m.name != "workflows")
+
+
+def handles_pydantic(converter: DataConverter) -> bool:
+    """Whether the converter's JSON encoding is pydantic's (plain `PydanticPayloadConverter`, or one built on it such
+    as OpenAIAgentsPlugin's), which is what Tardigrade's inputs, results and queries are made of."""
+    payload_converter = converter.payload_converter_class()
+    return isinstance(payload_converter, CompositePayloadConverter) and any(
+        isinstance(c, PydanticJSONPlainPayloadConverter) for c in payload_converter.converters.values()
+    )
+
+
+def _after(converter: DataConverter, plugins: Sequence[object]) -> DataConverter:
+    """The converter the given plugins will leave, applied in order, as Temporal applies them (SimplePlugin's
+    ``data_converter`` is a converter, a function of the existing one, or None). Other plugins are assumed to
+    leave it alone: their behaviour cannot be known without running them."""
+    for plugin in plugins:
+        parameter = plugin.data_converter if isinstance(plugin, SimplePlugin) else None
+        if callable(parameter):
+            converter = parameter(converter)
+        elif parameter is not None:
+            converter = parameter
+    return converter
+
+
+def _name(plugin: object) -> str:
+    return plugin.name() if isinstance(plugin, SimplePlugin) else type(plugin).__qualname__
+
+
+def compose_data_converter(existing: DataConverter | None, later_plugins: Sequence[object] = ()) -> DataConverter:
+    """The data converter for a client (or replayer) that has TardigradePlugin among its plugins.
+
+    Compose, don't clobber: Tardigrade needs a pydantic JSON converter and nothing more, so
+    - a converter that already handles pydantic (pydantic's, OpenAIAgentsPlugin's, your own built on it) is kept
+      exactly as it is;
+    - the default one is left alone when a plugin later in the list will turn it into a pydantic one (OpenAIAgentsPlugin
+      does, and refuses any converter but the default), and otherwise gets pydantic's payload converter, keeping its
+      codec, failure converter and external storage;
+    - anything else is an error saying what to do, never silently replaced.
+    """
+    converter = existing or DataConverter.default
+    if handles_pydantic(converter):
+        return converter
+    if converter.payload_converter_class is not DefaultPayloadConverter:
+        raise ValueError(
+            "TardigradePlugin needs a data converter that handles pydantic models, and this client's payload"
+            f" converter ({converter.payload_converter_class.__qualname__}) does not. Build it on"
+            " temporalio.contrib.pydantic.PydanticPayloadConverter (or include PydanticJSONPlainPayloadConverter"
+            " in it), or leave the default converter and TardigradePlugin installs pydantic's."
+        )
+    try:
+        deferred = handles_pydantic(_after(converter, later_plugins))
+    except Exception:  # a later plugin that rejects the default converter will say so itself, when it runs
+        deferred = False
+    if deferred:
+        return converter
+    composed = dataclasses.replace(converter, payload_converter_class=PydanticPayloadConverter)
+    try:
+        final = _after(composed, later_plugins)
+    except Exception:
+        return composed  # that plugin raises its own error when the client applies it
+    if not handles_pydantic(final):
+        clobberers = [_name(p) for p in later_plugins if isinstance(p, SimplePlugin) and p.data_converter is not None]
+        raise ValueError(
+            f"{', '.join(clobberers)} (after TardigradePlugin in the client's plugins) replaces the data converter with"
+            f" one that cannot carry pydantic models ({final.payload_converter_class.__qualname__}); put"
+            " TardigradePlugin after it, or give it a converter built on PydanticPayloadConverter"
+        )
+    return composed
+
+
+def pass_tardigrade_through(runner: WorkflowRunner | None) -> WorkflowRunner:
+    """Add our modules to the sandbox's passthrough list, keeping everything else about the runner (as
+    OpenTelemetryPlugin and OpenAIAgentsPlugin do for theirs). Other runners need nothing."""
+    if runner is None:
+        raise ValueError("TardigradePlugin found no workflow runner to configure; give the Worker one")
+    if isinstance(runner, SandboxedWorkflowRunner):
+        return dataclasses.replace(
+            runner, restrictions=runner.restrictions.with_passthrough_modules(*_passthrough_modules())
+        )
+    return runner
 
 
 class TardigradePlugin(SimplePlugin):
@@ -62,7 +151,8 @@ class TardigradePlugin(SimplePlugin):
             fault_injector: a hook to destroy sandboxes mid-command, for the demo and the tests.
             max_concurrent_sandbox_activities: commands this worker runs at once across its sandboxes.
         """
-        super().__init__(PLUGIN_NAME, data_converter=_with_pydantic, workflows=[PipelineWorkflow])
+        # The data converter is composed in configure_client/configure_replayer, which can see the other plugins.
+        super().__init__(PLUGIN_NAME, workflows=[PipelineWorkflow], workflow_runner=pass_tardigrade_through)
         self.state_dir = Path(state_dir) if state_dir else config.state_dir()
         self._providers = providers
         self._fault_injector = fault_injector
@@ -91,6 +181,19 @@ class TardigradePlugin(SimplePlugin):
     def _all_activities(self) -> list[Callable[..., Any]]:
         assert self._activities is not None
         return [*self._activities.all(), *self._agent_activities]
+
+    def configure_client(self, config: ClientConfig) -> ClientConfig:
+        config = super().configure_client(config)
+        plugins = list(config.get("plugins", ()))
+        later = next((plugins[i + 1 :] for i, p in enumerate(plugins) if p is self), [])
+        config["data_converter"] = compose_data_converter(config.get("data_converter"), later)
+        return config
+
+    def configure_replayer(self, config: ReplayerConfig) -> ReplayerConfig:
+        # A Replayer does not tell plugins about each other: with OpenAIAgentsPlugin, list it before this one.
+        config = super().configure_replayer(config)
+        config["data_converter"] = compose_data_converter(config.get("data_converter"))
+        return config
 
     def configure_worker(self, config: WorkerConfig) -> WorkerConfig:
         if config.get("task_queue") == self.host_queue:
