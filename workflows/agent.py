@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from temporalio import workflow
-from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
 
 with workflow.unsafe.imports_passed_through():
     from tardigrade.activities.contract import (
@@ -281,7 +281,9 @@ class AgentLoop:
             reason=None if finished else text,
         )
 
-    def _failed(self, what: str, error: ActivityError) -> ApplicationError:
+    def _failed(self, what: str, error: ActivityError) -> BaseException:
+        if is_cancelled_exception(error):
+            return asyncio.CancelledError("the run was cancelled")  # no further model calls: the run stops
         cause = error.cause
         detail = f"{cause.type}: {cause.message}" if isinstance(cause, ApplicationError) else str(cause or error)
         return ApplicationError(f"{self.label}: {what}. {detail}", type="AgentStepFailed", non_retryable=True)

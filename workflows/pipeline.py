@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 
 from temporalio import workflow
-from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
 
 with workflow.unsafe.imports_passed_through():
     from tardigrade.activities.contract import (
@@ -88,7 +88,10 @@ class PipelineWorkflow:
         except workflow.ContinueAsNewError:
             raise  # the sandbox lives on into the next run
         except BaseException as e:  # cancelled, or failed: do not leave a sandbox running
-            self._phase = "failed" if not isinstance(e, asyncio.CancelledError) else "cancelled"
+            # Cancel means stop: the step's activity was cancelled (its processes killed), and now the sandbox goes.
+            # The last snapshot stays in the store, recorded in history, for `tardigrade run --from` or a reset.
+            cancelled = is_cancelled_exception(e)
+            self._set_phase("cancelled" if cancelled else "failed", None)
             await self._destroy_sandbox()
             raise
         await self._destroy_sandbox()
@@ -147,7 +150,12 @@ class PipelineWorkflow:
     # -- losing a sandbox -------------------------------------------------------------------------------------
 
     def _sandbox_lost(self, error: ActivityError) -> None:
-        """Anything but a fatal error means the sandbox (or its worker) is gone or cannot be trusted."""
+        """Anything but a fatal error or a cancellation means the sandbox (or its worker) is gone or cannot be
+        trusted."""
+        if is_cancelled_exception(error):
+            # The run was cancelled and so was the activity: stop, never rehydrate. Raised as a cancellation, so
+            # the run ends CANCELED rather than FAILED.
+            raise asyncio.CancelledError("the run was cancelled") from error
         if _fatal(error):
             raise error
         state = self._state
