@@ -13,19 +13,16 @@ from __future__ import annotations
 
 import posixpath
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from tardigrade.sandboxes.layout import HOME, RESERVED_ENV, WORKSPACE, WRITABLE_ROOTS
 from tardigrade.sandboxes.selection import Selection
 
-WORKSPACE = "/workspace"
-HOME = "/home/sandbox"
-WRITABLE_ROOTS = (WORKSPACE, HOME)
-
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_RESERVED_ENV = {"HOME", "PATH", "USER", "PWD", "TMPDIR"}
+_RESERVED_ENV = RESERVED_ENV
 
 
 def _absolute(path: str) -> str:
@@ -53,6 +50,14 @@ def tree_path(sandbox_abs_path: str) -> str:
     return sandbox_abs_path.lstrip("/")
 
 
+# What `sandbox_path` accepts, roughly, for the JSON Schema (tardigrade/schema.py): editors and other languages
+# check the shape; this module still normalizes and checks every path (``a/../..`` is caught only here).
+SANDBOX_PATH_SCHEMA: dict[str, Any] = {
+    "pattern": r"^(?:/workspace(?:/.*)?|/home/sandbox(?:/.*)?|[^/].*)$",
+    "errorMessage": f"must be inside {WORKSPACE} or ~ ({HOME}); relative paths are inside {WORKSPACE}",
+}
+
+
 # The seed (the Manifest's files and folders) is restored into an empty sandbox, so it covers all writable areas.
 SEED_SELECTION = Selection(roots=tuple(tree_path(p) for p in WRITABLE_ROOTS))
 
@@ -65,10 +70,23 @@ class ManifestFile(_Strict):
     """A file placed in the sandbox before setup: inline ``content``, or ``source`` copied from the client's disk
     (relative to the pipeline file). Contents travel through the snapshot store, never through workflow history."""
 
-    path: str
-    content: str | None = None
-    source: str | None = None
-    executable: bool = False
+    model_config = ConfigDict(
+        json_schema_extra={
+            "allOf": [
+                {
+                    "oneOf": [{"required": ["content"]}, {"required": ["source"]}],
+                    "errorMessage": "give exactly one of 'content' (inline text) or 'source' (a local file to copy)",
+                }
+            ]
+        }
+    )
+
+    path: str = Field(
+        description="Where the file goes; relative paths are inside /workspace.", json_schema_extra=SANDBOX_PATH_SCHEMA
+    )
+    content: str | None = Field(default=None, description="The file's text, inline.")
+    source: str | None = Field(default=None, description="A local file to copy, relative to the pipeline file.")
+    executable: bool = Field(default=False, description="Set the exec bits (mode 755).")
 
     @field_validator("path")
     @classmethod
@@ -86,8 +104,14 @@ class SnapshotPaths(_Strict):
     """What a snapshot covers. ``include`` are sandbox paths (``~/.local``, ``/workspace``); ``exclude`` are
     globs: ``**/.cache`` anywhere, ``/workspace/tmp/**`` absolute, ``build/**`` relative to the workspace."""
 
-    include: list[str] = Field(default_factory=lambda: [WORKSPACE])
-    exclude: list[str] = Field(default_factory=list)
+    include: list[str] = Field(
+        default_factory=lambda: [WORKSPACE],
+        description="Sandbox paths the snapshots cover (default: /workspace).",
+        json_schema_extra={"minItems": 1, "items": {"type": "string", **SANDBOX_PATH_SCHEMA}},
+    )
+    exclude: list[str] = Field(
+        default_factory=list, description="Globs left out: **/.cache anywhere, /workspace/tmp/** absolute, build/**."
+    )
 
     @field_validator("include")
     @classmethod
@@ -123,6 +147,18 @@ MOUNT_FORMS = (
     "s3://bucket/prefix[?endpoint=URL&region=NAME], r2://ACCOUNT_ID/bucket/prefix, gs://bucket/prefix,"
     " az://container/prefix?account=NAME or file:///absolute/folder"
 )
+# The URL and name rules below, as far as JSON Schema can say them (see SANDBOX_PATH_SCHEMA).
+DATA_URL_SCHEMA: dict[str, Any] = {
+    "pattern": r"^(?:(?:s3|r2|gs|az)://[^/@?#]+(?:[/?#]|$)|file://(?:localhost)?/)",
+    "errorMessage": f"expected {MOUNT_FORMS}, with no credentials in it",
+}
+ENV_NAME_SCHEMA: dict[str, Any] = {
+    "pattern": _ENV_NAME.pattern,
+    "not": {"enum": sorted(_RESERVED_ENV)},
+    "errorMessage": f"variable names are letters, digits and _; {', '.join(sorted(_RESERVED_ENV))} are set by the"
+    " sandbox",
+}
+
 # Where a mount may not go: the system's own folders, and the roots of the writable areas themselves.
 _SYSTEM_DIRS = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib64", "/proc", "/run", "/sbin", "/sys", "/tmp",
                 "/usr", "/var", "/root")  # fmt: skip
@@ -178,11 +214,11 @@ class Mount(_Strict):
     A mount is not part of any snapshot: it is copied in again (skipping unchanged objects) on rollback and
     rehydration, so a step's writes into an ``rw`` mount do not survive a retry - write results elsewhere."""
 
-    source: str
-    path: str
-    mode: Literal["ro", "rw"] = "ro"
-    include: list[str] = Field(default_factory=list)
-    exclude: list[str] = Field(default_factory=list)
+    source: str = Field(description=f"The bucket or folder: {MOUNT_FORMS}.", json_schema_extra=DATA_URL_SCHEMA)
+    path: str = Field(description="Where it appears in the sandbox; relative paths are inside /workspace.")
+    mode: Literal["ro", "rw"] = Field(default="ro", description="ro (read-only, the default) or rw.")
+    include: list[str] = Field(default_factory=list, description="Globs on object names, e.g. *.csv.")
+    exclude: list[str] = Field(default_factory=list, description="Globs on object names left out.")
 
     @field_validator("source")
     @classmethod
@@ -208,13 +244,32 @@ class Mount(_Strict):
 
 
 class Manifest(_Strict):
-    files: list[ManifestFile] = Field(default_factory=list)
-    directories: list[str] = Field(default_factory=list)
-    env: dict[str, str] = Field(default_factory=dict)
-    secrets: list[SecretName] = Field(default_factory=list)
-    setup: list[str] = Field(default_factory=list)
-    mounts: list[Mount] = Field(default_factory=list)
-    snapshot: SnapshotPaths = Field(default_factory=SnapshotPaths)
+    """What a sandbox needs, whichever provider runs it: files, folders, environment, secrets (by name), data
+    mounts, setup commands, and which paths snapshots cover."""
+
+    files: list[ManifestFile] = Field(
+        default_factory=list, description="Files placed in the sandbox before setup: inline or copied from disk."
+    )
+    directories: list[str] = Field(
+        default_factory=list,
+        description="Folders to create; relative paths are inside /workspace, ~/ is /home/sandbox.",
+        json_schema_extra={"items": {"type": "string", **SANDBOX_PATH_SCHEMA}},
+    )
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        description="Environment variables of every command.",
+        json_schema_extra={"propertyNames": ENV_NAME_SCHEMA},
+    )
+    secrets: list[SecretName] = Field(
+        default_factory=list, description="Names of secrets; their values come from the worker's environment."
+    )
+    setup: list[str] = Field(
+        default_factory=list, description="Commands run at provisioning, and again after every rehydration."
+    )
+    mounts: list[Mount] = Field(
+        default_factory=list, description="Buckets and folders the worker copies in, with its own credentials."
+    )
+    snapshot: SnapshotPaths = Field(default_factory=SnapshotPaths, description="Which paths snapshots cover.")
 
     @field_validator("directories")
     @classmethod
@@ -281,11 +336,18 @@ class Output(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    path: str
-    to: str
-    after: str = "end"  # "end", "each_step" (every checkpoint) or the name of a step
-    include: list[str] = Field(default_factory=list)
-    exclude: list[str] = Field(default_factory=list)
+    path: str = Field(
+        description="A sandbox path (file or folder) in the snapshots.", json_schema_extra=SANDBOX_PATH_SCHEMA
+    )
+    to: str = Field(
+        description="An object-store prefix; may contain {run}, {step} and {pipeline}.",
+        json_schema_extra=DATA_URL_SCHEMA,
+    )
+    after: str = Field(
+        default="end", description="end (the default), each_step (every checkpoint), or the name of a step."
+    )
+    include: list[str] = Field(default_factory=list, description="Globs of files to publish.")
+    exclude: list[str] = Field(default_factory=list, description="Globs of files left out.")
 
     @field_validator("path")
     @classmethod

@@ -14,6 +14,13 @@ if [ ! -x node_modules/.bin/azurite-blob ]; then
   fi
 fi
 
+# The TypeScript client's dependencies, from its lockfile; tests/test_typescript_client.py runs its `npm test`.
+ts_stamp="clients/typescript/node_modules/.installed-$(cksum < clients/typescript/package-lock.json | cut -d' ' -f1)"
+if [ ! -f "$ts_stamp" ] && command -v npm >/dev/null; then
+  echo "==> installing the TypeScript client's dependencies (npm ci in clients/typescript)"
+  (cd clients/typescript && npm ci --no-audit --no-fund --loglevel=error >/dev/null) && touch "$ts_stamp"
+fi
+
 # Emulators are started by the tests' own fixtures; a missing one is a failure here, not a skip.
 export TARDIGRADE_REQUIRE_EMULATORS=1
 set +e

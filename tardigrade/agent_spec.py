@@ -16,9 +16,22 @@ pipeline file is loaded. Nothing here does I/O, so the workflow, the activities 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import inspect
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    GetJsonSchemaHandler,
+    TypeAdapter,
+    ValidationError,
+    create_model,
+    model_serializer,
+    model_validator,
+)
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema
 
 ToolName = Literal["exec", "read_file", "write_file", "list_files", "apply_patch"]
 ALL_TOOLS: tuple[ToolName, ...] = ("exec", "read_file", "write_file", "list_files", "apply_patch")
@@ -128,6 +141,32 @@ class ScriptedCall(_Strict):
     arguments: dict[str, Any]
 
 
+def _one_key(schema: dict[str, Any]) -> None:
+    """An entry has exactly one key, and its value is not optional: ``exec: {...}``, never ``exec: null``."""
+    for value in schema["properties"].values():
+        value.pop("default", None)
+        if "anyOf" in value:
+            value.update(next(s for s in value.pop("anyOf") if s != {"type": "null"}))
+    schema.update(minProperties=1, maxProperties=1)
+
+
+# Only for the JSON Schema: one entry of a scripted turn as written in a file, a tool call or text. The fields
+# come from TOOL_ARGS, so a new tool shows up in the schema (and in editors' completion) by itself.
+_ENTRY_FIELDS: dict[str, Any] = {
+    "say": (str | None, Field(default=None, description="Text the model replies with.")),
+    **{
+        name: (args | None, Field(default=None, description=inspect.cleandoc(args.__doc__ or "")))
+        for name, args in TOOL_ARGS.items()
+    },
+}
+ScriptedEntry: type[BaseModel] = create_model(
+    "ScriptedEntry",
+    __config__=ConfigDict(extra="forbid", json_schema_extra=_one_key),
+    __doc__="One entry of a scripted turn: a tool call (`exec: {command: ls}`) or text (`say: ...`).",
+    **_ENTRY_FIELDS,
+)
+
+
 class ScriptedTurn(_Strict):
     """One reply of a scripted model: text, tool calls, or both. Written in the pipeline file as
 
@@ -165,6 +204,16 @@ class ScriptedTurn(_Strict):
                 calls.append({"tool": key, "arguments": arguments})
         return {"say": say, "calls": calls}
 
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        """A turn as written: one `ScriptedEntry`, or a list of them."""
+        if handler.mode != "validation":
+            return handler(core_schema)
+        written: TypeAdapter[Any] = TypeAdapter(
+            ScriptedEntry | Annotated[list[ScriptedEntry], Field(min_length=1)]  # type: ignore[valid-type,arg-type]
+        )
+        return {"description": inspect.cleandoc(cls.__doc__ or ""), **handler(written.core_schema)}
+
     @model_serializer
     def _as_written(self) -> Any:
         """Serialized the way it is written, so it reads the same in history and survives a round trip."""
@@ -173,21 +222,55 @@ class ScriptedTurn(_Strict):
         return entries[0] if len(entries) == 1 else entries
 
 
+# What `ModelConfig._complete` checks, as JSON Schema (for editors and other languages).
+_MODEL_RULES: dict[str, Any] = {
+    "if": {"required": ["provider"], "properties": {"provider": {"const": "scripted"}}},
+    "then": {
+        "required": ["script"],
+        "properties": {"script": {"type": "array", "minItems": 1}},
+        "errorMessage": "provider scripted needs a `script:`, a list of turns ending with `- finish: {summary: ...}`",
+    },
+    "else": {
+        "required": ["name"],
+        "properties": {"name": {"type": "string"}},
+        "errorMessage": "name is required for provider openai, e.g. `model: {name: gpt-4.1-mini}`",
+    },
+}
+
+
 class ModelConfig(_Strict):
     """Which model answers. ``provider: openai`` (the default) is any OpenAI-compatible endpoint: the key is read
     from the worker's environment (``api_key_env``, default OPENAI_API_KEY) and the endpoint from ``base_url`` or
     the worker's OPENAI_BASE_URL. ``provider: scripted`` replays ``script`` instead and needs no key or network;
     with ``provider: openai`` a script is ignored, so a pipeline can keep one for offline runs."""
 
-    provider: Literal["openai", "scripted"] = "openai"
-    name: str | None = Field(default=None, min_length=1)
-    api: Literal["responses", "chat_completions"] = "responses"
-    base_url: str | None = None
-    api_key_env: str = Field(default="OPENAI_API_KEY", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    model_config = ConfigDict(json_schema_extra=_MODEL_RULES)
+
+    provider: Literal["openai", "scripted"] = Field(
+        default="openai", description="openai: any OpenAI-compatible endpoint; scripted: replay `script` offline."
+    )
+    name: str | None = Field(default=None, min_length=1, description="The model, e.g. gpt-4.1-mini.")
+    api: Literal["responses", "chat_completions"] = Field(
+        default="responses", description="chat_completions for servers without the Responses API."
+    )
+    base_url: str | None = Field(
+        default=None,
+        description="The endpoint, e.g. http://127.0.0.1:8000/v1 (default: the worker's OPENAI_BASE_URL).",
+        json_schema_extra={"pattern": "^https?://", "errorMessage": "must be an http(s):// URL"},
+    )
+    api_key_env: str = Field(
+        default="OPENAI_API_KEY",
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="The worker's environment variable holding the key.",
+    )
     temperature: float | None = Field(default=None, ge=0, le=2)
-    request_timeout: float = Field(default=600.0, gt=0)  # one model call, seconds
-    max_attempts: int = Field(default=8, ge=1, le=100)  # per model call, for 408/409/429/5xx and network errors
-    script: list[ScriptedTurn] | None = None
+    request_timeout: float = Field(default=600.0, gt=0, description="One model call, in seconds.")
+    max_attempts: int = Field(
+        default=8, ge=1, le=100, description="Per model call, for 408/409/429/5xx and network errors."
+    )
+    script: list[ScriptedTurn] | None = Field(
+        default=None, description="provider scripted: the replies to replay, one turn per entry, finish last."
+    )
 
     @model_validator(mode="after")
     def _complete(self) -> ModelConfig:

@@ -23,12 +23,27 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    GetJsonSchemaHandler,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema
 
 from tardigrade.agent_spec import DEFAULT_TOOLS, ModelConfig, ToolName, check_agent_step
-from tardigrade.sandboxes.manifest import WORKSPACE, Manifest, Output, sandbox_path, tree_path
+from tardigrade.sandboxes.layout import WORKSPACE
+from tardigrade.sandboxes.manifest import SANDBOX_PATH_SCHEMA, Manifest, Output, sandbox_path, tree_path
 
-_DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s)?\s*$")
+# Also the JSON Schema's pattern (ECMAScript reads it the same way): hours, minutes, seconds, at least one of them.
+DURATION_PATTERN = r"^(?=.*\d)\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s)?\s*$"
+_DURATION = re.compile(DURATION_PATTERN)
 
 
 class PipelineError(ValueError):
@@ -54,7 +69,15 @@ def parse_duration(value: Any, *, allow_zero: bool = False) -> float:
     return seconds
 
 
-Duration = Annotated[float, BeforeValidator(parse_duration)]
+# In a file a duration is a number of seconds or text such as "1h30m"; validated, it is always seconds. The JSON
+# Schema (tardigrade/schema.py) describes what people write. Its "errorMessage" is what editors and the TypeScript
+# client say when a value does not fit (a convention of YAML/JSON language servers, not standard JSON Schema).
+DURATION_SCHEMA: dict[str, Any] = {
+    "anyOf": [{"type": "number", "exclusiveMinimum": 0}, {"type": "string", "pattern": DURATION_PATTERN}],
+    "examples": ["30s", "5m", "1h30m", 90],
+    "errorMessage": "expected a duration such as 30s, 5m, 1h30m or a number of seconds",
+}
+Duration = Annotated[float, BeforeValidator(parse_duration), WithJsonSchema(DURATION_SCHEMA, mode="validation")]
 DEFAULT_MAX_TURNS = 50
 
 
@@ -62,26 +85,85 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class Step(_Strict):
-    """One unit of work and of atomicity: it completes and is checkpointed, or it never happened."""
+def _null_unless_agent(what: str) -> dict[str, Any]:
+    return {"type": "null", "errorMessage": f"{what} only applies to agent steps; add `agent:` with instructions"}
 
-    name: str = Field(min_length=1, max_length=200)
-    run: str | None = Field(default=None, min_length=1)
+
+# What `_kind` checks, as JSON Schema (for editors and other languages): `run:` or `agent:`, and agent-only keys.
+_STEP_KINDS: dict[str, Any] = {
+    "if": {"required": ["agent"], "properties": {"agent": {"type": "string"}}},
+    "then": {
+        "required": ["model"],
+        "errorMessage": "an agent step needs `model:`, e.g. `model: {name: gpt-4.1-mini}`",
+        "properties": {
+            "run": {"type": "null", "errorMessage": "a step has either `run:` or `agent:`, not both"},
+        },
+    },
+    "else": {
+        "required": ["run"],
+        "errorMessage": "a step needs `run:` (a shell command) or `agent:` (instructions for a model)",
+        "properties": {
+            "model": _null_unless_agent("model"),
+            "tools": {**_null_unless_agent("tools"), "type": ["array", "null"], "maxItems": 0},
+            "max_turns": _null_unless_agent("max_turns"),
+            "max_output_tokens": _null_unless_agent("max_output_tokens"),
+            "done": _null_unless_agent("done"),
+            "checkpoint": {**_null_unless_agent("every_tool_call"), "type": ["boolean", "null"]},
+        },
+    },
+}
+
+
+class Step(_Strict):
+    """One unit of work and of atomicity: it completes and is checkpointed, or it never happened. A shell command
+    (`run:`) or a task for an LLM agent (`agent:` with `model:`)."""
+
+    model_config = ConfigDict(json_schema_extra=_STEP_KINDS)
+
+    name: str = Field(min_length=1, max_length=200, description="Shown in status, logs and the Web UI.")
+    run: str | None = Field(
+        default=None, min_length=1, description="A shell command, run as `sh -c` in `cwd` (default /workspace)."
+    )
     # An agent step: instructions for a model that works with tools in the sandbox (see tardigrade/agent_spec.py).
-    agent: str | None = Field(default=None, min_length=1)
-    model: ModelConfig | None = None
-    tools: tuple[ToolName, ...] | None = None  # default: DEFAULT_TOOLS
-    max_turns: int | None = Field(default=None, ge=1, le=1000)  # default: DEFAULT_MAX_TURNS
-    max_output_tokens: int | None = Field(default=None, ge=1)
-    done: Literal["finish", "no_tool_calls"] | None = None  # default: finish
-    timeout: Duration = 3600.0
-    env: dict[str, str] = Field(default_factory=dict)
-    cwd: str = WORKSPACE
-    retries: int = Field(default=0, ge=0, le=100)
-    retry_backoff: Duration = 1.0
+    agent: str | None = Field(
+        default=None, min_length=1, description="Instructions for an LLM agent that works with tools in the sandbox."
+    )
+    model: ModelConfig | None = Field(default=None, description="Agent steps: which model answers.")
+    tools: tuple[ToolName, ...] | None = Field(
+        default=None,
+        description="Agent steps: the tools offered (default: exec, read_file, write_file, list_files).",
+        json_schema_extra={"uniqueItems": True},
+    )
+    max_turns: int | None = Field(
+        default=None,
+        ge=1,
+        le=1000,
+        description=f"Agent steps: model calls before the step fails (default {DEFAULT_MAX_TURNS}).",
+    )
+    max_output_tokens: int | None = Field(default=None, ge=1, description="Agent steps: per model call.")
+    done: Literal["finish", "no_tool_calls"] | None = Field(
+        default=None,
+        description="Agent steps: when the agent is done - it calls finish(summary) (the default), or replies"
+        " without tool calls.",
+    )
+    timeout: Duration = Field(default=3600.0, description="The command (or the whole agent step) is killed after it.")
+    env: dict[str, str] = Field(default_factory=dict, description="Environment variables of this step only.")
+    cwd: str = Field(
+        default=WORKSPACE,
+        description="Working directory, inside /workspace or ~.",
+        json_schema_extra=SANDBOX_PATH_SCHEMA,
+    )
+    retries: int = Field(
+        default=0, ge=0, le=100, description="On a non-zero exit, roll back to the last checkpoint and try again."
+    )
+    retry_backoff: Duration = Field(default=1.0, description="Wait before a retry; doubles with every retry.")
     # None: follow the pipeline's policy. Agent steps may say every_tool_call: a snapshot after each mutating
     # tool call, so a lost sandbox resumes the agent at the turn it was on instead of at its first turn.
-    checkpoint: bool | Literal["every_tool_call"] | None = None
+    checkpoint: bool | Literal["every_tool_call"] | None = Field(
+        default=None,
+        description="Snapshot after this step (true/false; default: the pipeline's `checkpoint:`). Agent steps may"
+        " say every_tool_call: a snapshot after each tool call that may change files.",
+    )
 
     @field_validator("cwd")
     @classmethod
@@ -129,12 +211,19 @@ ProviderName = Literal["local", "e2b", "modal"]
 
 class SandboxConfig(_Strict):
     """``provider`` is one name or a preference list (``[local, e2b]``): a run provisions on the first one the
-    worker offers, and after losing a sandbox is rehydrated on the next (see sandboxes/providers.py)."""
+    worker offers, and after losing a sandbox is rehydrated on the next (see sandboxes/provider_choice.py)."""
 
-    provider: ProviderName | list[ProviderName] = "local"
-    network: bool = False
-    isolation: Literal["required", "preferred"] = "required"
-    options: dict[str, Any] = Field(default_factory=dict)
+    provider: ProviderName | list[ProviderName] = Field(
+        default="local",
+        description="Where sandboxes run: local (bubblewrap), e2b or modal, or a preference list such as [local, e2b].",
+        json_schema_extra={"uniqueItems": True, "minItems": 1},
+    )
+    network: bool = Field(default=False, description="Whether commands in the sandbox may use the network.")
+    isolation: Literal["required", "preferred"] = Field(
+        default="required",
+        description="required: refuse to run without bubblewrap; preferred: run unisolated, with a loud warning.",
+    )
+    options: dict[str, Any] = Field(default_factory=dict, description="Provider-specific settings.")
 
     @field_validator("provider", mode="before")
     @classmethod
@@ -157,7 +246,7 @@ class CheckpointPolicy(_Strict):
     A step's own ``checkpoint: true/false`` wins. A failure rolls back to the last checkpoint and re-runs the
     steps after it."""
 
-    every: int = Field(default=1, ge=1)
+    every: int = Field(default=1, ge=1, description="Snapshot after every N-th step (and the last).")
 
     @model_validator(mode="before")
     @classmethod
@@ -168,26 +257,56 @@ class CheckpointPolicy(_Strict):
             return {"every": 1_000_000_000}
         return v
 
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        """A file may also say ``every_step`` or ``end_only``: the schema describes what people write."""
+        schema = handler.resolve_ref_schema(handler(core_schema))
+        if handler.mode != "validation":
+            return schema
+        shorthand = {"enum": ["every_step", "end_only"]}
+        return {"title": schema.pop("title"), "description": schema.pop("description"), "anyOf": [shorthand, schema]}
+
 
 class Timeouts(_Strict):
-    heartbeat: Duration = 10.0  # a worker that stops heartbeating this long is presumed dead
-    host_pickup: Duration = 15.0  # a sandbox whose worker does not pick up work this long is presumed lost
-    provision: Duration = 1800.0  # creating a sandbox, including setup commands
-    checkpoint: Duration = 1800.0
+    """How long Tardigrade waits before it presumes something lost, or gives up."""
+
+    heartbeat: Duration = Field(
+        default=10.0, description="A worker that stops heartbeating this long is presumed dead."
+    )
+    host_pickup: Duration = Field(
+        default=15.0, description="A sandbox whose worker does not pick up work this long is presumed lost."
+    )
+    provision: Duration = Field(default=1800.0, description="Creating a sandbox, including setup commands.")
+    checkpoint: Duration = Field(default=1800.0, description="Taking one snapshot.")
 
 
 class Pipeline(_Strict):
-    name: str = Field(min_length=1, max_length=200)
-    description: str = ""
-    manifest: Manifest = Field(default_factory=Manifest)
-    sandbox: SandboxConfig = Field(default_factory=SandboxConfig)
-    store: str | None = None  # snapshot store URL; default: the worker's (a local folder)
-    checkpoint: CheckpointPolicy = Field(default_factory=CheckpointPolicy)
-    timeouts: Timeouts = Field(default_factory=Timeouts)
-    steps: list[Step] = Field(min_length=1)
-    max_rehydrations: int = Field(default=20, ge=0)  # consecutive losses of one step before the run fails
-    steps_per_run: int = Field(default=200, ge=1)  # continue-as-new after this many steps keeps history small
-    outputs: list[Output] = Field(default_factory=list)  # published from checkpoints (sandboxes/outputs.py)
+    """A Tardigrade pipeline: a Manifest (what the sandbox needs), a sandbox, and the steps to run in it. Every
+    step is a durable Temporal activity, and the sandbox's files are snapshotted after each one."""
+
+    name: str = Field(min_length=1, max_length=200, description="Names the run (its workflow id starts with it).")
+    description: str = Field(default="", description="Free text.")
+    manifest: Manifest = Field(default_factory=Manifest, description="What the sandbox needs.")
+    sandbox: SandboxConfig = Field(default_factory=SandboxConfig, description="Where the steps run.")
+    store: str | None = Field(
+        default=None,
+        description="Snapshot store URL (file://, s3://, r2://, gs://, az://); default: $TARDIGRADE_STORE, else a"
+        " local folder.",
+    )
+    checkpoint: CheckpointPolicy = Field(
+        default_factory=CheckpointPolicy, description="every_step (the default), end_only, or {every: N}."
+    )
+    timeouts: Timeouts = Field(default_factory=Timeouts, description="Loss detection and provisioning limits.")
+    steps: list[Step] = Field(min_length=1, description="The steps, run in order.")
+    max_rehydrations: int = Field(
+        default=20, ge=0, description="Consecutive losses of the sandbox at one step before the run gives up."
+    )
+    steps_per_run: int = Field(
+        default=200, ge=1, description="Continue-as-new after this many steps, so history stays small."
+    )
+    outputs: list[Output] = Field(
+        default_factory=list, description="Paths published to object stores from checkpoints."
+    )  # sandboxes/outputs.py
 
     @model_validator(mode="after")
     def _outputs(self) -> Pipeline:
@@ -258,6 +377,11 @@ def _describe(error: ValidationError, source: str, data: Any) -> str:
     if len(lines) == 1:
         return f"{source}: {lines[0]}"
     return f"{source}: {len(lines)} problems:\n  " + "\n  ".join(lines)
+
+
+def validation_message(error: ValidationError, source: str) -> str:
+    """One message naming the source and each field (``steps[3].timeout``), as `load_pipeline` reports them."""
+    return _describe(error, source, None)
 
 
 def parse_pipeline(data: Any, source: str = "pipeline") -> Pipeline:

@@ -43,6 +43,7 @@ ALLOWED_OWN = {
     "tardigrade.sandboxes",
     "tardigrade.sandboxes.manifest",
     "tardigrade.sandboxes.selection",
+    "tardigrade.sandboxes.layout",
 }
 
 WORKFLOW_MODULES = sorted(m.name for m in pkgutil.iter_modules(tardigrade.workflows.__path__, "tardigrade.workflows."))

@@ -7,10 +7,13 @@ imported by the workflow and by clients alike.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ModelWrapValidatorHandler, ValidationError, model_validator
+from temporalio.exceptions import ApplicationError
 
 from tardigrade.activities.contract import OutputRecord, SandboxRef, SnapshotRef, TokenUsage, ToolCallRef
-from tardigrade.pipeline import Pipeline, Step
+from tardigrade.pipeline import Pipeline, Step, validation_message
 
 
 class _Model(BaseModel):
@@ -85,41 +88,64 @@ class RunInput(_Model):
     seed_snapshot: str | None = None
     state: RunState | None = None
 
+    @model_validator(mode="wrap")
+    @classmethod
+    def _refuse_at_once(cls, data: Any, handler: ModelWrapValidatorHandler[RunInput]) -> RunInput:
+        """Decoding a workflow's input, a ValidationError fails the workflow *task*, which Temporal retries forever;
+        a non-retryable ApplicationError fails the run at once, naming the field. That is what a client in another
+        language sees when its pipeline passed the JSON Schema but not a rule only the models check."""
+        try:
+            return handler(data)
+        except ValidationError as e:
+            message = validation_message(e, "workflow input")
+            raise ApplicationError(message, type="InvalidRunInput", non_retryable=True) from None
+
 
 class RunResult(_Model):
+    """What a completed run returns."""
+
     workflow_id: str
-    pipeline: str
-    status: str
+    pipeline: str = Field(description="The pipeline's name.")
+    status: str = Field(description="completed (a failed or cancelled run raises instead of returning).")
     steps_total: int
     steps_completed: int
-    step_runs: int
-    rehydrations: int
-    final_snapshot: str | None
-    workspace_digest: str | None
-    seed_snapshot: str | None
-    store: str
-    checkpoints: list[CheckpointRecord]
-    usage: TokenUsage = Field(default_factory=TokenUsage)
-    agents: list[AgentReport] = Field(default_factory=list)
-    outputs: list[OutputRecord] = Field(default_factory=list)
-    providers: list[str] = Field(default_factory=list)  # every provider the run's sandboxes ran on, in order
+    step_runs: int = Field(description="Step activities started, retries and re-runs after a loss included.")
+    rehydrations: int = Field(description="How many times a lost sandbox was replaced.")
+    final_snapshot: str | None = Field(description="The snapshot of the workspace after the last step.")
+    workspace_digest: str | None = Field(
+        description="Identifies the final files: equal for runs that left equal workspaces, crashed or not."
+    )
+    seed_snapshot: str | None = Field(description="The Manifest's files and folders, staged before the run.")
+    store: str = Field(description="The snapshot store's URL.")
+    checkpoints: list[CheckpointRecord] = Field(description="The snapshots taken, in order (step -1: after setup).")
+    usage: TokenUsage = Field(default_factory=TokenUsage, description="Model tokens of every agent step.")
+    agents: list[AgentReport] = Field(default_factory=list, description="The last run of each agent step.")
+    outputs: list[OutputRecord] = Field(default_factory=list, description="Outputs published.")
+    providers: list[str] = Field(
+        default_factory=list, description="Every provider the run's sandboxes ran on, in order."
+    )
 
 
 class RunStatus(_Model):
+    """Where a run is: the answer to the workflow's ``status`` query."""
+
     workflow_id: str
-    pipeline: str
-    phase: str  # provisioning | running | checkpointing | rolling back | rehydrating | completed | failed
-    current_step: int | None  # 1-based for people; None before the first step
+    pipeline: str = Field(description="The pipeline's name.")
+    phase: str = Field(
+        description="starting | provisioning | running | checkpointing | rolling back | rehydrating |"
+        " publishing outputs | completed | failed | cancelled"
+    )
+    current_step: int | None = Field(description="1-based, for people; null before the first step.")
     current_step_name: str | None
     steps_total: int
     steps_completed: int
-    rehydrations: int
-    sandbox: SandboxRef | None
-    last_snapshot: SnapshotRef | None
-    checkpoints: list[CheckpointRecord]
-    last_error: str | None = None
-    usage: TokenUsage = Field(default_factory=TokenUsage)
-    agent: AgentProgress | None = None  # the agent step running now
+    rehydrations: int = Field(description="How many times a lost sandbox was replaced.")
+    sandbox: SandboxRef | None = Field(description="The live sandbox, if there is one.")
+    last_snapshot: SnapshotRef | None = Field(description="The last checkpoint: what a retry or rehydration restores.")
+    checkpoints: list[CheckpointRecord] = Field(description="The snapshots taken so far (step -1: after setup).")
+    last_error: str | None = Field(default=None, description="The last loss or failed attempt, if any.")
+    usage: TokenUsage = Field(default_factory=TokenUsage, description="Model tokens so far.")
+    agent: AgentProgress | None = Field(default=None, description="The agent step running now, if any.")
 
 
 def step_label(pipeline: Pipeline, index: int) -> str:
