@@ -34,6 +34,9 @@ AGENT_TOOL = "tardigrade.agent_tool"  # one tool call in the sandbox (the sandbo
 
 #: The most output a step result carries into history; the full log goes to the snapshot store.
 OUTPUT_TAIL_BYTES = 2048
+#: The end of a running step's output that its heartbeats carry, for `tardigrade logs --follow`. Heartbeats are not
+#: history; only the attempt of a worker that died keeps its last one (in the timeout failure).
+LIVE_TAIL_BYTES = 8192
 #: The most of an agent's text (replies, summaries) and of a tool's output that history carries, per item.
 AGENT_TEXT_BYTES = 400
 #: Where conversation nodes live in the store (activities/conversation.py).
@@ -170,6 +173,17 @@ class StepOutcome(_Model):
     @property
     def ok(self) -> bool:
         return self.exit_code == 0 and not self.timed_out
+
+
+class StepProgress(_Model):
+    """What a running step's heartbeats carry: how much it printed, and the end of that output, redacted.
+    ``tail`` is the redacted output from byte ``tail_start`` to ``tail_end`` (offsets in the redacted stream), so a
+    reader polling it can print exactly what is new."""
+
+    output_bytes: int = 0  # what the command printed so far, before redaction
+    tail_start: int = 0
+    tail_end: int = 0
+    tail: str = ""
 
 
 class RollbackResult(_Model):

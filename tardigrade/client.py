@@ -6,18 +6,32 @@ become a *seed snapshot* in the snapshot store, and the workflow input carries o
 A pipeline comes from a file (`load_pipeline`, whose ``source:`` paths are relative to the file) or is built in
 Python (`Pipeline(...)`, whose relative ``source:`` paths are relative to ``base_dir=``, by default the current
 directory when the run is started).
+
+Where Temporal is comes from `resolve_connection`: an explicit address, else Temporal's own client configuration
+(`temporalio.envconfig`: a TOML profile file and the TEMPORAL_* variables, which carry TLS and API keys, so
+Temporal Cloud works), else a running `tardigrade server`, else localhost:7233. Failures to connect are raised as
+`TemporalUnavailable` with one sentence saying what to do, never as the SDK's transport dump.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import tempfile
+import time
 import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from datetime import timedelta
 from pathlib import Path
+from urllib.parse import quote
 
+from temporalio.api.enums.v1 import TaskQueueKind, TaskQueueType
+from temporalio.api.taskqueue.v1 import TaskQueue
+from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
-from temporalio.service import RPCError
+from temporalio.service import RPCError, RPCStatusCode, TLSConfig
 
 from tardigrade import config
 from tardigrade.pipeline import LoadedPipeline, Pipeline, check_sources
@@ -30,10 +44,200 @@ from tardigrade.workflows.state import RunInput, RunResult, RunStatus
 
 # Inline files get a fixed mtime, so the same Manifest always makes the same seed snapshot.
 INLINE_MTIME_NS = 946_684_800 * 10**9  # 2000-01-01
+#: How long a status query waits for a worker to answer before we say none did.
+QUERY_TIMEOUT = 10.0
+#: A poller seen this recently counts as a live worker. Idle workers re-poll about once a minute; a dead one stays
+#: listed by the server for five.
+POLLER_RECENT = 120.0
+#: What to try when Temporal cannot be reached, for every message that says so.
+WHERE_HINT = (
+    "start one with `tardigrade server`, or point at yours with --address HOST:PORT, TEMPORAL_ADDRESS or --profile"
+)
 
 
-async def connect(address: str, *, namespace: str | None = None, plugin: TardigradePlugin | None = None) -> Client:
-    return await Client.connect(address, namespace=config.namespace(namespace), plugins=[plugin or TardigradePlugin()])
+class TemporalUnavailable(RuntimeError):
+    """Temporal cannot be reached or refused us; the message names the address and says what to do."""
+
+
+class ConnectionConfigError(ValueError):
+    """The client configuration (profile file, TLS files, TEMPORAL_* variables) cannot be used as it is."""
+
+
+class NoWorker(RuntimeError):
+    """A running pipeline has no worker to answer (nobody polls its task queue, or nobody answered in time)."""
+
+
+@dataclass(frozen=True)
+class Connection:
+    """Where and how to reach Temporal. ``origin`` says where the address came from, for messages."""
+
+    address: str
+    namespace: str = config.DEFAULT_NAMESPACE
+    api_key: str | None = field(default=None, repr=False)
+    tls: bool | TLSConfig = False
+    rpc_metadata: Mapping[str, str] = field(default_factory=dict, repr=False)
+    origin: str = "default"
+
+    @property
+    def configured(self) -> bool:
+        """Whether anybody said where Temporal is (rather than our localhost:7233 fallback)."""
+        return self.origin != "default"
+
+    def web_ui(self, workflow_id: str | None = None) -> str | None:
+        """The Web UI page of a run (or of the namespace), when we know where the UI is: $TARDIGRADE_WEB_UI, a
+        running `tardigrade server`, Temporal Cloud, or a dev server on its default ports."""
+        from tardigrade.devserver import running_server
+
+        host, _, port = self.address.rpartition(":")
+        base = os.environ.get("TARDIGRADE_WEB_UI")
+        server = running_server()
+        if not base and server is not None and _same_endpoint(server.get("address", ""), self.address):
+            base = server.get("ui")
+        if not base and host.endswith((".tmprl.cloud", ".api.temporal.io")):
+            base = "https://cloud.temporal.io"
+        if not base and host in ("localhost", "127.0.0.1") and port == "7233":
+            base = "http://localhost:8233"  # `temporal server start-dev`'s defaults
+        if not base:
+            return None
+        page = f"{base.rstrip('/')}/namespaces/{quote(self.namespace, safe='')}/workflows"
+        return f"{page}/{quote(workflow_id, safe='')}" if workflow_id else page
+
+
+def _same_endpoint(a: str, b: str) -> bool:
+    loopback = ("localhost", "127.0.0.1", "::1", "[::1]")
+    (ha, _, pa), (hb, _, pb) = a.rpartition(":"), b.rpartition(":")
+    return pa == pb and (ha == hb or (ha in loopback and hb in loopback))
+
+
+def resolve_connection(
+    address: str | None = None,
+    namespace: str | None = None,
+    *,
+    profile: str | None = None,
+    config_file: str | Path | None = None,
+) -> Connection:
+    """Settle where Temporal is: ``address``, else the client profile (``profile``, else $TEMPORAL_PROFILE, else
+    "default", from ``config_file``, else $TEMPORAL_CONFIG_FILE, else Temporal's default file; TEMPORAL_ADDRESS,
+    TEMPORAL_NAMESPACE, TEMPORAL_API_KEY, TEMPORAL_TLS* override it), else a running `tardigrade server`, else
+    localhost:7233. Raises `ConnectionConfigError` for a file or profile that cannot be used."""
+    from temporalio.envconfig import ClientConfigProfile
+
+    from tardigrade.devserver import running_server_address
+
+    if config_file is not None and not Path(config_file).is_file():
+        raise ConnectionConfigError(f"Temporal config file {config_file} does not exist")
+    name = profile or os.environ.get("TEMPORAL_PROFILE") or "default"
+    where = f"config file {config_file}" if config_file else "your Temporal config file"
+    try:
+        loaded = ClientConfigProfile.load(profile, config_source=Path(config_file) if config_file else None)
+    except Exception as e:  # the bridge's ConfigError: bad TOML, unknown profile, bad TEMPORAL_* value
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConnectionConfigError(f"Temporal client profile {name!r} ({where}): {first}") from None
+    try:
+        settings = loaded.to_client_connect_config()
+    except OSError as e:  # a TLS certificate or key file named by the profile
+        raise ConnectionConfigError(
+            f"Temporal client profile {name!r}: cannot read TLS file {e.filename}: {e.strerror}"
+        ) from None
+    if address:
+        origin = "--address"
+    elif loaded.address:
+        address = loaded.address
+        from_env = os.environ.get("TEMPORAL_ADDRESS") == loaded.address
+        origin = "TEMPORAL_ADDRESS" if from_env else f"profile {name!r}"
+    elif running := running_server_address():
+        address, origin = running, "tardigrade server"
+    else:
+        address, origin = "localhost:7233", "default"
+    return Connection(
+        address=address,
+        namespace=namespace or settings.get("namespace") or config.namespace(),
+        api_key=settings.get("api_key"),
+        tls=settings.get("tls", False),
+        rpc_metadata=dict(settings.get("rpc_metadata") or {}),
+        origin=origin,
+    )
+
+
+def _unreachable(conn: Connection, error: str) -> TemporalUnavailable:
+    """Turn the core SDK's transport error text into one sentence with the likely cause and what to do."""
+    lowered = error.lower()
+    if "unauthenticated" in lowered or "permissiondenied" in lowered or "permission denied" in lowered:
+        return TemporalUnavailable(
+            f"Temporal at {conn.address} refused our credentials: check the API key (TEMPORAL_API_KEY or the"
+            " profile's api_key) or the client certificate, and that they are for this namespace"
+        )
+    if "invalidcertificate" in lowered or "certificate" in lowered:
+        reason = (
+            "its TLS certificate is not trusted; give the server's CA in the profile (tls.server_ca_cert_path)"
+            " or TEMPORAL_TLS_SERVER_CA_CERT_PATH"
+        )
+    elif "invalidcontenttype" in lowered or "corruptmessage" in lowered or "tls" in lowered:
+        reason = "the TLS handshake failed: the server may not speak TLS (set TEMPORAL_TLS=false or drop tls)"
+    elif "connectionrefused" in lowered or "connection refused" in lowered:
+        reason = "connection refused (nothing listens there)"
+    elif "dns error" in lowered:
+        reason = "the host name does not resolve"
+    elif "timeout" in lowered or "timed out" in lowered:
+        reason = "it did not answer in time (is that a Temporal frontend, and does it expect TLS?)"
+    elif "broken pipe" in lowered or "connection reset" in lowered or "transport error" in lowered:
+        reason = "it closed the connection (does it expect TLS? set TEMPORAL_TLS=true or use a profile with TLS)"
+    else:
+        reason = error.removeprefix("Failed client connect: ").splitlines()[0][:200]
+    origin = "" if conn.origin in ("default", "argument") else f" (from {conn.origin})"
+    return TemporalUnavailable(f"cannot reach Temporal at {conn.address}{origin}: {reason}; {WHERE_HINT}")
+
+
+async def connect(
+    address: str | Connection,
+    *,
+    namespace: str | None = None,
+    plugin: TardigradePlugin | None = None,
+    timeout: float | None = None,
+) -> Client:
+    """A client with the plugin. ``address`` is HOST:PORT or a `Connection` from `resolve_connection` (TLS, API
+    key, namespace). Raises `TemporalUnavailable` with a readable reason when the server cannot be reached."""
+    if isinstance(address, Connection):
+        conn = replace(address, namespace=namespace) if namespace else address
+    else:
+        conn = Connection(address=address, namespace=config.namespace(namespace), origin="argument")
+    attempt = Client.connect(
+        conn.address,
+        namespace=conn.namespace,
+        api_key=conn.api_key,
+        tls=conn.tls,
+        rpc_metadata=conn.rpc_metadata,
+        plugins=[plugin or TardigradePlugin()],
+    )
+    try:
+        return await (asyncio.wait_for(attempt, timeout) if timeout else attempt)
+    except TimeoutError:
+        raise _unreachable(conn, f"timed out after {timeout:.0f} s") from None
+    except RuntimeError as e:
+        if "client connect" not in str(e):
+            raise
+        raise _unreachable(conn, str(e)) from None
+    except RPCError as e:
+        if e.status in (RPCStatusCode.UNAUTHENTICATED, RPCStatusCode.PERMISSION_DENIED):
+            raise _unreachable(conn, "unauthenticated") from None
+        raise
+
+
+async def live_pollers(client: Client, task_queue: str) -> list[str]:
+    """The identities of the workers polling ``task_queue`` for workflow tasks (seen in the last two minutes)."""
+    response = await client.workflow_service.describe_task_queue(
+        DescribeTaskQueueRequest(
+            namespace=client.namespace,
+            task_queue=TaskQueue(name=task_queue, kind=TaskQueueKind.TASK_QUEUE_KIND_NORMAL),
+            task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW,
+        )
+    )
+    now = time.time()
+    return [
+        p.identity
+        for p in response.pollers
+        if not p.HasField("last_access_time") or now - p.last_access_time.ToSeconds() < POLLER_RECENT
+    ]
 
 
 def _with_base_dir(pipeline: Pipeline | LoadedPipeline, base_dir: str | Path | None) -> tuple[Pipeline, Path]:
@@ -89,8 +293,11 @@ def stage_pipeline(
                 if folder.is_dir():
                     os.utime(folder, ns=(INLINE_MTIME_NS, INLINE_MTIME_NS))
             engine = SnapshotEngine(open_store(store_url))
-            seed = engine.create(staging, selection=SEED_SELECTION, labels={"pipeline": pipeline.name, "seed": "1"}).id
-            engine.store.close()
+            try:
+                labels = {"pipeline": pipeline.name, "seed": "1"}
+                seed = engine.create(staging, selection=SEED_SELECTION, labels=labels).id
+            finally:
+                engine.close()  # its blob index, its store connections and its scratch folder (one per start)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     staged = pipeline.model_copy(
@@ -128,6 +335,7 @@ async def start_pipeline(
         id=workflow_id or new_workflow_id(staged.name),
         task_queue=config.task_queue(task_queue),
         static_summary=f"pipeline {staged.name} · {len(staged.steps)} steps",
+        memo={"pipeline": staged.name, "steps": len(staged.steps)},  # for `tardigrade list`, without a query
     )
 
 
@@ -138,14 +346,24 @@ async def run_result(client: Client, workflow_id: str) -> RunResult:
 
 
 async def run_status(client: Client, workflow_id: str) -> RunStatus | RunResult:
-    """Live status of a running pipeline, or the result of a finished one."""
+    """Live status of a running pipeline, or the result of a finished one (raises if it failed). A running one
+    needs a worker to answer: without one, `NoWorker` says so at once instead of waiting out a timeout."""
     handle = client.get_workflow_handle_for(PipelineWorkflow.run, workflow_id)
     description = await handle.describe()
-    if description.status == WorkflowExecutionStatus.RUNNING:
-        try:
-            return await handle.query(PipelineWorkflow.status)
-        except RPCError as e:
-            raise RuntimeError(
-                f"run {workflow_id} is running but no worker answered ({e.message}); is `tardigrade worker` up?"
-            ) from e
-    return await handle.result()
+    if description.status != WorkflowExecutionStatus.RUNNING:
+        return await handle.result()
+    queue = description.task_queue
+    if not await live_pollers(client, queue):
+        raise NoWorker(
+            f"run {workflow_id} is running, but no worker polls its task queue {queue!r} to answer;"
+            f" start one with `tardigrade worker --task-queue {queue}`"
+        )
+    try:
+        return await handle.query(PipelineWorkflow.status, rpc_timeout=timedelta(seconds=QUERY_TIMEOUT))
+    except RPCError as e:
+        if e.status not in (RPCStatusCode.CANCELLED, RPCStatusCode.DEADLINE_EXCEEDED):
+            raise
+        raise NoWorker(
+            f"run {workflow_id} is running, but no worker answered within {QUERY_TIMEOUT:.0f} s; is"
+            f" `tardigrade worker --task-queue {queue}` up and healthy?"
+        ) from None

@@ -2,7 +2,9 @@
 
 Every default can be overridden by an environment variable, so one `export` configures both `tardigrade worker`
 and `tardigrade run`: TEMPORAL_ADDRESS, TEMPORAL_NAMESPACE, TARDIGRADE_TASK_QUEUE, TARDIGRADE_STORE,
-TARDIGRADE_HOME.
+TARDIGRADE_HOME. How to reach Temporal beyond an address (profiles, TLS, API keys: TEMPORAL_PROFILE,
+TEMPORAL_CONFIG_FILE, TEMPORAL_API_KEY, TEMPORAL_TLS*) is Temporal's own client configuration, read by
+`tardigrade.client.resolve_connection`; TARDIGRADE_WEB_UI tells the CLI where the Web UI is, for its links.
 """
 
 from __future__ import annotations

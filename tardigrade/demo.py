@@ -16,12 +16,12 @@ from typing import Any
 
 from temporalio.worker import Worker
 
-from tardigrade.client import connect, new_workflow_id, start_pipeline
+from tardigrade.cli.progress import RunProgress
+from tardigrade.client import Connection, connect, new_workflow_id, start_pipeline
 from tardigrade.devserver import EmbeddedTemporal, resolve_address
 from tardigrade.pipeline import PipelineError, load_pipeline
 from tardigrade.sandboxes.faults import DestroySandboxDuringStep
-from tardigrade.workflows.pipeline import PipelineWorkflow
-from tardigrade.workflows.state import RunResult, RunStatus
+from tardigrade.workflows.state import RunResult
 
 # tardigrade/examples links to the repository's examples/, so a checkout and an installed wheel both have it.
 EXAMPLE = Path(__file__).resolve().parent / "examples" / "data-pipeline.yaml"
@@ -30,28 +30,30 @@ EXAMPLE = Path(__file__).resolve().parent / "examples" / "data-pipeline.yaml"
 async def run_demo(
     *,
     crash_at_step: int = 22,
-    address: str | None = None,
+    address: str | Connection | None = None,
     keep_server: bool = False,
-    say: Callable[[str], None] = print,
+    say: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
+    """Run the demo; ``say`` receives its lines (default: print them, with a progress bar on a terminal)."""
     loaded = load_pipeline(EXAMPLE)
     steps = loaded.pipeline.steps
     if not 0 <= crash_at_step <= len(steps):
         raise PipelineError(f"--crash-at-step must be between 0 (no crash) and {len(steps)}")
-    address = resolve_address(address)
+    tell: Callable[[str], None] = say or print
+    target = address if isinstance(address, Connection) else resolve_address(address)
     server = None
-    if address is None:
+    if target is None:
         server = EmbeddedTemporal()
         await server.start()
-        address = server.address
+        target = server.address
         if keep_server:
             server.write_state_file()
-        say(f"Temporal dev server on {address} (SQLite: {server.db_file}); Web UI: {server.ui_url}")
+        tell(f"Temporal dev server on {target} (SQLite: {server.db_file}); Web UI: {server.ui_url}")
     injector = DestroySandboxDuringStep(crash_at_step) if crash_at_step else None
     try:
         from tardigrade.plugin import TardigradePlugin
 
-        client = await connect(address, plugin=TardigradePlugin(fault_injector=injector))
+        client = await connect(target, plugin=TardigradePlugin(fault_injector=injector), timeout=10)
         # A queue of its own, so the in-process worker (with the fault injector) is the one that runs it.
         task_queue = f"tardigrade-demo-{uuid.uuid4().hex[:8]}"
         workflow_id = new_workflow_id(f"demo-{loaded.pipeline.name}")
@@ -59,21 +61,21 @@ async def run_demo(
         async with Worker(client, task_queue=task_queue):
             handle = await start_pipeline(client, loaded, task_queue=task_queue, workflow_id=workflow_id)
             crash = f"; its sandbox will be destroyed during step {crash_at_step}" if crash_at_step else ""
-            say(f"Running {loaded.pipeline.name} ({len(steps)} steps) as workflow {workflow_id}{crash}.")
-            progress = _Progress([s.name for s in steps], say)
-            watcher = asyncio.create_task(progress.watch(handle))
-            try:
-                result: RunResult = await handle.result()
-            finally:
-                watcher.cancel()
-            progress.show_completed(result.steps_completed)
+            tell(f"Running {loaded.pipeline.name} ({len(steps)} steps) as workflow {workflow_id}{crash}.")
+            with RunProgress([s.name for s in steps], say=say) as progress:
+                watcher = asyncio.create_task(progress.watch(handle))
+                try:
+                    result: RunResult = await handle.result()
+                finally:
+                    watcher.cancel()
+                progress.show_completed(result.steps_completed)
         seconds = time.monotonic() - started
     finally:
         if server is not None and not keep_server:
             server.stop()
     ui = server.workflow_url(workflow_id) if server else None
     reran = result.step_runs - result.steps_total
-    say(
+    tell(
         f"Done in {seconds:.1f} s: {result.steps_completed}/{result.steps_total} steps, "
         f"{result.rehydrations} rehydration(s), {result.step_runs} step runs ({reran} re-run after a loss)."
     )
@@ -81,40 +83,14 @@ async def run_demo(
         model = steps[agent.step].model
         kind = "scripted model, no API call" if model is not None and model.provider == "scripted" else "model"
         calls = f"{agent.turns} turns, {agent.tool_calls} tool calls"
-        say(f"  agent step {agent.step + 1} ({kind}): {calls} - {agent.summary}")
-    say(f"  final snapshot    {result.final_snapshot}")
-    say(f"  workspace digest  {result.workspace_digest}")
-    say(f"  snapshot store    {result.store}")
+        tell(f"  agent step {agent.step + 1} ({kind}): {calls} - {agent.summary}")
+    tell(f"  final snapshot    {result.final_snapshot}")
+    tell(f"  workspace digest  {result.workspace_digest}")
+    tell(f"  snapshot store    {result.store}")
     if ui:
-        say(f"  Web UI            {ui}" + ("" if keep_server else "  (the server stopped; --keep-server keeps it)"))
+        tell(f"  Web UI            {ui}" + ("" if keep_server else "  (the server stopped; --keep-server keeps it)"))
+    if server is not None and keep_server and server.process is not None:
+        tell(f"  The server keeps running (pid {server.process.pid}); stop it with `tardigrade server --stop`.")
     out = result.model_dump()
     out.update({"seconds": round(seconds, 2), "web_ui": ui, "crash_at_step": crash_at_step or None})
     return out
-
-
-class _Progress:
-    """Prints each step as it completes, and every rehydration, by querying the workflow."""
-
-    def __init__(self, step_names: list[str], say: Callable[[str], None]) -> None:
-        self.step_names = step_names
-        self.say = say
-        self.shown = 0
-        self.rehydrations = 0
-
-    def show_completed(self, completed: int) -> None:
-        while self.shown < completed:
-            self.say(f"  step {self.shown + 1:>2}/{len(self.step_names)} · {self.step_names[self.shown]} ✓")
-            self.shown += 1
-
-    async def watch(self, handle: Any) -> None:
-        while True:
-            await asyncio.sleep(0.3)
-            try:
-                status: RunStatus = await handle.query(PipelineWorkflow.status)
-            except Exception:
-                continue  # a query can race a workflow task; the next one will do
-            self.show_completed(status.steps_completed)
-            if status.rehydrations > self.rehydrations:
-                self.rehydrations = status.rehydrations
-                self.say(f"  !! {status.last_error}")
-                self.say("  -> fresh sandbox: manifest applied, last snapshot restored, resuming at the failed step")

@@ -4,12 +4,18 @@
 account and no Docker. Runs survive a restart of the server on the same database file. A small state file
 (``server.json`` in the state folder) lets `tardigrade run`/`status` find a server that `tardigrade server`
 started.
+
+One database, one server: two dev servers on the same SQLite file would corrupt each other's state. A server
+holds an exclusive lock on ``<database>.lock`` (the lock file also says where the server is) for as long as it
+lives - the server process itself inherits the lock, so it holds even after `tardigrade demo --keep-server`
+exits - and a second start is refused with a message naming the first.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -17,7 +23,9 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 from temporalio.client import Client
 
@@ -55,19 +63,50 @@ def _free_port() -> int:
         return port
 
 
-def _state_file() -> Path:
+def state_file() -> Path:
     return config.state_dir() / "server.json"
+
+
+def running_server() -> dict[str, Any] | None:
+    """What the state file says about the server `tardigrade server` left running (address, ui, pid, db), if its
+    process is still alive."""
+    try:
+        info: dict[str, Any] = json.loads(state_file().read_text())
+        os.kill(info["pid"], 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return info
 
 
 def running_server_address() -> str | None:
     """The address of a server `tardigrade server` left running, if its process is still alive."""
-    try:
-        info = json.loads(_state_file().read_text())
-        os.kill(info["pid"], 0)
-    except (OSError, ValueError, KeyError):
+    info = running_server()
+    return str(info["address"]) if info else None
+
+
+def stop_running_server() -> dict[str, Any] | None:
+    """Stop the server `tardigrade server` (or `demo --keep-server`) left running; what it was, or None."""
+    info = running_server()
+    if info is None:
         return None
-    address: str = info["address"]
-    return address
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(info["pid"], signal.SIGTERM)  # started in a session of its own: its group is its pid
+    for _ in range(100):
+        try:
+            os.kill(info["pid"], 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    state_file().unlink(missing_ok=True)
+    return info
+
+
+def _describe_holder(lock_file: Path) -> str:
+    try:
+        info = json.loads(lock_file.read_text())
+        return f"pid {info['pid']}, {info['address']}" + (f", Web UI {info['ui']}" if info.get("ui") else "")
+    except (OSError, ValueError, KeyError, TypeError):
+        return "its details are unknown"
 
 
 def resolve_address(explicit: str | None) -> str | None:
@@ -106,6 +145,21 @@ class EmbeddedTemporal:
     def workflow_url(self, workflow_id: str, namespace: str = "default") -> str | None:
         return f"{self.ui_url}/namespaces/{namespace}/workflows/{workflow_id}" if self.ui_url else None
 
+    def _lock_database(self) -> int:
+        """Take the database's lock, or refuse: another dev server uses this SQLite file."""
+        lock_file = Path(f"{self.db_file}.lock")
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ServerError(
+                f"another Temporal dev server already uses {self.db_file} ({_describe_holder(lock_file)}); use that"
+                " one (`tardigrade run` and `tardigrade worker` find it), or stop it first (`tardigrade server"
+                " --stop`, or kill that pid)"
+            ) from None
+        return fd
+
     async def start(self, timeout: float = 30.0) -> None:
         argv = [
             temporal_binary(),
@@ -121,9 +175,17 @@ class EmbeddedTemporal:
             "warn",
         ]
         argv += ["--ui-port", str(self.ui_port)] if self.ui_port else ["--headless"]
+        lock = self._lock_database()
         log = open(self.log_file, "ab")  # noqa: SIM115 - handed to the child
-        self.process = subprocess.Popen(argv, stdout=log, stderr=log, start_new_session=True)
-        log.close()
+        try:
+            # The child inherits the locked descriptor: the lock lives exactly as long as the server does.
+            self.process = subprocess.Popen(argv, stdout=log, stderr=log, start_new_session=True, pass_fds=(lock,))
+            info = {"pid": self.process.pid, "address": self.address, "ui": self.ui_url, "db": str(self.db_file)}
+            os.ftruncate(lock, 0)
+            os.pwrite(lock, json.dumps(info).encode(), 0)
+        finally:
+            log.close()
+            os.close(lock)
         deadline = asyncio.get_running_loop().time() + timeout
         while True:
             if self.process.poll() is not None:
@@ -143,7 +205,8 @@ class EmbeddedTemporal:
 
     def write_state_file(self) -> None:
         assert self.process is not None
-        _state_file().write_text(json.dumps({"address": self.address, "ui": self.ui_url, "pid": self.process.pid}))
+        info = {"address": self.address, "ui": self.ui_url, "pid": self.process.pid, "db": str(self.db_file)}
+        state_file().write_text(json.dumps(info))
 
     def stop(self) -> None:
         if self.process is None:
@@ -157,8 +220,8 @@ class EmbeddedTemporal:
                 os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
         with contextlib.suppress(FileNotFoundError, ValueError):
-            if json.loads(_state_file().read_text()).get("pid") == self.process.pid:
-                _state_file().unlink()
+            if json.loads(state_file().read_text()).get("pid") == self.process.pid:
+                state_file().unlink()
         self.process = None
 
     async def __aenter__(self) -> EmbeddedTemporal:

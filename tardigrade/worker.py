@@ -1,6 +1,6 @@
 """`tardigrade worker` (or `python worker.py` in a checkout): a Temporal worker with the Tardigrade plugin.
 
-    tardigrade worker [--address HOST:PORT] [--task-queue NAME] [--namespace NS]
+    tardigrade worker [--address HOST:PORT] [--task-queue NAME] [--namespace NS] [--profile NAME]
 
 It serves the task queue `tardigrade run` uses by default, so `tardigrade worker` in one terminal and
 `tardigrade run pipeline.yaml` in another just work. Run as many as you like, on as many machines: each also
@@ -17,18 +17,18 @@ import signal
 from temporalio.worker import Worker
 
 from tardigrade import config
-from tardigrade.client import connect
-from tardigrade.devserver import resolve_address
+from tardigrade.client import Connection, connect, resolve_connection
 from tardigrade.plugin import TardigradePlugin
 
 
-async def serve(address: str | None, task_queue: str | None, namespace: str | None) -> int:
-    """Run a worker until SIGINT or SIGTERM; the arguments default as `tardigrade worker --help` says."""
+async def serve(address: str | Connection | None, task_queue: str | None, namespace: str | None) -> int:
+    """Run a worker until SIGINT or SIGTERM; the arguments default as `tardigrade worker --help` says. ``address``
+    may be a `Connection` (TLS, API key: see `resolve_connection`)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    address = resolve_address(address) or "localhost:7233"
+    conn = address if isinstance(address, Connection) else resolve_connection(address, namespace)
     plugin = TardigradePlugin()
-    client = await connect(address, namespace=namespace, plugin=plugin)
+    client = await connect(conn, namespace=namespace, plugin=plugin, timeout=10)
     task_queue = config.task_queue(task_queue)
     worker = Worker(client, task_queue=task_queue)
 
@@ -36,8 +36,9 @@ async def serve(address: str | None, task_queue: str | None, namespace: str | No
     for sig in (signal.SIGINT, signal.SIGTERM):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     logging.info(
-        "worker on %s: task queue %r, sandbox queue %r, state in %s",
-        address,
+        "worker on %s (namespace %s): task queue %r, sandbox queue %r, state in %s",
+        conn.address,
+        client.namespace,
         task_queue,
         plugin.host_queue,
         plugin.state_dir,

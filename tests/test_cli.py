@@ -87,6 +87,7 @@ def test_snapshot_commands(tmp_path: Path) -> None:
     assert (tmp_path / "busy" / "precious").exists()
 
     missing = tardigrade("snapshot", "restore", "f" * 64, str(tmp_path / "new"), "--store", store, home=tmp_path)
-    assert missing.returncode == 2 and "does not exist in store" in missing.stderr
+    assert missing.returncode == 2 and f"there is no snapshot {'f' * 64}" in missing.stderr
+    assert not (tmp_path / "new").exists()
     bad_store = tardigrade("snapshot", "ls", "--store", "ftp://x/y", home=tmp_path)
     assert bad_store.returncode == 2 and "unknown scheme 'ftp'" in bad_store.stderr
