@@ -28,13 +28,11 @@ from typing import Any
 import blake3
 from pydantic import BaseModel, ConfigDict
 
-from tardigrade.activities.contract import CONVERSATION_NODES
 from tardigrade.agent_spec import ModelConfig
+from tardigrade.sandboxes.store_keys import AGENT_ITEMS, AGENT_NODES, AGENT_REPLIES
 from tardigrade.sandboxes.stores import ObjectMissing, ObjectStore
 
-NODES = CONVERSATION_NODES
-ITEMS = "agent/items/"
-REPLIES = "agent/replies/"
+NODES, ITEMS, REPLIES = AGENT_NODES, AGENT_ITEMS, AGENT_REPLIES
 CACHE_BYTES = 64 << 20
 
 

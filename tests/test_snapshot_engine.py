@@ -15,7 +15,7 @@ import zstandard
 
 from tardigrade.sandboxes.errors import SnapshotCorrupt, SnapshotError, SnapshotMissing, UnsafeTree
 from tardigrade.sandboxes.snapshots import Selection, SnapshotEngine
-from tardigrade.sandboxes.snapshots.engine import tree_key
+from tardigrade.sandboxes.store_keys import tree_key
 from tardigrade.sandboxes.stores import FileStore
 
 

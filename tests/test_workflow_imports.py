@@ -44,6 +44,7 @@ ALLOWED_OWN = {
     "tardigrade.sandboxes.manifest",
     "tardigrade.sandboxes.selection",
     "tardigrade.sandboxes.layout",
+    "tardigrade.sandboxes.store_keys",
 }
 
 WORKFLOW_MODULES = sorted(m.name for m in pkgutil.iter_modules(tardigrade.workflows.__path__, "tardigrade.workflows."))

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 import blake3
 
 from tardigrade.sandboxes.errors import SnapshotError
+from tardigrade.sandboxes.store_keys import PACKS
 from tardigrade.sandboxes.stores.base import ObjectInfo, ObjectStore
 
 if TYPE_CHECKING:
@@ -120,7 +121,7 @@ class EncryptedStore(ObjectStore):
 
     @staticmethod
     def _raw(key: str) -> bool:
-        return key.startswith("packs/")
+        return key.startswith(PACKS)
 
     def put(self, key: str, data: bytes) -> bool:
         return self.inner.put(key, data if self._raw(key) else self.encryption.encrypt(data))

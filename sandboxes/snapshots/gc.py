@@ -28,12 +28,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tardigrade.sandboxes.snapshots.packs import index_key, pack_key
+from tardigrade.sandboxes.errors import SnapshotError
+from tardigrade.sandboxes.store_keys import GC_CONDEMNED as CONDEMNED
+from tardigrade.sandboxes.store_keys import GC_DELETED as DELETED
+from tardigrade.sandboxes.store_keys import GC_LOCK as LOCK
+from tardigrade.sandboxes.store_keys import PACKS, RECORDS, index_key, pack_key, record_key, tree_key
 from tardigrade.sandboxes.stores.base import ObjectMissing, ObjectStore
 
-CONDEMNED = "gc/condemned/"
-DELETED = "gc/deleted/"
-LOCK = "gc/lock"
 DEFAULT_GRACE = 24 * 3600.0
 DELETED_RECORD_TTL = 30 * 24 * 3600.0  # workers that have not synced for longer rebuild their caches
 LOCK_TTL = 6 * 3600.0
@@ -167,14 +168,12 @@ def collect_garbage(
 ) -> GcReport:
     """One GC run (see the module docstring). ``tree_packs(snapshot_id)`` yields the packs a tree references
     and raises `SnapshotMissing` if the tree is gone."""
-    from tardigrade.sandboxes.errors import SnapshotError
-
     now = time.time() if now is None else now
     report = GcReport()
     lease = None if policy.dry_run else _Lease(store, now)
     try:
         records = []
-        for info in store.list("snapshots/"):
+        for info in store.list(RECORDS):
             try:
                 records.append(json.loads(store.get(info.key)))
             except (ObjectMissing, ValueError):
@@ -209,7 +208,7 @@ def collect_garbage(
         # Condemn what nothing kept references (and is old enough not to be a snapshot in progress).
         dropped = [r["id"] for r in records if r["id"] not in kept]
         condemned_packs = set()
-        for info in store.list("packs/"):
+        for info in store.list(PACKS):
             pack = info.key.rsplit("/", 1)[-1]
             if pack not in marked and pack not in pending_packs and info.modified < now - policy.grace:
                 condemned_packs.add(pack)
@@ -236,8 +235,6 @@ def collect_garbage(
 
 def _sweep(store: ObjectStore, epoch: Epoch, marked: set[str], kept: set[str], report: GcReport, dry: bool) -> None:
     """Delete what an old-enough epoch condemned and nothing references now; turn it into a deleted record."""
-    from tardigrade.sandboxes.snapshots.engine import record_key, tree_key
-
     gone = set()
     for pack in epoch.packs:
         if pack in marked:

@@ -22,6 +22,7 @@ from pathlib import Path
 from tardigrade.sandboxes.snapshots.gc import Epoch
 from tardigrade.sandboxes.snapshots.packs import blob_hash
 from tardigrade.sandboxes.snapshots.tree import ChunkRef
+from tardigrade.sandboxes.store_keys import INDEX
 from tardigrade.sandboxes.stores.base import ObjectMissing, ObjectStore
 
 REFRESH_SECONDS = 300.0
@@ -94,7 +95,7 @@ class BlobIndex:
         with self._lock:
             known = {row[0] for row in self._db.execute("SELECT pack FROM packs")}
         added = 0
-        for info in self.store.list("index/"):
+        for info in self.store.list(INDEX):
             pack = info.key.rsplit("/", 1)[-1]
             if pack in known:
                 continue
