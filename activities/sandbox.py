@@ -30,6 +30,7 @@ from temporalio.exceptions import ApplicationError
 from tardigrade.activities.contract import (
     CHECKPOINT,
     DESTROY,
+    LIVE_TAIL_BYTES,
     OUTPUT_TAIL_BYTES,
     PROVISION,
     ROLLBACK,
@@ -46,6 +47,7 @@ from tardigrade.activities.contract import (
     SandboxRef,
     SnapshotRef,
     StepOutcome,
+    StepProgress,
 )
 from tardigrade.activities.secrets import Redactor, resolve_secrets
 from tardigrade.sandboxes.errors import (
@@ -59,8 +61,9 @@ from tardigrade.sandboxes.manifest import SEED_SELECTION
 from tardigrade.sandboxes.mounts import MountError, open_source
 from tardigrade.sandboxes.outputs import OutputError, open_destination, upload_output
 from tardigrade.sandboxes.provider import FaultInjector, Sandbox, SandboxProvider, SandboxSpec
-from tardigrade.sandboxes.providers import build_provider, choose
+from tardigrade.sandboxes.provider_choice import build_provider, choose
 from tardigrade.sandboxes.snapshots import SnapshotEngine
+from tardigrade.sandboxes.store_keys import log_key
 from tardigrade.sandboxes.stores import ObjectStore, open_store
 
 P = ParamSpec("P")
@@ -103,6 +106,55 @@ async def heartbeating(details: Callable[[], Any] = lambda: None) -> AsyncIterat
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+class LiveOutput:
+    """The redacted end of a running command's output, for its heartbeats (`tardigrade logs --follow`). Redacts as
+    a stream, holding back the last few bytes that could be the start of a secret split across two chunks."""
+
+    def __init__(self, redactor: Redactor) -> None:
+        self.redactor = redactor
+        self.raw_bytes = 0
+        self.emitted = 0  # redacted bytes released so far
+        self._pending = b""
+        self._ring = bytearray()
+
+    def feed(self, chunk: bytes) -> None:
+        self.raw_bytes += len(chunk)
+        data = self.redactor.bytes(self._pending + chunk)
+        keep = min(self.redactor.overlap, len(data))
+        released, self._pending = data[: len(data) - keep], data[len(data) - keep :]
+        self.emitted += len(released)
+        self._ring += released
+        del self._ring[:-LIVE_TAIL_BYTES]
+
+    def progress(self) -> StepProgress:
+        ring = bytes(self._ring)
+        start = 0
+        while start < min(3, len(ring)) and ring[start] & 0xC0 == 0x80:  # a character cut in two at the front
+            start += 1
+        end = len(ring)
+        for back in range(1, min(4, len(ring) - start) + 1):  # and one not yet complete at the end
+            byte = ring[end - back]
+            if byte & 0xC0 == 0xC0:  # a lead byte: is its character complete?
+                need = 4 if byte >= 0xF0 else 3 if byte >= 0xE0 else 2
+                end = end if back >= need else end - back
+                break
+            if byte < 0x80:
+                break
+        first = self.emitted - len(ring)
+        return StepProgress(
+            output_bytes=self.raw_bytes,
+            tail_start=first + start,
+            tail_end=first + end,
+            tail=ring[start:end].decode(errors="replace"),
+        )
+
+
+def _discard_log(log_path: str | None) -> None:
+    """Delete a command's full-output log that nobody will read (it lives in the sandbox's state folder)."""
+    if log_path:
+        Path(log_path).unlink(missing_ok=True)
 
 
 def sandbox_spec(plan: SandboxPlan) -> SandboxSpec:
@@ -184,7 +236,8 @@ class SandboxActivities:
         for provider in self._providers.values():
             await provider.close()
         for engine in self._engines.values():
-            engine.store.close()
+            engine.close()
+        self._engines.clear()
 
     def all(self) -> list[Callable[..., Any]]:
         return [self.provision, self.run_step, self.checkpoint, self.rollback, self.upload_outputs, self.destroy]
@@ -229,9 +282,12 @@ class SandboxActivities:
                     result = await sandbox.exec(
                         command, env=env, timeout=plan.timeouts.provision, labels={"setup": str(i + 1)}
                     )
+                    _discard_log(result.log_path)  # the tail below is all a failed setup reports
                     if result.exit_code != 0 or result.timed_out:
                         why = "timed out" if result.timed_out else f"exited with code {result.exit_code}"
-                        tail = redactor.bytes(result.output_tail).decode(errors="replace")[-OUTPUT_TAIL_BYTES:]
+                        whole = result.output_bytes <= len(result.output_tail)
+                        ending = redactor.tail(result.output_tail, OUTPUT_TAIL_BYTES, whole=whole)
+                        tail = ending.decode(errors="replace")
                         raise ApplicationError(
                             f"setup command {i + 1} ({redactor.text(command)!r}) {why}. Its output ends with:\n{tail}",
                             type="SetupFailed",
@@ -257,12 +313,8 @@ class SandboxActivities:
         redactor = Redactor(secrets.values())
         sandbox = await self._attach(input.sandbox)
         await sandbox.kill_processes()
-        progress = {"output_bytes": 0}
-
-        def count(chunk: bytes) -> None:
-            progress["output_bytes"] += len(chunk)
-
-        async with heartbeating(lambda: progress):
+        live = LiveOutput(redactor)
+        async with heartbeating(live.progress):
             result = await sandbox.exec(
                 step.run,
                 env={
@@ -274,14 +326,17 @@ class SandboxActivities:
                 },
                 timeout=step.timeout,
                 cwd=step.cwd,
-                on_output=count,
+                on_output=live.feed,
                 labels={"step": str(input.index + 1), "attempt": str(input.attempt)},
                 tail_bytes=OUTPUT_TAIL_BYTES + redactor.overlap,
             )
-        tail = redactor.bytes(result.output_tail)[-OUTPUT_TAIL_BYTES:].decode(errors="replace")
+        whole = result.output_bytes <= len(result.output_tail)
+        tail = redactor.tail(result.output_tail, OUTPUT_TAIL_BYTES, whole=whole).decode(errors="replace")
         output_log = None
         if result.output_bytes > len(result.output_tail) and result.log_path:
             output_log = await asyncio.to_thread(self.store_log, input.store, Path(result.log_path), redactor)
+        else:
+            _discard_log(result.log_path)  # the tail holds all of it; one log per step would pile up for the run
         return StepOutcome(
             index=input.index,
             exit_code=result.exit_code,
@@ -295,17 +350,18 @@ class SandboxActivities:
     def store_log(self, store_url: str, log_path: Path, redactor: Redactor) -> str:
         """Keep a step's full output (redacted, compressed, content-addressed) where history cannot bloat."""
         store = self.engine(store_url).store
-        with tempfile.NamedTemporaryFile(dir=self.state_dir, prefix="log-", delete=False) as raw:
-            redactor.copy(log_path, raw)
+        raw = tempfile.NamedTemporaryFile(dir=self.state_dir, prefix="log-", delete=False)  # noqa: SIM115
         compressed = Path(raw.name + ".zst")
         try:
+            with raw:
+                redactor.copy(log_path, raw)
             hasher = blake3.blake3()
             with open(raw.name, "rb") as src:
                 while block := src.read(1 << 20):
                     hasher.update(block)
             with open(raw.name, "rb") as src, open(compressed, "wb") as dst:
                 zstandard.ZstdCompressor(level=3).copy_stream(src, dst)
-            key = f"logs/{hasher.hexdigest()}.zst"
+            key = log_key(hasher.hexdigest())
             store.put_file(key, compressed)
             return key
         finally:
@@ -400,5 +456,7 @@ class SandboxActivities:
         try:
             sandbox = await self._attach(ref)
         except (SandboxLost, SandboxError):
+            with contextlib.suppress(Exception):  # best effort: what is left locally only costs disk space
+                await self._offered(ref.provider).forget(ref.sandbox_id)
             return
         await sandbox.destroy()

@@ -1,7 +1,10 @@
 """Secrets by name: resolved from the worker's environment when an activity runs, and scrubbed from output.
 
 A secret's value reaches the sandbox's environment and nothing else: output tails, stored logs and error
-messages pass through a `Redactor` before they can reach workflow history.
+messages pass through a `Redactor` before they can reach workflow history. Bounded excerpts (a step's tail, the
+head and tail of a tool's output, the start of a file) come from `Redactor.head` and `Redactor.tail`, which mask
+on the raw bytes first and cut after, so a secret that straddles the cut is masked whole instead of leaving its
+unmasked end inside the excerpt.
 """
 
 from __future__ import annotations
@@ -50,6 +53,41 @@ class Redactor:
             data = data.replace(value, MASK.encode())
         return data
 
+    def head(self, data: builtins.bytes, limit: int, *, whole: bool) -> builtins.bytes:
+        """The first ``limit`` bytes of a stream, masked. ``data`` is the stream's start - ideally ``limit`` +
+        `overlap` bytes of it, so a secret crossing the cut is seen whole - or all of it when ``whole``."""
+        return self._excerpt(data, 0, min(limit, len(data)), cut_start=False, cut_end=not whole)
+
+    def tail(self, data: builtins.bytes, limit: int, *, whole: bool) -> builtins.bytes:
+        """The last ``limit`` bytes of a stream, masked. ``data`` is the stream's end - ideally ``limit`` +
+        `overlap` bytes of it - or all of it when ``whole``."""
+        return self._excerpt(data, max(0, len(data) - limit), len(data), cut_start=not whole, cut_end=False)
+
+    def _excerpt(self, data: builtins.bytes, start: int, end: int, *, cut_start: bool, cut_end: bool) -> builtins.bytes:
+        """``data[start:end]`` with every secret masked, positions taken on the raw bytes: a secret that crosses
+        ``start`` or ``end`` becomes one mask. Where ``data`` itself was cut out of a longer stream (``cut_start``,
+        ``cut_end``), its edge may hold part of a secret that cannot be matched whole: an edge that reads like the
+        end (or start) of a secret is masked too."""
+        spans = [(i, i + len(v)) for v in self._bytes for i in _find_all(data, v)]
+        for k in range(min(self.overlap, len(data)), 0, -1):
+            if cut_start and any(v.endswith(data[:k]) for v in self._bytes):
+                spans.append((0, k))
+                break
+        for k in range(min(self.overlap, len(data)), 0, -1):
+            if cut_end and any(v.startswith(data[-k:]) for v in self._bytes):
+                spans.append((len(data) - k, len(data)))
+                break
+        out = bytearray()
+        at = start
+        for span_start, span_end in _merged(spans):
+            if span_end <= start or span_start >= end:
+                continue
+            out += data[at:span_start] if span_start > at else b""
+            out += MASK.encode()
+            at = max(at, span_end)
+        out += data[at:end] if at < end else b""
+        return builtins.bytes(out)
+
     def copy(self, src: Path, dst: IO[builtins.bytes], block: int = 1 << 20) -> None:
         """Stream a file through the redactor, keeping an overlap so a secret split across blocks is caught."""
         with open(src, "rb") as f:
@@ -60,3 +98,22 @@ class Redactor:
                 dst.write(data[: len(data) - keep])
                 pending = data[len(data) - keep :]
             dst.write(self.bytes(pending))
+
+
+def _find_all(data: bytes, value: bytes) -> list[int]:
+    """Every position of ``value`` in ``data``, overlapping ones included."""
+    found, at = [], data.find(value)
+    while at != -1:
+        found.append(at)
+        at = data.find(value, at + 1)
+    return found
+
+
+def _merged(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    merged: list[tuple[int, int]] = []
+    for start, end in sorted(spans):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged

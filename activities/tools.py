@@ -47,6 +47,7 @@ from tardigrade.sandboxes.provider import ExecResult, Sandbox
 
 TOOL_OUTPUT_LIMIT = 16 * 1024  # bytes of one tool's output the model sees; the rest is in the store
 READ_LIMIT = 1 << 20  # read_file reads at most this much of a file
+PATCH_LIMIT = 8 << 20  # apply_patch edits files up to this size (a sandbox can make a sparse file of any size)
 LIST_LIMIT = 1000  # list_files shows at most this many entries
 PREVIEW_CHARS = 160
 
@@ -195,18 +196,18 @@ class _ToolRun:
 
     async def _bounded_output(self, result: ExecResult) -> tuple[str, str | None]:
         """All of the output if it is short; else its head and tail, with the whole kept in the store."""
-        redact = self.redactor.bytes
+        redactor = self.redactor
         log_path = Path(result.log_path) if result.log_path else None
         if result.output_bytes <= len(result.output_tail):
             if log_path is not None:
                 log_path.unlink(missing_ok=True)
-            return redact(result.output_tail).decode(errors="replace"), None
+            return redactor.bytes(result.output_tail).decode(errors="replace"), None
         half = TOOL_OUTPUT_LIMIT // 2
         head = b""
         if log_path is not None:
             with contextlib.suppress(OSError), open(log_path, "rb") as f:
-                head = redact(f.read(half + self.redactor.overlap))[:half]
-        tail = redact(result.output_tail)[-half:]
+                head = redactor.head(f.read(half + redactor.overlap), half, whole=False)
+        tail = redactor.tail(result.output_tail, half, whole=False)
         log_key = None
         if log_path is not None:
             log_key = await asyncio.to_thread(self.sandboxes.store_log, self.input.store, log_path, self.redactor)
@@ -232,11 +233,11 @@ class _ToolRun:
         if b"\0" in data[:8192]:
             text = f"{path} is a binary file ({size}); not shown. Inspect it with exec (file, xxd | head)."
         else:
-            text = self.redactor.text(data[: TOOL_OUTPUT_LIMIT + self.redactor.overlap].decode(errors="replace"))
+            whole = len(data) <= READ_LIMIT  # else data holds READ_LIMIT + 1 bytes: plenty past the cut
+            text = self.redactor.head(data, TOOL_OUTPUT_LIMIT, whole=whole).decode(errors="replace")
             if len(data) > TOOL_OUTPUT_LIMIT:
                 text = (
-                    text[:TOOL_OUTPUT_LIMIT]
-                    + f"\n[{path} has {size}; this is its beginning. Read other parts with exec, e.g."
+                    text + f"\n[{path} has {size}; this is its beginning. Read other parts with exec, e.g."
                     f" sed -n '400,800p' {shlex.quote(path)}]"
                 )
         return ToolOutput(ok=True, text=text, preview=f"{path}: {size}", output_bytes=len(data))
@@ -299,7 +300,13 @@ class _ToolRun:
                     deletes.append(path)
                     done.append(f"deleted {path}")
                 else:
-                    old = (await self.sandbox.read_file(path)).decode()
+                    content = await self.sandbox.read_file(path, limit=PATCH_LIMIT + 1)
+                    if len(content) > PATCH_LIMIT:
+                        raise PatchError(
+                            f"{change.path} is larger than {PATCH_LIMIT >> 20} MiB; apply_patch edits smaller text"
+                            " files - change this one with exec (sed -i, a script)"
+                        )
+                    old = content.decode()
                     new = apply_hunks(change.path, old, change.hunks)
                     target = sandbox_path(change.move_to) if change.move_to else path
                     writes.append((target, new.encode()))

@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from tardigrade.sandboxes.errors import ProviderUnavailable, SandboxError, SandboxLost
+from tardigrade.sandboxes.layout import SANDBOX_UID
 from tardigrade.sandboxes.manifest import sandbox_path
 from tardigrade.sandboxes.provider import SandboxSpec
-from tardigrade.sandboxes.remote import SANDBOX_UID, RemoteProcess, RemoteProvider, RemoteSandbox
+from tardigrade.sandboxes.remote import RemoteProcess, RemoteProvider, RemoteSandbox
 
 DEFAULT_TEMPLATE = "base"
 DEFAULT_LIFETIME = 3600

@@ -24,6 +24,11 @@ class SandboxError(TardigradeError):
     """A sandbox could not be created or configured (not a loss: retrying the same thing will fail again)."""
 
 
+class UnsafePath(SandboxError):
+    """A path would lead outside its folder or through a symlink, or names something that is not a regular file
+    (a FIFO, a socket, a device). Raised before anything is read, written or created there."""
+
+
 class IsolationUnavailable(SandboxError):
     """The pipeline requires isolation the worker cannot provide (e.g. bubblewrap is not installed)."""
 

@@ -1,10 +1,12 @@
 """The local provider: a sandbox is a folder on the worker plus commands run under bubblewrap.
 
 Each command gets its own user, pid, ipc, uts and (unless the pipeline allows network) net namespace, a clean
-environment (the Manifest's variables and resolved secrets only, never the worker's), the host read-only except
-the sandbox's own ``/workspace`` and ``/home/sandbox`` and a private ``/tmp``, a non-root uid, no capabilities,
-and ``--die-with-parent`` so a killed worker takes its commands with it. Without bubblewrap the provider refuses
-(``isolation: required``) or runs plain subprocesses with a loud warning (``isolation: preferred``).
+environment (the Manifest's variables and resolved secrets only, never the worker's; handed to bubblewrap in a
+memory file, never on its world-readable command line), the host read-only except the sandbox's own
+``/workspace`` and ``/home/sandbox`` and a private ``/tmp``, a non-root uid, no capabilities, and
+``--die-with-parent`` so a killed worker takes its commands with it. Without bubblewrap the provider refuses
+(``isolation: required``) or runs plain subprocesses with a loud warning (``isolation: preferred``). The file
+tools (read_file, write_file, make_dirs) work on the sandbox's folder through sandboxes/safe_folders.py.
 
 The sandbox folder lives on one host, so the provider is host-bound: its activities must run on the worker that
 created it. Layout on the worker::
@@ -33,8 +35,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import IO
 
-from tardigrade.sandboxes.errors import IsolationUnavailable, SandboxError, SandboxLost
-from tardigrade.sandboxes.manifest import HOME, WORKSPACE, Mount, sandbox_path
+from tardigrade.sandboxes.errors import IsolationUnavailable, SandboxError, SandboxLost, UnsafePath
+from tardigrade.sandboxes.layout import BASE_ENV, HOME, SANDBOX_UID, WORKSPACE
+from tardigrade.sandboxes.manifest import Mount, sandbox_path
 from tardigrade.sandboxes.mounts import MountStats, materialize
 from tardigrade.sandboxes.provider import (
     ExecResult,
@@ -44,19 +47,12 @@ from tardigrade.sandboxes.provider import (
     SandboxProvider,
     SandboxSpec,
 )
+from tardigrade.sandboxes.safe_folders import SafeFolders
 from tardigrade.sandboxes.snapshots import RestoreStats, Selection, SnapshotEngine, SnapshotInfo
 from tardigrade.sandboxes.stores import ObjectStore
 
 log = logging.getLogger(__name__)
 
-SANDBOX_UID = 1000
-_BASE_ENV = {
-    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-    "HOME": HOME,
-    "USER": "sandbox",
-    "LANG": "C.UTF-8",
-    "TMPDIR": "/tmp",
-}
 # What of the host's /etc a sandbox sees: enough for programs to run, resolve users and verify TLS.
 _ETC = [
     "alternatives", "ssl", "ca-certificates", "ca-certificates.conf", "resolv.conf", "hosts", "nsswitch.conf",
@@ -103,10 +99,9 @@ class LocalSandbox(Sandbox):
 
     # -- commands ---------------------------------------------------------------------------------------------
 
-    def _argv(self, command: str, env: Mapping[str, str], cwd: str) -> list[str]:
+    def _argv(self, command: str, cwd: str, env_fd: int) -> list[str]:
         bwrap = self._provider.bwrap
-        if bwrap is None:
-            return ["/bin/sh", "-c", command]
+        assert bwrap is not None
         argv = [
             bwrap, "--unshare-user", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
             "--die-with-parent", "--new-session", "--cap-drop", "ALL", "--hostname", "sandbox",
@@ -127,12 +122,12 @@ class LocalSandbox(Sandbox):
             argv += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
         for extra in self.spec.options.get("ro_binds", []):
             argv += ["--ro-bind", str(extra), str(extra)]
-        for key, value in env.items():
-            argv += ["--setenv", key, value]
+        # The environment - secrets included - is read from a memory file (see `_env_file`), never the command line.
+        argv += ["--args", str(env_fd)]
         return [*argv, "/bin/sh", "-c", command]
 
     def _env(self, env: Mapping[str, str]) -> dict[str, str]:
-        full = dict(_BASE_ENV)
+        full = dict(BASE_ENV)
         if self._provider.bwrap is None:
             # Unisolated fallback: point the conventional variables at the real folders.
             full |= {"HOME": str(self.fs / HOME.lstrip("/")), "WORKSPACE": str(self.fs / "workspace")}
@@ -155,19 +150,25 @@ class LocalSandbox(Sandbox):
         await self._require_alive("starting a command")
         cwd = sandbox_path(cwd, field="cwd")
         full_env = self._env(env)
-        argv = self._argv(command, full_env, cwd)
-        host_cwd = self.host_path(cwd) if self._provider.bwrap is None else self.dir
+        isolated = self._provider.bwrap is not None
+        env_fd = _env_file(full_env) if isolated else None
+        host_cwd = self.dir if isolated else self.host_path(cwd)
         log_path = self.state / f"exec-{uuid.uuid4().hex[:12]}.log"
         started = time.monotonic()
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            env=full_env if self._provider.bwrap is None else {},
-            cwd=host_cwd,
-            start_new_session=True,  # its own process group, so a kill reaches every process it started
-        )
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *(self._argv(command, cwd, env_fd) if env_fd is not None else ["/bin/sh", "-c", command]),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                env={} if isolated else full_env,
+                cwd=host_cwd,
+                start_new_session=True,  # its own process group, so a kill reaches every process it started
+                pass_fds=() if env_fd is None else (env_fd,),
+            )
+        finally:
+            if env_fd is not None:
+                os.close(env_fd)  # bwrap has its own copy (and closes it once read)
         self._processes.add(proc)
         tail = bytearray()
         total = 0
@@ -195,12 +196,14 @@ class LocalSandbox(Sandbox):
         except TimeoutError:
             timed_out = True
             self._kill(proc)
+            _close_pipes(proc)  # first: on Python 3.11, wait() returns only once the output pipe is closed
             await proc.wait()
         except BaseException:
             self._kill(proc)
             raise
         finally:
             self._processes.discard(proc)
+            _close_pipes(proc)
             if fault is not None:
                 await fault
         await self._require_alive("a command was running")
@@ -229,28 +232,41 @@ class LocalSandbox(Sandbox):
 
     # -- files ------------------------------------------------------------------------------------------------
 
+    # The sandbox's folder is the sandbox's to shape: every path goes through SafeFolders (no symlink is followed,
+    # only regular files are opened, a FIFO never blocks), in a thread, so the event loop never waits on it.
+
+    def _folders(self) -> SafeFolders:
+        return SafeFolders(self.fs, unsafe=lambda rel, reason: UnsafePath(f"/{rel} {reason}"))
+
     async def read_file(self, path: str, *, limit: int | None = None) -> bytes:
         await self._require_alive("reading a file")
-        target = self.host_path(path)
-        _refuse_symlinks(self.fs, target)
-        with open(target, "rb") as f:
-            return f.read(limit if limit is not None else -1)
+        rel = sandbox_path(path).lstrip("/")
+
+        def read() -> bytes:
+            with self._folders() as folders:
+                return folders.read_file(rel, limit=limit)
+
+        return await asyncio.to_thread(read)
 
     async def write_file(self, path: str, data: bytes, *, mode: int = 0o644) -> None:
         await self._require_alive("writing a file")
-        target = self.host_path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        _refuse_symlinks(self.fs, target)
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(target, mode)
+        rel = sandbox_path(path).lstrip("/")
+
+        def write() -> None:
+            with self._folders() as folders:
+                folders.write_file(rel, data, mode=mode)
+
+        await asyncio.to_thread(write)
 
     async def make_dirs(self, path: str) -> None:
         await self._require_alive("creating a folder")
-        target = self.host_path(path)
-        _refuse_symlinks(self.fs, target)
-        target.mkdir(parents=True, exist_ok=True)
+        rel = sandbox_path(path).lstrip("/")
+
+        def make() -> None:
+            with self._folders() as folders:
+                folders.make_dirs(rel)
+
+        await asyncio.to_thread(make)
 
     # -- snapshots --------------------------------------------------------------------------------------------
 
@@ -318,13 +334,41 @@ class LocalSandbox(Sandbox):
         self._provider._forget(self.id)
 
 
-def _refuse_symlinks(root: Path, target: Path) -> None:
-    """File tools must not be tricked into writing outside the sandbox through a symlink the sandbox made."""
-    current = root
-    for part in target.relative_to(root).parts:
-        current = current / part
-        if current.is_symlink():
-            raise SandboxError(f"{target.relative_to(root)} goes through a symlink ({part}); refusing")
+def _close_pipes(proc: asyncio.subprocess.Process) -> None:
+    """Release the command's output pipe even if nobody read it to the end. A timed-out or cancelled command is
+    no longer read; once its unread output fills asyncio's buffer, asyncio stops reading the pipe and never sees
+    it close, so the pipe would stay open for the worker's life (and, on Python 3.11, ``proc.wait()`` would never
+    return). Closing the transport releases it (a no-op when the output was read to the end; asyncio keeps the
+    transport private, hence getattr)."""
+    transport = getattr(proc, "_transport", None)
+    if transport is not None:
+        transport.close()
+
+
+def _env_file(env: Mapping[str, str]) -> int:
+    """A memory-only file of NUL-separated ``--setenv NAME VALUE`` arguments, for bubblewrap's ``--args FD``.
+
+    A command line is world-readable (``ps``, /proc/PID/cmdline); this file is reachable only through the fds of
+    the worker's own processes and is gone once closed. A NUL would end an argument early and let a value smuggle
+    in bwrap options of its own (``--bind / /host``), so names and values holding one are refused."""
+    data = bytearray()
+    for name, value in env.items():
+        if not name or "=" in name or "\0" in name or "\0" in value:
+            raise SandboxError(
+                f"environment variable {name!r} has an empty name, or a '=' or NUL byte in its name or value;"
+                " rename it or remove the NUL from its value"
+            )
+        data += b"--setenv\0" + os.fsencode(name) + b"\0" + os.fsencode(value) + b"\0"
+    fd = os.memfd_create("tardigrade-env", os.MFD_CLOEXEC)
+    try:
+        view = memoryview(bytes(data))
+        while view:
+            view = view[os.write(fd, view) :]
+        os.lseek(fd, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _mark_gone(path: Path) -> None:
@@ -378,7 +422,11 @@ class LocalSandboxProvider(SandboxProvider):
         locks = self.root / ".workers"
         locks.mkdir(exist_ok=True)
         f = open(locks / f"{self.worker_id}.lock", "wb")  # noqa: SIM115 - held for the provider's life
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BaseException:
+            f.close()
+            raise
         return f
 
     def _remove_orphans(self) -> int:

@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from tardigrade.sandboxes.errors import ProviderUnavailable, SandboxError, SandboxLost
-from tardigrade.sandboxes.manifest import WORKSPACE, sandbox_path
+from tardigrade.sandboxes.layout import BASE_ENV, SANDBOX_UID, WORKSPACE
+from tardigrade.sandboxes.manifest import sandbox_path
 from tardigrade.sandboxes.provider import SandboxSpec
-from tardigrade.sandboxes.remote import BASE_ENV, SANDBOX_UID, RemoteProcess, RemoteProvider, RemoteSandbox
+from tardigrade.sandboxes.remote import RemoteProcess, RemoteProvider, RemoteSandbox
 
 DEFAULT_APP = "tardigrade"
 DEFAULT_LIFETIME = 24 * 3600

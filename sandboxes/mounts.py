@@ -14,6 +14,10 @@ deleted. So a rollback (same sandbox) costs a listing, and a rehydration into a 
 Downloads run in parallel (a bounded window of in-flight objects, each streamed to disk by the store backend in
 1 MiB pieces), so memory stays bounded by the thread count, not by object sizes; the listing is streamed too. Only
 the set of seen object names is held (for deletions).
+
+An ``rw`` mount's folder is bound into a local sandbox, which may plant symlinks in it: every file is put in place,
+every stale one deleted and every folder's mode set through sandboxes/safe_folders.py, so a refresh replaces a
+planted symlink and never writes, creates or deletes anything through one.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ import logging
 import os
 import re
 import shutil
+import stat
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -32,8 +38,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from tardigrade.sandboxes.errors import SandboxError
+from tardigrade.sandboxes.errors import SandboxError, UnsafePath
 from tardigrade.sandboxes.manifest import Mount
+from tardigrade.sandboxes.safe_folders import SafeFolders, is_safe_relative, set_folder_modes, walk_bottom_up
 from tardigrade.sandboxes.selection import glob_to_regex
 from tardigrade.sandboxes.stores import ObjectInfo, ObjectMissing, ObjectStore, StoreError, open_store, redact_url
 from tardigrade.sandboxes.stores.local import stat_etag
@@ -80,7 +87,7 @@ class ReadOnlyFolder(ObjectStore):
             raise StoreError(f"folder {root} does not exist on this worker (or is not a folder)")
 
     def _path(self, key: str) -> Path:
-        if key.startswith("/") or any(p in ("", ".", "..") for p in key.split("/")):
+        if not is_safe_relative(key):
             raise StoreError(f"invalid object key {key!r}")
         return self.root / key
 
@@ -171,12 +178,6 @@ class _Filter:
         return not (self._exclude is not None and self._exclude.match(key))
 
 
-def _safe_relative(key: str) -> bool:
-    """An object name that can be a file inside the folder: relative, no empty, '.' or '..' parts, no NUL."""
-    parts = key.split("/")
-    return bool(key) and not key.startswith("/") and "\0" not in key and all(p not in ("", ".", "..") for p in parts)
-
-
 def _local_sig(st: os.stat_result) -> str:
     return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}:{st.st_mode}"
 
@@ -236,7 +237,7 @@ def materialize(
     stats = MountStats(index=index, source=source, path=mount.path, ignored=[])
     where = f"manifest.mounts[{index}] ({source})"
     dest.mkdir(parents=True, exist_ok=True)
-    _set_folder_modes(dest, 0o755)  # a read-only mount's folders were left 0555 last time
+    set_folder_modes(dest, 0o755)  # a read-only mount's folders were left 0555 last time
     partial = dest.parent / f".{dest.name}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
@@ -245,25 +246,35 @@ def materialize(
     wanted = _Filter(mount.include, mount.exclude)
     file_mode = 0o444 if mount.read_only else 0o644
     seen: set[str] = set()
-    in_flight: dict[Future[str], tuple[ObjectInfo, Path]] = {}
+    in_flight: dict[Future[str], ObjectInfo] = {}
+    # One set of folder descriptors for the download threads and this one: placing a file is quick, so a lock.
+    folders = SafeFolders(dest)
+    lock = threading.Lock()
 
-    def download(info: ObjectInfo, target: Path) -> str:
+    def current_sig(key: str) -> str | None:
+        with lock, contextlib.suppress(OSError, UnsafePath):
+            return _local_sig(folders.lstat(key))
+        return None
+
+    def download(info: ObjectInfo) -> str:
         tmp = partial / uuid.uuid4().hex
         try:
             store.get_file(info.key, tmp)
             os.chmod(tmp, file_mode)
             os.utime(tmp, (info.modified, info.modified))
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if target.is_dir() and not target.is_symlink():
-                raise StoreError(f"object {info.key!r} clashes with a folder of the same name")
-            os.replace(tmp, target)
-            return _local_sig(os.lstat(target))
+            with lock:
+                parent, name = folders.parent_of(info.key, create=True, replace_symlinks=True)
+                with contextlib.suppress(FileNotFoundError):
+                    if stat.S_ISDIR(os.stat(name, dir_fd=parent, follow_symlinks=False).st_mode):
+                        raise StoreError(f"object {info.key!r} clashes with a folder of the same name")
+                os.replace(tmp, name, dst_dir_fd=parent)  # replaces a planted symlink, never follows it
+                return _local_sig(os.stat(name, dir_fd=parent, follow_symlinks=False))
         finally:
             tmp.unlink(missing_ok=True)
 
     def settle(done: set[Future[str]]) -> None:
         for future in done:
-            info, _ = in_flight.pop(future)
+            info = in_flight.pop(future)
             sig = future.result()  # raises the download's error
             writer.add(info.key, info.etag or "", sig)
             stats.downloaded += 1
@@ -277,22 +288,19 @@ def materialize(
             key = info.key
             if key.endswith("/") or not wanted.wanted(key):
                 continue  # "folder" markers, and objects the globs leave out
-            if not _safe_relative(key):
+            if not is_safe_relative(key):  # an object name that cannot be a file inside the folder
                 if stats.ignored is not None and len(stats.ignored) < 20:
                     stats.ignored.append(key)
                 continue
             seen.add(key)
             stats.objects += 1
             stats.bytes += info.size
-            target = dest / key
             old = old_state.get(key)
-            if old is not None and info.etag and old[0] == info.etag:
-                with contextlib.suppress(OSError):
-                    if _local_sig(os.lstat(target)) == old[1]:
-                        writer.add(key, old[0], old[1])
-                        stats.skipped += 1
-                        continue
-            in_flight[pool.submit(download, info, target)] = (info, target)
+            if old is not None and info.etag and old[0] == info.etag and current_sig(key) == old[1]:
+                writer.add(key, old[0], old[1])
+                stats.skipped += 1
+                continue
+            in_flight[pool.submit(download, info)] = info
             if len(in_flight) >= 2 * workers:
                 done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
                 settle(done)
@@ -304,7 +312,7 @@ def materialize(
     except MountError:
         writer.abort()
         raise
-    except StoreError as e:
+    except (StoreError, UnsafePath) as e:
         writer.abort()
         raise MountError(f"{where}: {e}") from None
     except OSError as e:
@@ -315,9 +323,10 @@ def materialize(
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+        folders.close()
         shutil.rmtree(partial, ignore_errors=True)
     if mount.read_only:
-        _set_folder_modes(dest, 0o555)
+        set_folder_modes(dest, 0o555)
     stats.seconds = round(time.monotonic() - started, 3)
     if stats.ignored:
         log.warning("%s: ignored %d object name(s) that cannot be files, e.g. %r", where, len(stats.ignored),
@@ -326,26 +335,14 @@ def materialize(
 
 
 def _delete_unlisted(dest: Path, seen: set[str]) -> int:
-    """Remove files whose object is gone (or no longer matches the globs), and folders left empty."""
+    """Remove files whose object is gone (or no longer matches the globs), planted symlinks and anything else that
+    is not an object's file, and folders left empty - by descriptor, never through a symlink."""
     deleted = 0
-    for dirpath, dirnames, filenames in os.walk(dest, topdown=False):
-        rel = os.path.relpath(dirpath, dest)
-        for name in filenames:
-            key = name if rel == "." else f"{rel}/{name}"
-            if key not in seen:
-                os.unlink(os.path.join(dirpath, name))
-                deleted += 1
-        for name in dirnames:
-            full = os.path.join(dirpath, name)
-            if os.path.islink(full):
-                os.unlink(full)
-                deleted += 1
-            else:
-                with contextlib.suppress(OSError):
-                    os.rmdir(full)  # only if empty
+    for path, parent, name, st in walk_bottom_up(dest):
+        if stat.S_ISDIR(st.st_mode):
+            with contextlib.suppress(OSError):
+                os.rmdir(name, dir_fd=parent)  # only if empty
+        elif path not in seen or not stat.S_ISREG(st.st_mode):
+            os.unlink(name, dir_fd=parent)
+            deleted += 1
     return deleted
-
-
-def _set_folder_modes(dest: Path, mode: int) -> None:
-    for dirpath, _, _ in os.walk(dest):
-        os.chmod(dirpath, mode)

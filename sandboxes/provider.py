@@ -132,6 +132,10 @@ class SandboxProvider(abc.ABC):
     async def attach(self, sandbox_id: str) -> Sandbox:
         """The live sandbox with this id. Raises `SandboxLost` if it no longer exists."""
 
+    async def forget(self, sandbox_id: str) -> None:  # noqa: B027 - optional hook
+        """Drop what this worker keeps locally for a sandbox that turned out to be gone (`attach` raised
+        `SandboxLost`), since nobody will `destroy` it through this worker. The default keeps nothing."""
+
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release provider resources when the worker stops."""
 

@@ -147,7 +147,7 @@ class TardigradePlugin(SimplePlugin):
                 ``~/.local/state/tardigrade``).
             providers: sandbox providers by name, offered in addition to those built from the worker's environment
                 on first use: local (bubblewrap), e2b (E2B_API_KEY), modal (MODAL_TOKEN_ID/MODAL_TOKEN_SECRET);
-                TARDIGRADE_PROVIDERS=local,e2b narrows what the worker offers (see sandboxes/providers.py).
+                TARDIGRADE_PROVIDERS=local,e2b narrows what the worker offers (see sandboxes/provider_choice.py).
             fault_injector: a hook to destroy sandboxes mid-command, for the demo and the tests.
             max_concurrent_sandbox_activities: commands this worker runs at once across its sandboxes.
         """

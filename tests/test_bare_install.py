@@ -174,16 +174,16 @@ def test_encryption_without_cryptography_is_one_line_naming_the_extra(bare: Bare
     assert "pip install 'tardigrade-temporal[encryption]'" in done.stderr
 
 
-USER_ACTIVITIES = '''
+USER_ACTIVITIES = """
 from temporalio import activity
 
 
 @activity.defn
 async def greet(name: str) -> str:
     return f"hello, {name}"
-'''
+"""
 
-USER_WORKFLOWS = '''
+USER_WORKFLOWS = """
 from datetime import timedelta
 
 from temporalio import workflow
@@ -197,9 +197,9 @@ class Greet:
     @workflow.run
     async def run(self, name: str) -> str:
         return await workflow.execute_activity(greet, name, start_to_close_timeout=timedelta(seconds=30))
-'''
+"""
 
-USER_MAIN = '''
+USER_MAIN = """
 import asyncio, json, sys, uuid
 
 from temporalio.client import Client
@@ -221,7 +221,7 @@ async def main(address: str, pipeline: str) -> None:
 
 
 asyncio.run(main(sys.argv[1], sys.argv[2]))
-'''
+"""
 
 
 def test_a_user_project_with_its_own_activities_and_workflows(

@@ -9,6 +9,7 @@ points at missing data.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import tempfile
@@ -210,49 +211,27 @@ def _scan(root: str, selection: Selection) -> tuple[str, list[tuple[str, os.stat
     return fingerprint.hexdigest(), kept
 
 
-def create_snapshot(
-    store: ObjectStore,
-    root: str,
-    *,
-    selection: Selection,
-    known: KnownBlobs,
-    cache_path: Path | None,
-    scratch: Path,
-    publish: Callable[[str, Path], bool],
-    tree_exists: Callable[[str], bool],
-    gc_epochs: Sequence[Epoch] = (),
-    encryption: Encryption | None = None,
-) -> CreateResult:
-    """Store everything under ``root`` that ``selection`` covers.
+def scratch_file(scratch: Path, prefix: str) -> Path:
+    """A new empty file in the scratch folder, by name only: its descriptor is closed at once (whoever writes it
+    opens it again), so nothing stays open if the caller forgets it - unlinking it is still the caller's job."""
+    fd, name = tempfile.mkstemp(dir=scratch, prefix=prefix)
+    os.close(fd)
+    return Path(name)
 
-    ``publish(snapshot_id, tree_body)`` stores the tree once all packs are stored and returns whether it wrote
-    it (False: an identical tree already existed). The stat cache is replaced only after that succeeded.
-    """
-    started = time.monotonic()
-    stats = CreateStats()
-    cursor = StatCacheCursor(cache_path, store.url)
-    # Garbage collection the stat cache has not taken into account: its packs must not be reused blindly.
-    news = [e for e in gc_epochs if e.created > cursor.gc_seen]
-    avoid = frozenset().union(*(e.packs for e in news)) if news else frozenset()
-    fingerprint, walked = _scan(root, selection)
-    if (
-        cursor.snapshot
-        and cursor.digest
-        and cursor.fingerprint == fingerprint
-        and not news
-        and tree_exists(cursor.snapshot)
-    ):
-        # Nothing changed since the last snapshot or restore: same tree, nothing to read or write.
-        cursor.close()
-        stats.entries, stats.bytes = cursor.entries, cursor.bytes
-        stats.seconds = time.monotonic() - started
-        return CreateResult(cursor.snapshot, cursor.digest, stats)
-    writer = PackWriter(store, known, encryption=encryption)
-    cache_out = StatCacheWriter(cache_path, store.url) if cache_path is not None else None
-    if cache_out is not None:
-        cache_out.gc_seen = max([cursor.gc_seen, *(e.created for e in gc_epochs)])
-    body = Path(tempfile.mkstemp(dir=scratch, prefix="tree-")[1])
-    builder = TreeBuilder(body, writer, cache_out)
+
+def _store_walk(
+    root: str,
+    selection: Selection,
+    walked: list[tuple[str, os.stat_result, bool]] | None,
+    cursor: StatCacheCursor,
+    avoid: frozenset[str],
+    known: KnownBlobs,
+    writer: PackWriter,
+    builder: TreeBuilder,
+    stats: CreateStats,
+) -> tuple[str, str]:
+    """Feed every walked path to the tree builder, storing the files that changed; returns (snapshot id, digest)
+    once every pack is durably stored and the tree body is complete."""
     chunker = pyfastcdc.FastCDC(CHUNK_AVG, min_size=CHUNK_MIN, max_size=CHUNK_MAX)
     hardlinks: dict[tuple[int, int], str] = {}
     root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -286,22 +265,75 @@ def create_snapshot(
                 builder.add_entry(_read_file(root_fd, path, st, writer, chunker), key)
             elif len(stats.skipped_special) < 20:
                 stats.skipped_special.append(path)
-        writer.finish()
-        snapshot_id, digest = builder.finish(stats.bytes, selection)
-        stats.tree_written = publish(snapshot_id, body)
-    except BaseException:
-        builder.abort()
-        if cache_out is not None:
-            cache_out.abort()
-        raise
     finally:
-        body.unlink(missing_ok=True)
         os.close(root_fd)
-        cursor.close()
-    if cache_out is not None:
-        if walked is None:
-            fingerprint = _scan(root, selection)[0]  # the walk was too large to keep; take it again
-        cache_out.commit(snapshot_id, fingerprint, digest, builder.count, stats.bytes)
+    writer.finish()
+    return builder.finish(stats.bytes, selection)
+
+
+def create_snapshot(
+    store: ObjectStore,
+    root: str,
+    *,
+    selection: Selection,
+    known: KnownBlobs,
+    cache_path: Path | None,
+    scratch: Path,
+    publish: Callable[[str, Path], bool],
+    tree_exists: Callable[[str], bool],
+    gc_epochs: Sequence[Epoch] = (),
+    encryption: Encryption | None = None,
+) -> CreateResult:
+    """Store everything under ``root`` that ``selection`` covers.
+
+    ``publish(snapshot_id, tree_body)`` stores the tree once all packs are stored and returns whether it wrote
+    it (False: an identical tree already existed). The stat cache is replaced only after that succeeded.
+    """
+    started = time.monotonic()
+    stats = CreateStats()
+    # Everything opened below is released by this stack on success, on error and on cancellation alike: a worker
+    # takes hundreds of thousands of snapshots in its life, and one descriptor kept per snapshot kills it.
+    with contextlib.ExitStack() as release:
+        cursor = StatCacheCursor(cache_path, store.url)
+        release.callback(cursor.close)
+        # Garbage collection the stat cache has not taken into account: its packs must not be reused blindly.
+        news = [e for e in gc_epochs if e.created > cursor.gc_seen]
+        avoid = frozenset().union(*(e.packs for e in news)) if news else frozenset()
+        fingerprint, walked = _scan(root, selection)
+        if (
+            cursor.snapshot
+            and cursor.digest
+            and cursor.fingerprint == fingerprint
+            and not news
+            and tree_exists(cursor.snapshot)
+        ):
+            # Nothing changed since the last snapshot or restore: same tree, nothing to read or write.
+            stats.entries, stats.bytes = cursor.entries, cursor.bytes
+            stats.seconds = time.monotonic() - started
+            return CreateResult(cursor.snapshot, cursor.digest, stats)
+        writer = PackWriter(store, known, encryption=encryption)
+        release.callback(writer.close)
+        body = scratch_file(scratch, "tree-")
+        release.callback(body.unlink, missing_ok=True)
+        cache_out = StatCacheWriter(cache_path, store.url) if cache_path is not None else None
+        try:
+            if cache_out is not None:
+                cache_out.gc_seen = max([cursor.gc_seen, *(e.created for e in gc_epochs)])
+            builder = TreeBuilder(body, writer, cache_out)
+            try:
+                snapshot_id, digest = _store_walk(root, selection, walked, cursor, avoid, known, writer, builder, stats)
+            except BaseException:
+                builder.abort()
+                raise
+            stats.tree_written = publish(snapshot_id, body)
+            if cache_out is not None:
+                if walked is None:
+                    fingerprint = _scan(root, selection)[0]  # the walk was too large to keep; take it again
+                cache_out.commit(snapshot_id, fingerprint, digest, builder.count, stats.bytes)
+        except BaseException:
+            if cache_out is not None:
+                cache_out.abort()
+            raise
     stats.entries = builder.count
     stats.bytes_new = writer.stats.bytes_raw
     stats.bytes_stored = writer.stats.bytes_stored

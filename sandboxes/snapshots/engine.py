@@ -1,13 +1,9 @@
 """`SnapshotEngine`: create, restore, verify and list snapshots in one object store.
 
-Layout in the store (all objects immutable, all verified on read):
-    packs/ab/<hash>     compressed blobs (file contents and chunks), named by the hash of the pack
-    index/ab/<hash>     the blobs a pack holds, so later snapshots can reuse them
-    trees/ab/<id>       a snapshot's tree (zstd JSON lines); the snapshot id is the hash of the tree
-    snapshots/<id>      a small record for listing: digest, parent, time, size, labels
-
-A snapshot is usable once its tree exists; the tree is written only after its packs, and the record only after
-the tree. This module holds no Temporal code: activities and the CLI call it.
+Its objects - packs of compressed blobs, pack indexes, trees (zstd JSON lines; the snapshot id is the hash of
+the tree) and small records for listing - are immutable and verified on read; where each lives is in
+sandboxes/store_keys.py. A snapshot is usable once its tree exists; the tree is written only after its packs, and
+the record only after the tree. This module holds no Temporal code: activities and the CLI call it.
 """
 
 from __future__ import annotations
@@ -36,21 +32,14 @@ from tardigrade.sandboxes.snapshots.create import CreateStats, create_snapshot
 from tardigrade.sandboxes.snapshots.crypto import EncryptedStore, Encryption, EncryptionError, require_no_encryption
 from tardigrade.sandboxes.snapshots.gc import Epoch, GcPolicy, GcReport, collect_garbage, load_epochs
 from tardigrade.sandboxes.snapshots.index import BlobIndex
-from tardigrade.sandboxes.snapshots.packs import blob_hash, decode_blob, index_key, pack_key
+from tardigrade.sandboxes.snapshots.packs import blob_hash, decode_blob
 from tardigrade.sandboxes.snapshots.restore import RestoreStats, read_footer, restore_tree, tree_entries
+from tardigrade.sandboxes.store_keys import RECORDS, index_key, pack_key, record_key, tree_key
 from tardigrade.sandboxes.stores.base import ObjectMissing, ObjectStore
 
 _ID = re.compile(r"^[0-9a-f]{64}$")
 _TREE_CACHE_LIMIT = 32
 _IN_MEMORY_TREE = 32 << 20  # trees up to this size are compressed in memory
-
-
-def tree_key(snapshot_id: str) -> str:
-    return f"trees/{snapshot_id[:2]}/{snapshot_id}"
-
-
-def record_key(snapshot_id: str) -> str:
-    return f"snapshots/{snapshot_id}"
 
 
 @dataclass
@@ -113,6 +102,7 @@ class SnapshotEngine:
         self.encryption = Encryption.from_env() if encryption == "env" else encryption
         self.raw_store = store
         self.store: ObjectStore = EncryptedStore(store, self.encryption) if self.encryption else store
+        self._own_scratch = scratch_dir is None  # a folder of our own making goes away with `close`
         self.scratch = Path(scratch_dir or tempfile.mkdtemp(prefix="tardigrade-scratch-"))
         self.scratch.mkdir(parents=True, exist_ok=True)
         self.known = BlobIndex(self.store, self.scratch / "blobs.sqlite")
@@ -121,6 +111,14 @@ class SnapshotEngine:
         self._trees = self.scratch / "trees"
         self._trees.mkdir(exist_ok=True)
         self._remembered = 0
+
+    def close(self) -> None:
+        """Release what the engine holds for its life: the blob index (a SQLite connection), the store's
+        connections, and the scratch folder if the engine made it. Call once, when no snapshot is in progress."""
+        self.known.close()
+        self.store.close()
+        if self._own_scratch:
+            shutil.rmtree(self.scratch, ignore_errors=True)
 
     # -- create -----------------------------------------------------------------------------------------------
 
@@ -297,7 +295,7 @@ class SnapshotEngine:
     def list(self) -> builtins.list[SnapshotInfo]:
         """All snapshot records, oldest first."""
         out = []
-        for obj in self.store.list("snapshots/"):
+        for obj in self.store.list(RECORDS):
             try:
                 out.append(SnapshotInfo(**self._record(obj.key)))
             except (ObjectMissing, ValueError, TypeError):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import secrets
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
@@ -28,6 +28,7 @@ import zstandard
 from tardigrade.sandboxes.errors import SnapshotCorrupt
 from tardigrade.sandboxes.snapshots.crypto import Encryption, EncryptionError
 from tardigrade.sandboxes.snapshots.tree import CODEC_ENCRYPTED, CODEC_RAW, CODEC_ZSTD, ChunkRef
+from tardigrade.sandboxes.store_keys import index_key, pack_key
 from tardigrade.sandboxes.stores.base import ObjectMissing, ObjectStore
 
 PACK_TARGET = 16 << 20
@@ -36,14 +37,6 @@ MIN_SAVING = 0.92  # store raw unless compression gets the sample below this fra
 MAX_UPLOADS_IN_FLIGHT = 2
 
 T = TypeVar("T")
-
-
-def pack_key(pack: str) -> str:
-    return f"packs/{pack[:2]}/{pack}"
-
-
-def index_key(pack: str) -> str:
-    return f"index/{pack[:2]}/{pack}"
 
 
 def blob_hash(data: bytes | bytearray | memoryview) -> str:
@@ -201,7 +194,12 @@ class PackWriter:
             for pack, refs in self._written:  # durable now: safe to offer for dedupe across runs
                 self.known.add_pack(pack, refs)
         finally:
-            self._pool.shutdown(wait=True)
+            self.close()
+
+    def close(self) -> None:
+        """Stop the upload threads (after `finish`, or instead of it when the snapshot failed): uploads already
+        running complete, queued ones are dropped. Safe to call more than once."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def decode_blob(ref: ChunkRef, stored: bytes | memoryview, encryption: Encryption | None = None) -> bytes | memoryview:
@@ -290,8 +288,9 @@ class BlobFetcher:
 
     def fetch(
         self, refs: Iterable[tuple[ChunkRef, T]], path_of: Callable[[T], str | None] = lambda _: None
-    ) -> Iterator[tuple[T, bytes | memoryview]]:
-        """Yield ``(context, raw bytes)`` for each ``(ref, context)`` in order."""
+    ) -> Generator[tuple[T, bytes | memoryview], None, None]:
+        """Yield ``(context, raw bytes)`` for each ``(ref, context)`` in order. The generator owns a thread pool:
+        close it (`contextlib.closing`) if you may stop reading before the end."""
         with ThreadPoolExecutor(self.ahead, thread_name_prefix="blob-fetch") as pool:
             pending: list[Future[list[tuple[T, bytes | memoryview]]]] = []
             batches = self._batches(refs)

@@ -5,21 +5,20 @@ started from). It merges a walk of the folder against the tree: what the tree la
 rewritten, what matches - by the stat cache, or failing that by hashing the local file - is left alone.
 
 Safety: the whole tree is validated before anything is touched (paths stay inside the target, nothing beneath a
-symlink). Every write then goes through folder descriptors opened one component at a time with O_NOFOLLOW, so
-even a symlink planted in the folder cannot redirect a write outside it. Anything outside the selection (caches
-that are excluded, data mounts) is never deleted.
+symlink). Every write then goes through folder descriptors opened one component at a time with O_NOFOLLOW
+(sandboxes/safe_folders.py), so even a symlink planted in the folder cannot redirect a write outside it. Anything
+outside the selection (caches that are excluded, data mounts) is never deleted.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import stat
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -27,6 +26,7 @@ from typing import IO
 import blake3
 
 from tardigrade.sandboxes.errors import UnsafeTree
+from tardigrade.sandboxes.safe_folders import SafeFolders, remove_at
 from tardigrade.sandboxes.selection import Selection
 from tardigrade.sandboxes.snapshots import tree as t
 from tardigrade.sandboxes.snapshots.create import MODE_MASK, Fingerprint
@@ -35,8 +35,6 @@ from tardigrade.sandboxes.snapshots.packs import BlobFetcher
 from tardigrade.sandboxes.snapshots.statcache import StatCacheCursor, StatCacheWriter, stat_key
 from tardigrade.sandboxes.snapshots.walk import Walker
 from tardigrade.sandboxes.stores.base import ObjectStore
-
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 @dataclass
@@ -49,69 +47,17 @@ class RestoreStats:
     seconds: float = 0.0
 
 
-class SafeFolders:
-    """Folder descriptors along the current path, opened without following symlinks."""
-
-    def __init__(self, root: str, snapshot_id: str) -> None:
-        self.root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        self.snapshot_id = snapshot_id
-        self._chain: list[tuple[str, int]] = []
-
-    def parent_of(self, path: str) -> tuple[int, str]:
-        """The descriptor of ``path``'s folder and ``path``'s last component."""
-        *folders, name = path.split("/")
-        keep = 0
-        while keep < len(self._chain) and keep < len(folders) and self._chain[keep][0] == folders[keep]:
-            keep += 1
-        self._drop(keep)
-        for component in folders[keep:]:
-            parent = self._chain[-1][1] if self._chain else self.root_fd
-            try:
-                fd = os.open(component, _DIR_FLAGS, dir_fd=parent)
-            except OSError as e:
-                if e.errno in (errno.ELOOP, errno.ENOTDIR):
-                    raise UnsafeTree(self.snapshot_id, path, "would be written through a symlink or a file") from None
-                raise
-            self._chain.append((component, fd))
-        return (self._chain[-1][1] if self._chain else self.root_fd), name
-
-    def _drop(self, keep: int) -> None:
-        for _, fd in self._chain[keep:]:
-            os.close(fd)
-        del self._chain[keep:]
-
-    def forget(self) -> None:
-        """Call after deleting or replacing a folder: descriptors into it are stale."""
-        self._drop(0)
-
-    def close(self) -> None:
-        self._drop(0)
-        os.close(self.root_fd)
+def _folders(root: str, snapshot_id: str) -> SafeFolders:
+    return SafeFolders(root, unsafe=lambda path, reason: UnsafeTree(snapshot_id, path, reason))
 
 
 def _remove(folders: SafeFolders, path: str, is_dir: bool) -> None:
     parent, name = folders.parent_of(path)
     if is_dir:
-        _remove_tree_at(parent, name)
+        remove_at(parent, name)
         folders.forget()
     else:
         os.unlink(name, dir_fd=parent)
-
-
-def _remove_tree_at(parent_fd: int, name: str) -> None:
-    """Delete a folder by descriptor, never following symlinks, opening up folders a step left read-only."""
-    fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
-    try:
-        if os.fstat(fd).st_mode & 0o700 != 0o700:
-            os.fchmod(fd, 0o700)
-        for child in os.listdir(fd):
-            try:
-                os.unlink(child, dir_fd=fd)
-            except IsADirectoryError:
-                _remove_tree_at(fd, child)
-    finally:
-        os.close(fd)
-    os.rmdir(name, dir_fd=parent_fd)
 
 
 def _hash_local(folders: SafeFolders, path: str) -> str:
@@ -132,7 +78,12 @@ class _Plan:
     def __init__(self, scratch: Path) -> None:
         fd, name = tempfile.mkstemp(dir=scratch, prefix="restore-")
         self.path = Path(name)
-        self._out: IO[bytes] = os.fdopen(fd, "wb")
+        try:
+            self._out: IO[bytes] = os.fdopen(fd, "wb")
+        except BaseException:
+            os.close(fd)
+            self.path.unlink(missing_ok=True)
+            raise
         self.files = 0
         self.links = 0
 
@@ -143,7 +94,9 @@ class _Plan:
         else:
             self.links += 1
 
-    def entries(self, kind: str) -> Iterator[t.Entry]:
+    def entries(self, kind: str) -> Generator[t.Entry, None, None]:
+        """The planned entries of one kind. Holds the spool open until exhausted or closed: wrap a loop that may
+        stop early in `contextlib.closing`."""
         self._out.flush()
         with open(self.path, "rb") as f:
             for line in f:
@@ -171,30 +124,30 @@ def restore_tree(
     started = time.monotonic()
     _validate(snapshot_id, tree_path)
     stats = RestoreStats()
-    folders = SafeFolders(root, snapshot_id)
-    plan = _Plan(scratch)
     dirs: list[tuple[str, int, int]] = []  # (path, mode, mtime) to settle last, deepest first
-    try:
+    with contextlib.ExitStack() as release:  # on success, error and cancellation alike
+        folders = _folders(root, snapshot_id)
+        release.callback(folders.close)
+        plan = _Plan(scratch)
+        release.callback(plan.close)
         _merge(store, snapshot_id, tree_path, root, selection, cache_path, folders, plan, dirs, stats)
         _write_files(store, snapshot_id, folders, plan, stats, encryption)
-        for entry in plan.entries(t.HARDLINK):
-            _make_hardlink(folders, snapshot_id, entry)
-            stats.links_made += 1
+        with contextlib.closing(plan.entries(t.HARDLINK)) as links:
+            for entry in links:
+                folders.hardlink(entry.link, entry.path)
+                stats.links_made += 1
         for path, mode, mtime in reversed(dirs):
             parent, name = folders.parent_of(path)
             os.chmod(name, mode, dir_fd=parent)
             if mtime:
                 os.utime(name, ns=(mtime, mtime), dir_fd=parent, follow_symlinks=False)
-    finally:
-        plan.close()
-        folders.close()
     if cache_path is not None:
         _rebuild_cache(store, snapshot_id, tree_path, root, selection, cache_path)
     stats.seconds = time.monotonic() - started
     return stats
 
 
-def tree_entries(tree_path: Path) -> Iterator[t.Entry]:
+def tree_entries(tree_path: Path) -> Generator[t.Entry, None, None]:
     """Entries of an uncompressed tree file (the footer line is skipped)."""
     with open(tree_path, "rb") as f:
         for line in f:
@@ -240,10 +193,10 @@ def _merge(
 ) -> None:
     walker = Walker(root, selection)
     cursor = StatCacheCursor(cache_path, store.url)
-    target = tree_entries(tree_path)
-    have = next(walker, None)
-    want = next(target, None)
+    target = tree_entries(tree_path)  # holds the tree file open: closed below, even if the merge stops early
     try:
+        have = next(walker, None)
+        want = next(target, None)
         while have is not None or want is not None:
             have_key = t.sort_key(have[0]) if have is not None else None
             want_key = t.sort_key(want.path) if want is not None else None
@@ -285,6 +238,7 @@ def _merge(
             have = next(walker, None)
             want = next(target, None)
     finally:
+        target.close()
         cursor.close()
 
 
@@ -342,35 +296,30 @@ def _write_files(
     encryption: Encryption | None,
 ) -> None:
     fetcher = BlobFetcher(store, snapshot_id, encryption=encryption)
-    wanted = ((ref, entry.path) for entry in plan.entries(t.FILE) for ref in entry.chunks)
-    blobs = fetcher.fetch(wanted, path_of=lambda p: p)
-    for entry in plan.entries(t.FILE):
-        parent, name = folders.parent_of(entry.path)
-        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=parent)
-        try:
-            for _ in entry.chunks:
-                _, data = next(blobs)
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-            os.fchmod(fd, entry.mode & MODE_MASK)
-            os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
-        finally:
-            os.close(fd)
-        stats.files_written += 1
-        stats.bytes_written += entry.size
-
-
-def _make_hardlink(folders: SafeFolders, snapshot_id: str, entry: t.Entry) -> None:
-    src_parent, src_name = folders.parent_of(entry.link)
-    src_parent = os.dup(src_parent)  # the next parent_of() may close it
-    try:
-        if not stat.S_ISREG(os.stat(src_name, dir_fd=src_parent, follow_symlinks=False).st_mode):
-            raise UnsafeTree(snapshot_id, entry.path, f"is a hard link to {entry.link!r}, which is not a regular file")
-        dst_parent, dst_name = folders.parent_of(entry.path)
-        os.link(src_name, dst_name, src_dir_fd=src_parent, dst_dir_fd=dst_parent, follow_symlinks=False)
-    finally:
-        os.close(src_parent)
+    # Two readers of the plan and the fetcher's generator, which owns a thread pool: a failed write must close
+    # them now, not whenever garbage collection gets to them.
+    with contextlib.ExitStack() as release:
+        planned = release.enter_context(contextlib.closing(plan.entries(t.FILE)))
+        wanted = ((ref, entry.path) for entry in planned for ref in entry.chunks)
+        release.callback(wanted.close)
+        blobs = release.enter_context(contextlib.closing(fetcher.fetch(wanted, path_of=lambda p: p)))
+        files = release.enter_context(contextlib.closing(plan.entries(t.FILE)))
+        for entry in files:
+            parent, name = folders.parent_of(entry.path)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            fd = os.open(name, flags, 0o600, dir_fd=parent)
+            try:
+                for _ in entry.chunks:
+                    _, data = next(blobs)
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view) :]
+                os.fchmod(fd, entry.mode & MODE_MASK)
+                os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
+            finally:
+                os.close(fd)
+            stats.files_written += 1
+            stats.bytes_written += entry.size
 
 
 def _rebuild_cache(
@@ -380,14 +329,15 @@ def _rebuild_cache(
     writer = StatCacheWriter(cache_path, store.url)
     fingerprint = Fingerprint(selection)
     try:
-        files = (e for e in tree_entries(tree_path) if e.kind == t.FILE)
-        want = next(files, None)
-        for path, st, _ in Walker(root, selection):
-            fingerprint.add(path, st)
-            while want is not None and t.sort_key(want.path) < t.sort_key(path):
-                want = next(files, None)
-            if want is not None and want.path == path and stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
-                writer.add(path, stat_key(st), want.hash, want.mode, t.encode_entry(want))
+        with contextlib.closing(tree_entries(tree_path)) as entries:  # the walk may end before the tree does
+            files = (e for e in entries if e.kind == t.FILE)
+            want = next(files, None)
+            for path, st, _ in Walker(root, selection):
+                fingerprint.add(path, st)
+                while want is not None and t.sort_key(want.path) < t.sort_key(path):
+                    want = next(files, None)
+                if want is not None and want.path == path and stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+                    writer.add(path, stat_key(st), want.hash, want.mode, t.encode_entry(want))
     except BaseException:
         writer.abort()
         raise
