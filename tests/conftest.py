@@ -185,3 +185,31 @@ async def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, interval
 @pytest.fixture
 def example() -> LoadedPipeline:
     return load_pipeline(EXAMPLE)
+
+
+Cli = Callable[..., subprocess.CompletedProcess[str]]
+
+
+def run_cli(
+    *args: str, home: Path, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("TEMPORAL_", "TARDIGRADE_"))}
+    return subprocess.run(
+        [sys.executable, "-m", "tardigrade.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=timeout,
+        env={**clean, "TARDIGRADE_HOME": str(home), **(env or {})},
+    )
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> Cli:
+    home = tmp_path / "home"
+    home.mkdir()
+
+    def call(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return run_cli(*args, home=home, env=env, timeout=timeout)
+
+    return call

@@ -3,26 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import REPO, WorkerProcess
+from tests.conftest import WorkerProcess, run_cli
 
 
 def tardigrade(*args: str, home: Path, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "tardigrade.cli", *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=timeout,
-        env={**os.environ, "TARDIGRADE_HOME": str(home)},
-    )
+    return run_cli(*args, home=home, timeout=timeout)
 
 
 def as_json(proc: subprocess.CompletedProcess[str]) -> Any:

@@ -24,19 +24,8 @@ import pytest
 import yaml
 
 from tardigrade.client import connect
-from tests.conftest import REPO, WorkerProcess
-from tests.test_cli_failures import Cli, one_line, run_cli
-
-
-@pytest.fixture
-def cli(tmp_path: Path) -> Cli:
-    home = tmp_path / "home"
-    home.mkdir()
-
-    def call(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        return run_cli(*args, home=home, env=env, timeout=timeout)
-
-    return call
+from tests.conftest import REPO, Cli, WorkerProcess
+from tests.test_cli_failures import one_line
 
 
 def write_pipeline(tmp_path: Path, name: str, steps: list[dict[str, Any]], **extra: Any) -> Path:
