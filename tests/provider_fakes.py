@@ -106,12 +106,21 @@ class FakeMachine:
                  "/run/fake-envd/envd.sock"]  # fmt: skip
         self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, start_new_session=True)
         for _ in range(200):
-            if (self.socket_dir / "envd.sock").exists():
+            if await self._listening():
                 return
             if self.process.poll() is not None:
                 raise RuntimeError(f"fake machine {self.id} did not start (bwrap exited {self.process.returncode})")
             await asyncio.sleep(0.02)
         raise RuntimeError(f"fake machine {self.id} did not start its agent in 4 s")
+
+    async def _listening(self) -> bool:
+        """The agent accepts connections: its socket file appears at bind(), a moment before listen()."""
+        try:
+            _, writer = await asyncio.open_unix_connection(str(self.socket_dir / "envd.sock"))
+        except OSError:
+            return False
+        writer.close()
+        return True
 
     @property
     def running(self) -> bool:
