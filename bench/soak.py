@@ -73,8 +73,8 @@ class LoseMarkedRuns:
         self.lost: set[str] = set()
 
     async def __call__(self, sandbox: Any, labels: Mapping[str, str], exited: Awaitable[Any]) -> None:
+        from tardigrade.sandboxes.bubblewrap import LocalSandbox
         from tardigrade.sandboxes.faults import DestroySandboxDuringStep
-        from tardigrade.sandboxes.local import LocalSandbox
 
         if not isinstance(sandbox, LocalSandbox) or "step" not in labels:
             return

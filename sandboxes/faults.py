@@ -11,7 +11,7 @@ import asyncio
 from collections.abc import Awaitable, Mapping
 from typing import Any
 
-from tardigrade.sandboxes.local import LocalSandbox, destroy_like_a_crash
+from tardigrade.sandboxes.bubblewrap import LocalSandbox, destroy_like_a_crash
 from tardigrade.sandboxes.provider import Sandbox
 
 

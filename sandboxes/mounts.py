@@ -43,7 +43,7 @@ from tardigrade.sandboxes.manifest import Mount
 from tardigrade.sandboxes.safe_folders import SafeFolders, is_safe_relative, set_folder_modes, walk_bottom_up
 from tardigrade.sandboxes.selection import glob_to_regex
 from tardigrade.sandboxes.stores import ObjectInfo, ObjectMissing, ObjectStore, StoreError, open_store, redact_url
-from tardigrade.sandboxes.stores.local import stat_etag
+from tardigrade.sandboxes.stores.folder import stat_etag
 
 log = logging.getLogger(__name__)
 

@@ -38,7 +38,7 @@ def build_provider(
         offered = os.environ["TARDIGRADE_PROVIDERS"]
         raise ProviderUnavailable(f"this worker does not offer the {name} provider (TARDIGRADE_PROVIDERS={offered})")
     if name == "local":
-        from tardigrade.sandboxes.local import LocalSandboxProvider
+        from tardigrade.sandboxes.bubblewrap import LocalSandboxProvider
 
         return LocalSandboxProvider(state_dir / "sandboxes", worker_id=worker_id, fault_injector=fault_injector)
     if name == "e2b":

@@ -16,7 +16,7 @@ symlink to ``/etc``. So here:
 * trees are deleted and walked by descriptor (`remove_at`, `walk_bottom_up`), never by path.
 
 Users: the snapshot restore (sandboxes/snapshots/restore.py), the remote mirror (sandboxes/mirror.py), the local
-provider's file tools (sandboxes/local.py) and the data-mount refresh (sandboxes/mounts.py). Everything here is
+provider's file tools (sandboxes/bubblewrap.py) and the data-mount refresh (sandboxes/mounts.py). Everything here is
 blocking file I/O: async callers run it with ``asyncio.to_thread``.
 """
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tardigrade.sandboxes.bubblewrap import LocalSandbox, LocalSandboxProvider, destroy_like_a_crash
 from tardigrade.sandboxes.errors import IsolationUnavailable, SandboxError, SandboxLost
-from tardigrade.sandboxes.local import LocalSandbox, LocalSandboxProvider, destroy_like_a_crash
 from tardigrade.sandboxes.provider import SandboxSpec
 
 

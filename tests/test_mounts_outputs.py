@@ -20,9 +20,9 @@ from temporalio.worker import Worker
 from tardigrade.client import connect, start_pipeline
 from tardigrade.pipeline import PipelineError, load_pipeline
 from tardigrade.plugin import TardigradePlugin
+from tardigrade.sandboxes.bubblewrap import LocalSandbox, LocalSandboxProvider
 from tardigrade.sandboxes.e2b import E2BProvider
 from tardigrade.sandboxes.faults import DestroySandboxDuringStep
-from tardigrade.sandboxes.local import LocalSandbox, LocalSandboxProvider
 from tardigrade.sandboxes.provider import FaultInjector, Sandbox, SandboxProvider
 from tardigrade.sandboxes.snapshots import SnapshotEngine
 from tardigrade.sandboxes.stores import open_store

@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
+from tardigrade.sandboxes.bubblewrap import LocalSandbox, LocalSandboxProvider, destroy_like_a_crash
 from tardigrade.sandboxes.errors import SandboxLost
-from tardigrade.sandboxes.local import LocalSandbox, LocalSandboxProvider, destroy_like_a_crash
 from tardigrade.sandboxes.manifest import Mount, SnapshotPaths
 from tardigrade.sandboxes.mounts import open_source
 from tardigrade.sandboxes.provider import Sandbox, SandboxProvider, SandboxSpec

@@ -25,8 +25,8 @@ from temporalio.client import WorkflowFailureError
 from temporalio.exceptions import CancelledError
 
 from tardigrade.client import NoWorker, run_status, start_pipeline
+from tardigrade.sandboxes.bubblewrap import LocalSandbox, LocalSandboxProvider
 from tardigrade.sandboxes.faults import DestroySandboxDuringStep
-from tardigrade.sandboxes.local import LocalSandbox, LocalSandboxProvider
 from tardigrade.sandboxes.provider import Sandbox, SandboxSpec
 from tardigrade.workflows.state import RunStatus
 from tests.conftest import InProcessWorkers, fast_timeouts, pipeline_from, wait_for

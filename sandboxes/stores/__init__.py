@@ -12,7 +12,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 from tardigrade.sandboxes.stores.base import ObjectInfo, ObjectMissing, ObjectStore, StoreError
-from tardigrade.sandboxes.stores.local import FileStore
+from tardigrade.sandboxes.stores.folder import FileStore
 
 __all__ = ["FileStore", "ObjectInfo", "ObjectMissing", "ObjectStore", "StoreError", "open_store", "redact_url"]
 

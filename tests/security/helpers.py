@@ -9,7 +9,7 @@ from tardigrade.activities.conversation import AgentRoot
 from tardigrade.activities.sandbox import SandboxActivities
 from tardigrade.activities.tools import _ToolRun
 from tardigrade.agent_spec import ModelConfig
-from tardigrade.sandboxes.local import LocalSandbox, LocalSandboxProvider
+from tardigrade.sandboxes.bubblewrap import LocalSandbox, LocalSandboxProvider
 
 
 def tool_run(

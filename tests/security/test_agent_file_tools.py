@@ -23,8 +23,8 @@ from typing import Any, TypeVar
 import pytest
 
 from tardigrade.activities.sandbox import SandboxActivities
+from tardigrade.sandboxes.bubblewrap import LocalSandbox, LocalSandboxProvider
 from tardigrade.sandboxes.errors import SandboxError
-from tardigrade.sandboxes.local import LocalSandbox, LocalSandboxProvider
 from tardigrade.sandboxes.provider import SandboxSpec
 from tests.security.helpers import tool_run
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tardigrade.sandboxes.local import LocalSandbox, LocalSandboxProvider
+from tardigrade.sandboxes.bubblewrap import LocalSandbox, LocalSandboxProvider
 from tardigrade.sandboxes.manifest import Mount
 from tardigrade.sandboxes.mounts import open_source
 from tardigrade.sandboxes.provider import SandboxSpec

@@ -23,8 +23,8 @@ from tardigrade.activities.sandbox import SandboxActivities
 from tardigrade.activities.secrets import Redactor
 from tardigrade.activities.tools import TOOL_OUTPUT_LIMIT
 from tardigrade.pipeline import parse_pipeline
+from tardigrade.sandboxes.bubblewrap import LocalSandbox, LocalSandboxProvider
 from tardigrade.sandboxes.errors import SandboxError
-from tardigrade.sandboxes.local import LocalSandbox, LocalSandboxProvider
 from tardigrade.sandboxes.provider import SandboxSpec
 from tests.security.helpers import tool_run
 
