@@ -15,7 +15,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tardigrade.pipeline import Pipeline, SandboxConfig, Step, Timeouts
 from tardigrade.sandboxes.manifest import Manifest, Output
-from tardigrade.sandboxes.store_keys import AGENT_NODES
 
 # -- names ------------------------------------------------------------------------------------------------------
 
@@ -40,8 +39,6 @@ OUTPUT_TAIL_BYTES = 2048
 LIVE_TAIL_BYTES = 8192
 #: The most of an agent's text (replies, summaries) and of a tool's output that history carries, per item.
 AGENT_TEXT_BYTES = 400
-#: Where conversation nodes live in the store (activities/conversation.py).
-CONVERSATION_NODES = AGENT_NODES
 
 # -- errors no retry can fix (ApplicationError types) ----------------------------------------------------------
 

@@ -32,7 +32,6 @@ from tardigrade.agent_spec import ModelConfig
 from tardigrade.sandboxes.store_keys import AGENT_ITEMS, AGENT_NODES, AGENT_REPLIES
 from tardigrade.sandboxes.stores import ObjectMissing, ObjectStore
 
-NODES, ITEMS, REPLIES = AGENT_NODES, AGENT_ITEMS, AGENT_REPLIES
 CACHE_BYTES = 64 << 20
 
 
@@ -74,10 +73,6 @@ class StoredReply(BaseModel):
     node: str
     input_tokens: int = 0
     output_tokens: int = 0
-
-
-def node_key(ref: str) -> str:
-    return f"{NODES}{ref}.json"
 
 
 def _encode(value: Any) -> tuple[str, bytes]:
@@ -144,16 +139,16 @@ class Conversation:
         return value
 
     def put_node(self, node: Node) -> str:
-        return self._put(NODES, node.model_dump(mode="json"))
+        return self._put(AGENT_NODES, node.model_dump(mode="json"))
 
     def node(self, ref: str) -> Node:
-        return Node.model_validate(self._get(NODES, ref))
+        return Node.model_validate(self._get(AGENT_NODES, ref))
 
     def put_item(self, item: dict[str, Any]) -> str:
-        return self._put(ITEMS, item)
+        return self._put(AGENT_ITEMS, item)
 
     def item(self, ref: str) -> dict[str, Any]:
-        value = self._get(ITEMS, ref)
+        value = self._get(AGENT_ITEMS, ref)
         assert isinstance(value, dict)
         return dict(value)
 
@@ -190,7 +185,7 @@ class Conversation:
         run: after a crash, a model call whose reply was received but not yet recorded in history, or an agent
         step restarted on the same files whose tools gave the same results, reuses the reply instead of asking
         (and paying for) the model again."""
-        key = f"{REPLIES}{request}.json"
+        key = f"{AGENT_REPLIES}{request}.json"
         try:
             return StoredReply.model_validate_json(self.store.get(key))
         except ObjectMissing:
@@ -198,7 +193,7 @@ class Conversation:
 
     def put_reply(self, request: str, reply: StoredReply) -> StoredReply:
         """Record the reply; if another attempt recorded one first, that one wins and is returned."""
-        if self.store.put(f"{REPLIES}{request}.json", reply.model_dump_json().encode()):
+        if self.store.put(f"{AGENT_REPLIES}{request}.json", reply.model_dump_json().encode()):
             return reply
         existing = self.reply(request)
         assert existing is not None

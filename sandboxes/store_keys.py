@@ -45,3 +45,8 @@ def record_key(snapshot_id: str) -> str:
 
 def log_key(content_hash: str) -> str:
     return f"{LOGS}{content_hash}.zst"
+
+
+def agent_node_key(ref: str) -> str:
+    """A conversation node: a step's `output_log` names the last one."""
+    return f"{AGENT_NODES}{ref}.json"

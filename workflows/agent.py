@@ -32,7 +32,6 @@ from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_
 
 with workflow.unsafe.imports_passed_through():
     from tardigrade.activities.contract import (
-        CONVERSATION_NODES,
         OUTPUT_TAIL_BYTES,
         AgentStartInput,
         CheckpointInput,
@@ -47,6 +46,7 @@ with workflow.unsafe.imports_passed_through():
         ToolCallResult,
     )
     from tardigrade.pipeline import Pipeline, Step
+    from tardigrade.sandboxes.store_keys import agent_node_key
     from tardigrade.workflows.activity_calls import ActivityCalls
     from tardigrade.workflows.state import (
         AgentProgress,
@@ -277,7 +277,7 @@ class AgentLoop:
             timed_out=timed_out,
             seconds=round(seconds, 3),
             output_tail=text[-OUTPUT_TAIL_BYTES:],
-            output_log=f"{CONVERSATION_NODES}{turn.conversation}.json",  # the conversation's last node
+            output_log=agent_node_key(turn.conversation),  # the conversation's last node
             reason=None if finished else text,
         )
 

@@ -29,10 +29,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tardigrade.sandboxes.errors import SnapshotError
-from tardigrade.sandboxes.store_keys import GC_CONDEMNED as CONDEMNED
-from tardigrade.sandboxes.store_keys import GC_DELETED as DELETED
-from tardigrade.sandboxes.store_keys import GC_LOCK as LOCK
-from tardigrade.sandboxes.store_keys import PACKS, RECORDS, index_key, pack_key, record_key, tree_key
+from tardigrade.sandboxes.store_keys import (
+    GC_CONDEMNED,
+    GC_DELETED,
+    GC_LOCK,
+    PACKS,
+    RECORDS,
+    index_key,
+    pack_key,
+    record_key,
+    tree_key,
+)
 from tardigrade.sandboxes.stores.base import ObjectMissing, ObjectStore
 
 DEFAULT_GRACE = 24 * 3600.0
@@ -56,7 +63,7 @@ class Epoch:
 
     @property
     def key(self) -> str:
-        return f"{DELETED if self.deleted else CONDEMNED}{self.id}"
+        return f"{GC_DELETED if self.deleted else GC_CONDEMNED}{self.id}"
 
     def to_json(self) -> bytes:
         return json.dumps({"created": self.created, "packs": sorted(self.packs), "trees": sorted(self.trees)}).encode()
@@ -65,7 +72,7 @@ class Epoch:
 def load_epochs(store: ObjectStore, cache: dict[str, Epoch] | None = None) -> list[Epoch]:
     """Every epoch in the store, oldest first. Epoch objects are immutable, so ``cache`` saves re-reading them."""
     epochs = []
-    for prefix, deleted in ((CONDEMNED, False), (DELETED, True)):
+    for prefix, deleted in ((GC_CONDEMNED, False), (GC_DELETED, True)):
         for info in store.list(prefix):
             cache_key = info.key
             if cache is not None and cache_key in cache:
@@ -137,24 +144,24 @@ class _Lease:
         self.store = store
         self.token = uuid.uuid4().hex
         body = json.dumps({"token": self.token, "expires": now + LOCK_TTL}).encode()
-        if not store.put(LOCK, body):
+        if not store.put(GC_LOCK, body):
             try:
-                held = json.loads(store.get(LOCK))
+                held = json.loads(store.get(GC_LOCK))
             except ObjectMissing:
                 held = {"expires": 0}
             if held.get("expires", 0) > now:
                 raise GcError(
-                    f"another garbage collection holds {LOCK} in {store.url} until "
+                    f"another garbage collection holds {GC_LOCK} in {store.url} until "
                     f"{time.ctime(held['expires'])}; if it died, delete that object"
                 )
-            store.delete(LOCK)  # expired: its owner died
-            if not store.put(LOCK, body):
+            store.delete(GC_LOCK)  # expired: its owner died
+            if not store.put(GC_LOCK, body):
                 raise GcError("another garbage collection started at the same moment; try again")
 
     def release(self) -> None:
         try:
-            if json.loads(self.store.get(LOCK)).get("token") == self.token:
-                self.store.delete(LOCK)
+            if json.loads(self.store.get(GC_LOCK)).get("token") == self.token:
+                self.store.delete(GC_LOCK)
         except ObjectMissing:
             pass
 
