@@ -49,6 +49,8 @@ QUERY_TIMEOUT = 10.0
 #: A poller seen this recently counts as a live worker. Idle workers re-poll about once a minute; a dead one stays
 #: listed by the server for five.
 POLLER_RECENT = 120.0
+#: With no poller listed, a worker that has only just started still answers a query well within this.
+NO_POLLER_QUERY_TIMEOUT = 3.0
 #: What to try when Temporal cannot be reached, for every message that says so.
 WHERE_HINT = (
     "start one with `tardigrade server`, or point at yours with --address HOST:PORT, TEMPORAL_ADDRESS or --profile"
@@ -347,23 +349,27 @@ async def run_result(client: Client, workflow_id: str) -> RunResult:
 
 async def run_status(client: Client, workflow_id: str) -> RunStatus | RunResult:
     """Live status of a running pipeline, or the result of a finished one (raises if it failed). A running one
-    needs a worker to answer: without one, `NoWorker` says so at once instead of waiting out a timeout."""
+    needs a worker to answer: without one, `NoWorker` says so within seconds instead of waiting out a timeout."""
     handle = client.get_workflow_handle_for(PipelineWorkflow.run, workflow_id)
     description = await handle.describe()
     if description.status != WorkflowExecutionStatus.RUNNING:
         return await handle.result()
     queue = description.task_queue
-    if not await live_pollers(client, queue):
-        raise NoWorker(
-            f"run {workflow_id} is running, but no worker polls its task queue {queue!r} to answer;"
-            f" start one with `tardigrade worker --task-queue {queue}`"
-        )
+    # No poller seen may only mean a worker that has just started and not polled yet, so a short query decides;
+    # with pollers seen, the query gets the full timeout.
+    polling = bool(await live_pollers(client, queue))
+    timeout = QUERY_TIMEOUT if polling else NO_POLLER_QUERY_TIMEOUT
     try:
-        return await handle.query(PipelineWorkflow.status, rpc_timeout=timedelta(seconds=QUERY_TIMEOUT))
+        return await handle.query(PipelineWorkflow.status, rpc_timeout=timedelta(seconds=timeout))
     except RPCError as e:
         if e.status not in (RPCStatusCode.CANCELLED, RPCStatusCode.DEADLINE_EXCEEDED):
             raise
+        if not polling:
+            raise NoWorker(
+                f"run {workflow_id} is running, but no worker polls its task queue {queue!r} to answer;"
+                f" start one with `tardigrade worker --task-queue {queue}`"
+            ) from None
         raise NoWorker(
-            f"run {workflow_id} is running, but no worker answered within {QUERY_TIMEOUT:.0f} s; is"
+            f"run {workflow_id} is running, but no worker answered within {timeout:.0f} s; is"
             f" `tardigrade worker --task-queue {queue}` up and healthy?"
         ) from None

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tardigrade.sandboxes.snapshots import SnapshotEngine
+from tardigrade.sandboxes.snapshots.create import CHUNK_MAX
 from tardigrade.sandboxes.stores import FileStore, open_store
 from tests.conftest import REPO
 
@@ -45,7 +46,8 @@ def test_a_one_byte_edit_in_a_200_mib_file_stores_at_most_two_chunks(store_url: 
         & {c.blob for e in engine.entries(second.id) for c in e.chunks}
     )
     assert chunks_written <= 2, f"{chunks_written} chunks stored for a one-byte edit"
-    assert stats.bytes_new < (200 << 20) // 100, f"{stats.bytes_new} bytes stored: more than 1% of the file"
+    # Content-defined chunks of random data are up to CHUNK_MAX long, so two of them bound what an edit stores.
+    assert stats.bytes_new <= 2 * CHUNK_MAX, f"{stats.bytes_new} bytes stored for a one-byte edit"
     engine.restore(second.id, tmp_path / "out")
     assert (tmp_path / "out" / "big.bin").read_bytes()[123_456_789] == byte[0] ^ 0xFF
 
