@@ -5,6 +5,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh test
 
+# Compose's own validator for docker-compose.temporal.yml (tests/test_deployment.py); no Docker engine is needed.
+if ! command -v docker-compose >/dev/null && ! docker compose version >/dev/null 2>&1; then
+  echo "==> installing docker-compose (validates the compose file)"
+  sudo_if() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+  sudo_if apt-get install -y -qq docker-compose >/dev/null 2>&1 \
+    || { sudo_if apt-get update -qq >/dev/null && sudo_if apt-get install -y -qq docker-compose >/dev/null; } \
+    || echo "!! could not install docker-compose: the compose file's schema check will be skipped" >&2
+fi
+
 if [ ! -x node_modules/.bin/azurite-blob ]; then
   if command -v npm >/dev/null; then
     echo "==> installing azurite (Azure Blob emulator) from npm"
