@@ -31,14 +31,31 @@ import shutil
 import signal
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
 from tardigrade.sandboxes.errors import IsolationUnavailable, SandboxError, SandboxLost, UnsafePath
+from tardigrade.sandboxes.exec_log import ExecLog, OutputMask
 from tardigrade.sandboxes.layout import BASE_ENV, HOME, SANDBOX_UID, WORKSPACE
+from tardigrade.sandboxes.limit_enforcement import (
+    CGROUP_PREFIX,
+    PRLIMIT,
+    CommandCgroup,
+    breach_from_exit,
+    disk_usage,
+    find_cgroup_base,
+    rlimit_prefix,
+    sweep_cgroups,
+    watch,
+)
+from tardigrade.sandboxes.limits import LimitBreach, LimitExceeded, format_size
 from tardigrade.sandboxes.manifest import Mount, sandbox_path
 from tardigrade.sandboxes.mounts import MountStats, materialize
+from tardigrade.sandboxes.network.broker import HostSecret, SandboxBrokering
+from tardigrade.sandboxes.network.namespace import CommandNetwork, require_tools
+from tardigrade.sandboxes.network.proxy import BrokerHook, EgressProxy
+from tardigrade.sandboxes.network.rules import NetworkRule
 from tardigrade.sandboxes.provider import (
     ExecResult,
     FaultInjector,
@@ -77,6 +94,13 @@ class LocalSandbox(Sandbox):
         self.state = self.dir / "state"
         self._processes: set[asyncio.subprocess.Process] = set()
         self._mounts: dict[int, tuple[str, Path, bool]] = {}  # index -> (sandbox path, folder, read-only)
+        self.limits = spec.limits.resolved()  # sandboxes/limits.py: what each command may use
+        # Credential brokering (sandboxes/network/broker.py): when set, every command gets the egress proxy, and
+        # the proxy hands CONNECTs to the broker's hosts to it.
+        self.broker: BrokerHook | None = None
+        self._brokering = SandboxBrokering(
+            self.state / "broker", open_upstream=self.open_egress, upstream_ca_file=provider.broker_upstream_ca
+        )
 
     # -- paths ------------------------------------------------------------------------------------------------
 
@@ -99,7 +123,9 @@ class LocalSandbox(Sandbox):
 
     # -- commands ---------------------------------------------------------------------------------------------
 
-    def _argv(self, command: str, cwd: str, env_fd: int) -> list[str]:
+    def _argv(
+        self, command: str, cwd: str, env_fd: int, *, cgroup: bool = False, network: CommandNetwork | None = None
+    ) -> list[str]:
         bwrap = self._provider.bwrap
         assert bwrap is not None
         argv = [
@@ -109,22 +135,24 @@ class LocalSandbox(Sandbox):
             "--ro-bind", "/usr", "/usr",
             "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64",
             "--symlink", "usr/bin", "/bin", "--symlink", "usr/sbin", "/sbin",
-            "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",
+            "--proc", "/proc", "--dev", "/dev", "--size", str(self.limits.tmp), "--tmpfs", "/tmp",
             "--bind", str(self.fs / "workspace"), WORKSPACE,
             "--bind", str(self.fs / HOME.lstrip("/")), HOME,
         ]  # fmt: skip
         for path, folder, read_only in sorted(self._mounts.values()):  # parents before children
             argv += ["--ro-bind" if read_only else "--bind", str(folder), path]
         argv += ["--chdir", cwd, "--clearenv"]
-        if not self.spec.network:
-            argv.append("--unshare-net")
+        if network is None:
+            argv.append("--unshare-net")  # loopback only
         for name in _ETC:
             argv += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
-        for extra in self.spec.options.get("ro_binds", []):
-            argv += ["--ro-bind", str(extra), str(extra)]
+        if self.broker is not None:  # the sandbox CA's bundle: readable, not writable, in no snapshot
+            argv += self._brokering.bwrap_binds()
+        if network is not None:  # a namespace of its own, set up by sandboxes/network/namespace.py; never the worker's
+            argv += network.bwrap_args()
         # The environment - secrets included - is read from a memory file (see `_env_file`), never the command line.
         argv += ["--args", str(env_fd)]
-        return [*argv, "/bin/sh", "-c", command]
+        return [*argv, *rlimit_prefix(self.limits, cgroup=cgroup), "/bin/sh", "-c", command]
 
     def _env(self, env: Mapping[str, str]) -> dict[str, str]:
         full = dict(BASE_ENV)
@@ -146,37 +174,58 @@ class LocalSandbox(Sandbox):
         on_output: OutputCallback | None = None,
         labels: Mapping[str, str] | None = None,
         tail_bytes: int = 4096,
+        mask: OutputMask | None = None,
     ) -> ExecResult:
         await self._require_alive("starting a command")
         cwd = sandbox_path(cwd, field="cwd")
         full_env = self._env(env)
         isolated = self._provider.bwrap is not None
+        network = self._command_network()
+        if network is not None:
+            full_env.update(network.env())
         env_fd = _env_file(full_env) if isolated else None
         host_cwd = self.dir if isolated else self.host_path(cwd)
         log_path = self.state / f"exec-{uuid.uuid4().hex[:12]}.log"
         started = time.monotonic()
+        cgroup = await self._command_cgroup() if isolated else None
         try:
+            if env_fd is not None:
+                argv = self._argv(command, cwd, env_fd, cgroup=cgroup is not None, network=network)
+                argv = [*cgroup.join_prefix(), *argv] if cgroup is not None else argv
+            else:  # unisolated: no user namespace, so no RLIMIT_NPROC (it would count the worker's own threads)
+                argv = [PRLIMIT, f"--fsize={self.limits.disk}", f"--data={self.limits.memory}", "--"]
+                argv += ["/bin/sh", "-c", command]
             proc = await asyncio.create_subprocess_exec(
-                *(self._argv(command, cwd, env_fd) if env_fd is not None else ["/bin/sh", "-c", command]),
+                *argv,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
                 env={} if isolated else full_env,
                 cwd=host_cwd,
                 start_new_session=True,  # its own process group, so a kill reaches every process it started
-                pass_fds=() if env_fd is None else (env_fd,),
+                pass_fds=(() if env_fd is None else (env_fd,)) + (network.pass_fds if network is not None else ()),
             )
+        except BaseException:
+            if cgroup is not None:
+                await asyncio.to_thread(cgroup.remove)
+            if network is not None:
+                await network.close()
+            raise
         finally:
             if env_fd is not None:
                 os.close(env_fd)  # bwrap has its own copy (and closes it once read)
+            if network is not None:
+                network.after_spawn()
         self._processes.add(proc)
+        watcher = self._watch(proc, cgroup)
         tail = bytearray()
         total = 0
 
         async def pump() -> None:
             nonlocal total, tail
             assert proc.stdout is not None
-            with open(log_path, "wb") as log_file:
+            log_file = ExecLog(log_path, mask)  # 0600, masked before it touches the disk, bounded
+            try:
                 while chunk := await proc.stdout.read(65536):
                     total += len(chunk)
                     log_file.write(chunk)
@@ -185,6 +234,8 @@ class LocalSandbox(Sandbox):
                         del tail[: len(tail) - tail_bytes]
                     if on_output is not None:
                         on_output(chunk)
+            finally:
+                log_file.close()
 
         exited = asyncio.ensure_future(proc.wait())
         fault = None
@@ -192,6 +243,8 @@ class LocalSandbox(Sandbox):
             fault = asyncio.ensure_future(self._provider.fault_injector(self, labels or {}, exited))
         timed_out = False
         try:
+            if network is not None:
+                await network.start()  # the command starts only once its network is set up
             await asyncio.wait_for(asyncio.gather(pump(), asyncio.shield(exited)), timeout)
         except TimeoutError:
             timed_out = True
@@ -204,17 +257,106 @@ class LocalSandbox(Sandbox):
         finally:
             self._processes.discard(proc)
             _close_pipes(proc)
+            limit = await self._end_watch(watcher, cgroup)
+            if network is not None:
+                await network.close()  # the proxy and slirp4netns end with the command
             if fault is not None:
                 await fault
         await self._require_alive("a command was running")
+        exit_code = proc.returncode if proc.returncode is not None else -1
+        if limit is None and not timed_out:
+            limit = breach_from_exit(self.limits, exit_code, bytes(tail), rlimits=cgroup is None)
         return ExecResult(
-            exit_code=proc.returncode if proc.returncode is not None else -1,
+            exit_code=exit_code,
             timed_out=timed_out,
             duration=time.monotonic() - started,
             output_tail=bytes(tail),
             output_bytes=total,
             log_path=str(log_path),
+            limit=limit,
         )
+
+    def _command_network(self) -> CommandNetwork | None:
+        """The command's network beyond loopback (sandboxes/network/namespace.py), or None for ``network: false``.
+        Never the worker's namespace: without bubblewrap there is no namespace to give, so the rule is refused."""
+        rule = self.spec.network_rule
+        if self.broker is not None and rule.mode != "internet":
+            # A brokered secret's hosts are reachable (through the proxy, which hands them to the broker).
+            rule = NetworkRule("allow", tuple(dict.fromkeys((*rule.allow, *self._brokering.hosts))))
+        if rule.mode == "off" and self.broker is None:
+            return None
+        if self._provider.bwrap is None:
+            raise IsolationUnavailable(
+                f"sandbox.network is {rule.to_json()!r}, which needs bubblewrap on this worker (apt-get install -y"
+                " bubblewrap); without it a command would share the worker's own network"
+            )
+        return CommandNetwork(
+            rule, self.spec.network_policy, self.state, broker=self.broker, on_refusal=self._log_refusal
+        )
+
+    async def broker_secrets(self, secrets: Sequence[HostSecret]) -> dict[str, str]:
+        if self._provider.bwrap is None:
+            raise IsolationUnavailable(
+                f"secrets {', '.join(s.name for s in secrets)} are brokered, which needs bubblewrap on this worker"
+                " (apt-get install -y bubblewrap) for the sandbox's own network namespace and egress proxy"
+            )
+        env = await asyncio.to_thread(self._brokering.update, secrets)  # may make the CA: a few ms of CPU
+        self.broker = self._brokering.broker
+        return env
+
+    def _log_refusal(self, reason: str) -> None:
+        """Every egress refusal, also on the worker's disk beside the command logs (never inside the sandbox)."""
+        with open(self.state / "egress-refusals.log", "a") as f:
+            f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {reason}\n")
+
+    async def open_egress(self, host: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A worker-side connection to ``host:port`` under this sandbox's network rule and the worker's address
+        checks (what the egress proxy itself uses): for the credential broker's upstream connections."""
+        return await EgressProxy(self.spec.network_rule, self.spec.network_policy).open_upstream(host, port)
+
+    async def _command_cgroup(self) -> CommandCgroup | None:
+        """A cgroup of the command's own with the sandbox's limits, where the worker may create one."""
+        base = self._provider.cgroups
+        if base is None:
+            return None
+        cgroup = CommandCgroup(base, f"{CGROUP_PREFIX}{self.id}-{uuid.uuid4().hex[:8]}", self.limits)
+        await asyncio.to_thread(cgroup.create)
+        return cgroup
+
+    def _watch(self, proc: asyncio.subprocess.Process, cgroup: CommandCgroup | None) -> asyncio.Future[LimitBreach]:
+        """Watch the running command's limits (sandboxes/limits.py `watch`); a breach kills the command at once."""
+        roots = [self.fs] + [folder for _, folder, read_only in self._mounts.values() if not read_only]
+        isolated = self._provider.bwrap is not None
+        watcher = asyncio.ensure_future(
+            watch(proc.pid, self.limits, cgroup=cgroup, disk_roots=roots, count_tasks=isolated and cgroup is None)
+        )
+
+        def stop(task: asyncio.Future[LimitBreach]) -> None:
+            if not task.cancelled() and task.exception() is None:
+                self._kill(proc)
+
+        watcher.add_done_callback(stop)
+        return watcher
+
+    async def _end_watch(
+        self, watcher: asyncio.Future[LimitBreach], cgroup: CommandCgroup | None
+    ) -> LimitBreach | None:
+        """Stop watching; the breach the command ran into, if it did - even if its shell then exited 0: a refused
+        fork or a killed process means its work is not all done. Removes the command's cgroup, killing what is
+        left in it."""
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait([watcher])
+        limit = None
+        if watcher.done() and not watcher.cancelled():
+            if watcher.exception() is not None:
+                log.error("watching the limits of sandbox %s failed", self.id, exc_info=watcher.exception())
+            else:
+                limit = watcher.result()
+        if cgroup is not None:
+            limit = limit or await asyncio.to_thread(cgroup.breach)
+            await asyncio.to_thread(cgroup.remove)
+        return limit
 
     @staticmethod
     def _kill(proc: asyncio.subprocess.Process) -> None:
@@ -274,6 +416,14 @@ class LocalSandbox(Sandbox):
         self, engine: SnapshotEngine, *, selection: Selection, parent: str | None, labels: Mapping[str, str]
     ) -> SnapshotInfo:
         await self._require_alive("taking a snapshot")
+        used, disk = await asyncio.to_thread(disk_usage, self.fs), self.limits.disk
+        assert disk is not None  # resolved
+        if used > disk:  # files a command left behind, or an agent's tools wrote: never stored
+            raise LimitExceeded(
+                f"sandbox {self.id}: /workspace and ~ hold {format_size(used)}, over its disk limit of"
+                f" {format_size(disk)}; not checkpointing. Raise sandbox.limits.disk in the pipeline,"
+                " or have the step delete what it does not need"
+            )
         info = await asyncio.to_thread(
             engine.create, self.fs, selection=selection, parent=parent, cache_path=self.cache_path, labels=dict(labels)
         )
@@ -324,6 +474,21 @@ class LocalSandbox(Sandbox):
         elif link.is_dir():
             link.rmdir()  # an empty mount point; anything else is the workspace's and makes this fail loudly
         link.symlink_to(folder)
+
+    # -- which state the files are in (see Sandbox.hold_position) ----------------------------------------------
+
+    tracks_position = True
+
+    async def held_position(self) -> str | None:
+        try:  # on the worker, outside what the sandbox binds: its processes cannot forge it
+            return (self.state / "position").read_text()
+        except FileNotFoundError:
+            return None
+
+    async def hold_position(self, position: str) -> None:
+        staged = self.state / "position.new"
+        staged.write_text(position)
+        os.replace(staged, self.state / "position")
 
     # -- lifecycle --------------------------------------------------------------------------------------------
 
@@ -406,14 +571,24 @@ class LocalSandboxProvider(SandboxProvider):
         worker_id: str | None = None,
         bwrap: str | bool | None = True,
         fault_injector: FaultInjector | None = None,
+        cgroups: bool = True,
+        broker_upstream_ca: str | Path | None = None,
     ) -> None:
-        """``bwrap=True`` finds bubblewrap on PATH; ``False`` forces the unisolated fallback (tests only)."""
+        """``bwrap=True`` finds bubblewrap on PATH; ``False`` forces the unisolated fallback (tests only).
+        ``cgroups=False`` enforces limits with rlimits and the watcher even where the worker may create cgroups.
+        ``broker_upstream_ca``: a CA file the credential broker trusts for real hosts, beside the system's roots
+        (an internal CA; also taken from the worker's SSL_CERT_FILE)."""
+        self.broker_upstream_ca = broker_upstream_ca
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         os.chmod(self.root, 0o700)  # other host users must not reach into sandboxes
         self.worker_id = worker_id or f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.bwrap: str | None = find_bwrap() if bwrap is True else (bwrap or None)
         self.fault_injector = fault_injector
+        self.cgroups = find_cgroup_base() if cgroups and self.bwrap is not None else None
+        if self.cgroups is not None:
+            sweep_cgroups(self.cgroups)  # cgroups of commands whose worker was killed
+        log.info("sandbox limits enforced with %s", f"cgroup v{self.cgroups.version}" if self.cgroups else "rlimits")
         self._live: dict[str, LocalSandbox] = {}
         self._lock_file = self._claim_worker_lock()
         self.removed_orphans = self._remove_orphans()
@@ -450,6 +625,14 @@ class LocalSandboxProvider(SandboxProvider):
         return removed
 
     async def create(self, spec: SandboxSpec) -> LocalSandbox:
+        rule = spec.network_rule
+        if rule.mode != "off":  # refused now, with what to install, rather than at the first command
+            if self.bwrap is None:
+                raise IsolationUnavailable(
+                    f"sandbox.network is {rule.to_json()!r}, which needs bubblewrap on this worker (apt-get install -y"
+                    " bubblewrap); a sandbox never shares the worker's own network"
+                )
+            require_tools(rule)
         if self.bwrap is None:
             if spec.isolation == "required":
                 raise IsolationUnavailable(
@@ -465,7 +648,7 @@ class LocalSandboxProvider(SandboxProvider):
         sandbox = LocalSandbox(self, sandbox_id, spec)
         sandbox.state.mkdir(parents=True)
         sandbox._make_mount_points()
-        meta = {"worker_id": self.worker_id, "network": spec.network, "options": dict(spec.options)}
+        meta = {"worker_id": self.worker_id, "network": spec.network_rule.to_json(), "options": dict(spec.options)}
         (sandbox.dir / "sandbox.json").write_text(json.dumps(meta))
         self._live[sandbox_id] = sandbox
         return sandbox

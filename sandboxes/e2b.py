@@ -3,7 +3,13 @@
 Configuration comes from the worker's environment (``E2B_API_KEY``, and ``E2B_DOMAIN`` for self-hosted E2B, as the
 SDK reads them); the pipeline's ``sandbox.options`` may name a ``template`` (default ``base``), a ``lifetime`` in
 seconds (the sandbox's timeout at E2B, renewed every time a worker attaches; default 3600) and
-``native_snapshot: true``. Network is off unless the pipeline allows it (``allow_internet_access``).
+``native_snapshot: true``. Network is off unless the pipeline allows it (``allow_internet_access``, and E2B's
+egress rules for ``network: true`` and host allowlists: sandboxes/network/providers.py).
+
+``sandbox.limits`` are not applied on E2B: a microVM's vCPUs, memory and disk are its template's (E2B's SDK has no
+per-sandbox setting for them), and a fork bomb, disk filler or memory hog only exhausts that VM. Pick a template
+built with the resources a pipeline needs; a step that kills its VM loses the sandbox, which the run survives by
+rehydrating at most ``max_rehydrations`` times in a row.
 
 Commands run as E2B's default user ``user`` (uid 1000, checked at creation) with ``HOME=/home/sandbox``; helper
 commands (listing, tar, the reaper) run as ``root``. Output arrives decoded as UTF-8 by the SDK and is re-encoded,
@@ -22,6 +28,7 @@ from typing import Any
 from tardigrade.sandboxes.errors import ProviderUnavailable, SandboxError, SandboxLost
 from tardigrade.sandboxes.layout import SANDBOX_UID
 from tardigrade.sandboxes.manifest import sandbox_path
+from tardigrade.sandboxes.network.providers import e2b_create_options
 from tardigrade.sandboxes.provider import SandboxSpec
 from tardigrade.sandboxes.remote import RemoteProcess, RemoteProvider, RemoteSandbox
 
@@ -121,6 +128,7 @@ class E2BSandbox(RemoteSandbox):
     async def read_file(self, path: str, *, limit: int | None = None) -> bytes:
         e2b = _sdk_errors()
         target = sandbox_path(path)
+        await self._user_shell(self._refuse_special(target), f"reading {target}")  # a FIFO would hang the read
         data = bytearray()
         async with self._sdk(f"reading {target}"):
             try:
@@ -195,7 +203,7 @@ class E2BProvider(RemoteProvider):
             sbx = await self._sdk.create(
                 template=template,
                 timeout=self._lifetime(spec),
-                allow_internet_access=spec.network,
+                **e2b_create_options(spec.network_rule, self._sdk.create),  # sandboxes/network/providers.py
                 metadata={"created-by": "tardigrade"},
             )
             return E2BSandbox(self, sbx, spec)

@@ -14,11 +14,12 @@ from __future__ import annotations
 import posixpath
 import re
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 from tardigrade.sandboxes.layout import HOME, RESERVED_ENV, WORKSPACE, WRITABLE_ROOTS
+from tardigrade.sandboxes.network.rules import check_host_pattern
 from tardigrade.sandboxes.selection import Selection
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -143,13 +144,70 @@ class SnapshotPaths(_Strict):
 
 SecretName = Annotated[str, Field(pattern=_ENV_NAME.pattern)]
 
+
+class SecretForHosts(_Strict):
+    """A brokered secret: the sandbox's environment holds an opaque placeholder, never the value; the worker's
+    egress proxy puts the value into the headers of HTTPS requests to ``hosts`` only (sandboxes/network/broker.py).
+    A plain name in ``secrets`` is the weaker mode: its value is in the sandbox's environment."""
+
+    name: SecretName = Field(description="The secret's name: the worker's environment variable holding its value.")
+    hosts: list[str] = Field(
+        min_length=1,
+        description="Hosts whose HTTPS requests get the value (api.github.com, *.example.com); no other host does.",
+    )
+
+    @field_validator("hosts")
+    @classmethod
+    def _hosts(cls, v: list[str]) -> list[str]:
+        checked = [check_host_pattern(h, f"hosts[{i}]") for i, h in enumerate(v)]
+        return list(dict.fromkeys(checked))
+
+
+#: One entry of ``secrets``: a name (value in the sandbox's environment) or ``{name, hosts}`` (brokered).
+SecretEntry = Annotated[
+    Annotated[SecretName, Tag("name")] | Annotated[SecretForHosts, Tag("brokered")],
+    # Errors name the form that was used: a mapping is a brokered secret, anything else should have been a name.
+    Discriminator(lambda v: "brokered" if isinstance(v, dict | SecretForHosts) else "name"),
+]
+
+
+def secret_name(entry: str | SecretForHosts) -> str:
+    return entry if isinstance(entry, str) else entry.name
+
+
 MOUNT_FORMS = (
     "s3://bucket/prefix[?endpoint=URL&region=NAME], r2://ACCOUNT_ID/bucket/prefix, gs://bucket/prefix,"
     " az://container/prefix?account=NAME or file:///absolute/folder"
 )
+
+
 # The URL and name rules below, as far as JSON Schema can say them (see SANDBOX_PATH_SCHEMA).
+def _anycase(word: str) -> str:
+    """A regex for ``word`` in any case: JSON Schema patterns take no flags. A "-" stays as it is: its escape is
+    an error in JavaScript's unicode-mode regexes (ajv, the TypeScript client)."""
+    return "".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else c if c == "-" else re.escape(c) for c in word)
+
+
+# No credential in the query (the key names `refuse_credentials` checks, roughly) or in an endpoint's user part.
+_SCHEMA_CREDENTIAL_WORDS = ("token", "secret", "password", "credential", "signature", "access_key", "accesskey",
+                            "apikey", "api_key", "sas")  # fmt: skip
+_NO_CREDENTIAL_QUERY = (
+    r"(?![^#]*[?&](?:"
+    + "|".join(_anycase(k) + "=" for k in ("sig", "key", "pwd", "passwd", "awsaccesskeyid"))
+    + "|"
+    + _anycase("x-amz-")
+    + "|[^=&#]*(?:"
+    + "|".join(_anycase(k) for k in _SCHEMA_CREDENTIAL_WORDS)
+    + ")[^=&#]*="
+    + r"))(?![^#]*[?&]endpoint=[^&#]*(?:@|%40))"
+)
+#: For a store URL (which may also be a bare folder path): no credential in it.
+NO_CREDENTIALS_SCHEMA: dict[str, Any] = {
+    "pattern": r"^" + _NO_CREDENTIAL_QUERY + r"(?![a-zA-Z][a-zA-Z0-9+.-]*://[^/?#]*@)",
+    "errorMessage": "must not carry credentials (user:password@, sig=, token=, ...); the worker has its own",
+}
 DATA_URL_SCHEMA: dict[str, Any] = {
-    "pattern": r"^(?:(?:s3|r2|gs|az)://[^/@?#]+(?:[/?#]|$)|file://(?:localhost)?/)",
+    "pattern": r"^" + _NO_CREDENTIAL_QUERY + r"(?:(?:s3|r2|gs|az)://[^/@?#]+(?:[/?#]|$)|file://(?:localhost)?/)",
     "errorMessage": f"expected {MOUNT_FORMS}, with no credentials in it",
 }
 ENV_NAME_SCHEMA: dict[str, Any] = {
@@ -179,27 +237,62 @@ def mount_path(path: str) -> str:
     return normalized
 
 
+# Query keys that carry a credential (SAS signatures, presigned S3 URLs, tokens); compared lower-case.
+_CREDENTIAL_KEYS = frozenset(
+    {"sig", "sas", "token", "secret", "key", "password", "passwd", "pwd", "awsaccesskeyid", "access_key",
+     "accesskey", "credential", "credentials", "signature"}
+)  # fmt: skip
+_CREDENTIAL_PARTS = ("token", "secret", "password", "credential", "signature", "access_key", "accesskey", "apikey",
+                     "api_key", "sas")  # fmt: skip
+_NO_CREDENTIALS = (
+    "credentials never go in pipeline URLs (they would be written to workflow history); remove it and give the"
+    " worker its credentials the usual way (its environment, e.g. AWS_* or AZURE_STORAGE_SAS_TOKEN, a profile or"
+    " a role)"
+)
+
+
+def _credential_key(key: str) -> bool:
+    lowered = key.lower()
+    return lowered in _CREDENTIAL_KEYS or lowered.startswith("x-amz-") or any(p in lowered for p in _CREDENTIAL_PARTS)
+
+
+def refuse_credentials(v: str, field: str) -> None:
+    """Raise ValueError if a URL carries a credential: a ``user:password@`` part, or a query key such as ``sig``,
+    ``token`` or ``X-Amz-Signature`` (also inside an ``endpoint=`` value). Never echoes the credential."""
+    try:
+        parts = urlsplit(v)
+        query = parse_qs(parts.query, keep_blank_values=True)
+    except ValueError:
+        return  # not a URL: the scheme checks say so
+    if "@" in parts.netloc:
+        raise ValueError(f"{field} has a user/password part; {_NO_CREDENTIALS}")
+    for key, values in query.items():
+        if _credential_key(key):
+            raise ValueError(f"{field} carries a credential (query parameter {key!r}); {_NO_CREDENTIALS}")
+        if key.lower() == "endpoint":
+            for value in values:
+                refuse_credentials(value, f"{field} (its endpoint)")
+
+
 def check_data_url(v: str, field: str) -> str:
     """A bucket or folder URL as mounts and outputs take it: a known scheme, a bucket, no credentials in it."""
+    refuse_credentials(v, field)  # first: the messages below show the URL
+    # As shown in messages: no query, and no user/password part even where urlsplit finds no netloc (``s 3://u:p@b``).
+    bare = re.sub(r"^([^/?#]*://)[^/?#]*@", r"\1", v.split("?")[0])
     try:
         parts = urlsplit(v)
     except ValueError:
-        raise ValueError(f"{field} {v!r} is not a URL; use {MOUNT_FORMS}") from None
+        raise ValueError(f"{field} {bare!r} is not a URL; use {MOUNT_FORMS}") from None
     scheme = parts.scheme.lower()
     if scheme not in ("s3", "r2", "gs", "az", "file"):
         shown = f"unknown scheme {scheme!r}" if scheme else "no scheme"
-        raise ValueError(f"{field} {v.split('?')[0]!r} has {shown}; use {MOUNT_FORMS}")
-    if "@" in parts.netloc:
-        raise ValueError(
-            f"{field} URLs must not contain credentials (they would reach workflow history and logs); give the"
-            " worker credentials the usual way (environment, profile, role) instead"
-        )
+        raise ValueError(f"{field} {bare!r} has {shown}; use {MOUNT_FORMS}")
     if scheme == "file":
         if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
-            raise ValueError(f"{field} {v!r}: file:// URLs take an absolute path, e.g. file:///srv/datasets")
+            raise ValueError(f"{field} {bare!r}: file:// URLs take an absolute path, e.g. file:///srv/datasets")
     elif not parts.netloc or (scheme == "r2" and not parts.path.strip("/")):
         what = "container" if scheme == "az" else "bucket"
-        raise ValueError(f"{field} {v!r} names no {what}; use {MOUNT_FORMS}")
+        raise ValueError(f"{field} {bare!r} names no {what}; use {MOUNT_FORMS}")
     return v
 
 
@@ -260,8 +353,11 @@ class Manifest(_Strict):
         description="Environment variables of every command.",
         json_schema_extra={"propertyNames": ENV_NAME_SCHEMA},
     )
-    secrets: list[SecretName] = Field(
-        default_factory=list, description="Names of secrets; their values come from the worker's environment."
+    secrets: list[SecretEntry] = Field(
+        default_factory=list,
+        description="Secrets, read from the worker's environment: a name (its value goes into the sandbox's"
+        " environment) or {name, hosts} (brokered: the sandbox sees a placeholder; the worker adds the value to"
+        " HTTPS request headers for those hosts only).",
     )
     setup: list[str] = Field(
         default_factory=list, description="Commands run at provisioning, and again after every rehydration."
@@ -270,6 +366,14 @@ class Manifest(_Strict):
         default_factory=list, description="Buckets and folders the worker copies in, with its own credentials."
     )
     snapshot: SnapshotPaths = Field(default_factory=SnapshotPaths, description="Which paths snapshots cover.")
+
+    @property
+    def secret_names(self) -> list[str]:
+        return [secret_name(s) for s in self.secrets]
+
+    @property
+    def brokered_secrets(self) -> list[SecretForHosts]:
+        return [s for s in self.secrets if isinstance(s, SecretForHosts)]
 
     @field_validator("directories")
     @classmethod
@@ -288,7 +392,11 @@ class Manifest(_Strict):
 
     @model_validator(mode="after")
     def _no_clashes(self) -> Manifest:
-        clash = set(self.env) & set(self.secrets)
+        names = [secret_name(s) for s in self.secrets]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"secrets: {twice} listed more than once; list each secret once")
+        clash = set(self.env) & set(names)
         if clash:
             raise ValueError(f"{sorted(clash)} appear in both env and secrets; a secret's value comes from the worker")
         paths = [f.path for f in self.files]

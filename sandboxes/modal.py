@@ -3,7 +3,12 @@
 Configuration comes from the worker's environment as the SDK reads it (``MODAL_TOKEN_ID``/``MODAL_TOKEN_SECRET``
 or ``~/.modal.toml``); the pipeline's ``sandbox.options`` may name an ``image`` (a registry tag, default Debian
 slim), ``cpu``, ``memory`` (MiB), ``app`` (default ``tardigrade``), a ``lifetime`` in seconds (default 24 h, Modal's
-maximum) and ``native_snapshot: true``. Network is off unless the pipeline allows it (``block_network``).
+maximum) and ``native_snapshot: true``. ``sandbox.limits`` map onto Modal's hard limits: ``memory`` and ``cpu``
+become the limit halves of Modal's ``(request, limit)`` pairs (``options.cpu``/``memory`` stay the requests);
+``pids``, ``disk`` and ``tmp`` are Modal's own (its SDK has no setting for them: a step that exhausts its container
+fails there, or loses the sandbox, which the run survives by rehydrating at most ``max_rehydrations`` times).
+Network is off unless the pipeline allows it (``block_network``; host
+allowlists map to Modal's outbound allowlists: sandboxes/network/providers.py).
 
 Modal runs ``exec`` as root; step commands drop to uid 1000 with ``setpriv`` (util-linux, in every Debian image),
 so read-only mounts and root-owned helper files stay out of their reach. ``exec`` has no kill: the reaper (see
@@ -23,15 +28,33 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tardigrade.sandboxes.errors import ProviderUnavailable, SandboxError, SandboxLost
+from tardigrade.sandboxes.errors import ProviderUnavailable, SandboxError, SandboxLost, UnsafePath
 from tardigrade.sandboxes.layout import BASE_ENV, SANDBOX_UID, WORKSPACE
+from tardigrade.sandboxes.limits import Limits
 from tardigrade.sandboxes.manifest import sandbox_path
+from tardigrade.sandboxes.network.providers import modal_create_options
 from tardigrade.sandboxes.provider import SandboxSpec
 from tardigrade.sandboxes.remote import RemoteProcess, RemoteProvider, RemoteSandbox
 
 DEFAULT_APP = "tardigrade"
 DEFAULT_LIFETIME = 24 * 3600
 _IO_DIR = "/tmp/.tardigrade-io"  # root-owned, 0711: files handed to uid 1000 by unguessable name
+
+
+def modal_resources(limits: Limits, options: Mapping[str, Any]) -> dict[str, Any]:
+    """``cpu=`` and ``memory=`` for ``Sandbox.create``: the pipeline's limits as Modal's hard limits, the options'
+    values (or Modal's smallest defaults) as the requests, never above the limits."""
+    limits = limits.resolved()
+    assert limits.memory is not None
+    memory_mib = max(1, limits.memory >> 20)
+    requested_memory = options.get("memory")
+    resources: dict[str, Any] = {"memory": (min(requested_memory or 128, memory_mib), memory_mib)}
+    requested_cpu = options.get("cpu")
+    if limits.cpu is not None:
+        resources["cpu"] = (min(requested_cpu or limits.cpu, limits.cpu), limits.cpu)
+    else:
+        resources["cpu"] = requested_cpu
+    return resources
 
 
 def _exceptions() -> Any:
@@ -112,14 +135,16 @@ class ModalSandbox(RemoteSandbox):
             message = errors.decode(errors="replace").strip()
             if "No such file" in message:
                 raise FileNotFoundError(target)
+            if code == 3 and "refusing to read it" in message:
+                raise UnsafePath(message[-500:])
             raise SandboxError(f"reading {target} failed: {message[-500:]}")
         return bytes(data)
 
     async def _spawn_split(self, target: str, head: str, data: bytearray, errors: bytearray) -> RemoteProcess:
         """``cat`` as uid 1000 with stdout (the bytes) and stderr (the error) kept apart."""
         command = (
-            f"exec setpriv --reuid={SANDBOX_UID} --regid={SANDBOX_UID} --clear-groups -- {head} --"
-            f" {shlex.quote(target)}"
+            f"{self._refuse_special(target)}; exec setpriv --reuid={SANDBOX_UID} --regid={SANDBOX_UID} --clear-groups"
+            f" -- {head} -- {shlex.quote(target)}"
         )
         process = await self._sb.exec.aio("/bin/sh", "-c", command, workdir=WORKSPACE, env=dict(BASE_ENV), text=False)
         pumps = [
@@ -198,10 +223,9 @@ class ModalProvider(RemoteProvider):
                 "infinity",
                 app=app,
                 image=image,
-                block_network=not spec.network,
+                **modal_create_options(spec.network_rule, self._sdk.Sandbox.create),  # sandboxes/network/providers.py
                 timeout=int(options.get("lifetime", self.lifetime)),
-                cpu=options.get("cpu"),
-                memory=options.get("memory"),
+                **modal_resources(spec.limits, options),  # sandbox.limits as hard limits (sandboxes/limits.py)
                 workdir="/",
             )
             return ModalSandbox(self, sb, spec)

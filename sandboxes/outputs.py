@@ -31,7 +31,7 @@ from tardigrade.sandboxes.errors import TardigradeError
 from tardigrade.sandboxes.manifest import Output, tree_path
 from tardigrade.sandboxes.selection import glob_to_regex
 from tardigrade.sandboxes.snapshots import Selection, SnapshotEngine
-from tardigrade.sandboxes.stores import ObjectStore, StoreError, open_store, redact_url
+from tardigrade.sandboxes.stores import ObjectStore, StoreError, StoreUnavailable, open_store, redact_url
 
 
 class OutputError(TardigradeError):
@@ -89,6 +89,8 @@ def _matcher(include: list[str], exclude: list[str]) -> tuple[re.Pattern[str] | 
 def open_destination(url: str, index: int) -> ObjectStore:
     try:
         return open_store(url)
+    except StoreUnavailable:
+        raise  # an outage: the run waits and tries again
     except StoreError as e:
         raise OutputError(f"outputs[{index}] ({redact_url(url)}): {e}") from None
 
@@ -143,6 +145,8 @@ def upload_output(
                         f"{where}: {key} already exists there with different content; nothing was overwritten."
                         " Put {run} or {step} in `to` so each run or step publishes to its own prefix"
                     )
+            except StoreUnavailable:
+                raise  # an outage: the run waits and tries again (create-only writes make that safe)
             except StoreError as e:
                 raise OutputError(f"{where}: {e}") from None
             stats.files += 1
@@ -157,6 +161,8 @@ def upload_output(
         try:
             if not destination.put(manifest_key, manifest) and destination.get(manifest_key) != manifest:
                 raise OutputConflict(f"{where}: {manifest_key} exists with different content")
+        except StoreUnavailable:
+            raise
         except StoreError as e:
             raise OutputError(f"{where}: {e}") from None
         stats.manifest = manifest_key

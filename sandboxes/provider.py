@@ -9,16 +9,22 @@ layer (activities, workflows) only ever sees that.
 from __future__ import annotations
 
 import abc
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from tardigrade.sandboxes.errors import SandboxError
+from tardigrade.sandboxes.exec_log import OutputMask
+from tardigrade.sandboxes.limits import LimitBreach, Limits
 from tardigrade.sandboxes.manifest import Mount
+from tardigrade.sandboxes.network.policy import NetworkPolicy
+from tardigrade.sandboxes.network.rules import NetworkRule
 from tardigrade.sandboxes.snapshots import RestoreStats, Selection, SnapshotEngine, SnapshotInfo
 from tardigrade.sandboxes.stores import ObjectStore
 
 if TYPE_CHECKING:
     from tardigrade.sandboxes.mounts import MountStats
+    from tardigrade.sandboxes.network.broker import HostSecret
 
 OutputCallback = Callable[[bytes], None]
 
@@ -27,9 +33,20 @@ OutputCallback = Callable[[bytes], None]
 class SandboxSpec:
     """How to create a sandbox. Secrets are not here: they are resolved per command, on the worker."""
 
-    network: bool = False
+    network: NetworkRule | bool = False  # off/internet/allowlist (sandboxes/network/rules.py); a bool is read as one
     isolation: str = "required"  # "required" | "preferred" (local provider: run unisolated if bwrap is missing)
     options: Mapping[str, Any] = field(default_factory=dict)  # provider-specific (template, image, cpu, ...)
+    limits: Limits = field(default_factory=Limits)  # sandboxes/limits.py; None fields mean the defaults
+    # The worker's side: which internal addresses stay reachable (from its policy, not from the pipeline).
+    network_policy: NetworkPolicy = field(default_factory=NetworkPolicy)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "network", NetworkRule.parse(self.network))
+
+    @property
+    def network_rule(self) -> NetworkRule:
+        """``network``, always as a `NetworkRule` (never test ``network`` for truth: a rule object is truthy)."""
+        return NetworkRule.parse(self.network)
 
 
 @dataclass
@@ -40,6 +57,7 @@ class ExecResult:
     output_tail: bytes  # the last bytes of combined stdout+stderr
     output_bytes: int  # total bytes produced
     log_path: str | None = None  # full output, on the worker's disk, if the provider keeps it
+    limit: LimitBreach | None = None  # the sandbox limit that ended the command (sandboxes/limits.py)
 
 
 class Sandbox(abc.ABC):
@@ -59,9 +77,11 @@ class Sandbox(abc.ABC):
         on_output: OutputCallback | None = None,
         labels: Mapping[str, str] | None = None,
         tail_bytes: int = 4096,
+        mask: OutputMask | None = None,
     ) -> ExecResult:
         """Run ``sh -c command`` to completion (or timeout, which kills it). Raises `SandboxLost` if the sandbox
-        dies meanwhile. Cancelling the call kills the command's whole process tree."""
+        dies meanwhile. Cancelling the call kills the command's whole process tree. The full-output log (if the
+        provider keeps one) is an `ExecLog`: 0600, secrets masked with ``mask`` before they reach the disk."""
 
     @abc.abstractmethod
     async def kill_processes(self) -> None:
@@ -100,6 +120,18 @@ class Sandbox(abc.ABC):
         own credentials - so the sandbox sees it at ``mount.path``, read-only unless ``mount.mode`` is rw. Data is
         staged outside the sandbox's snapshot selection; unchanged objects already in place are not copied."""
 
+    async def broker_secrets(self, secrets: Sequence[HostSecret]) -> dict[str, str]:
+        """Broker these secrets for the sandbox's next commands: its egress proxy adds each value to HTTPS request
+        headers for the secret's hosts. Returns the variables the commands get instead of the values: each name
+        with an opaque placeholder (the same for the sandbox's whole life), and the CA bundle variables. A
+        provider whose sandboxes cannot reach a worker-side proxy refuses (the default)."""
+        raise SandboxError(
+            f"secrets {', '.join(s.name for s in secrets)} are brokered ({{name, hosts}}), which needs the worker's"
+            f" egress proxy next to the sandbox; the {self.provider} provider cannot route a sandbox's traffic"
+            " through it. Run this pipeline on the local provider, or list these secrets by name only (their values"
+            " then enter the sandbox's environment)"
+        )
+
     async def native_snapshot(self) -> str | None:
         """Take the provider's own snapshot of the whole sandbox (``native_snapshot`` option), if it has them:
         faster to resume from on the same provider. Portable snapshots stay the source of truth."""
@@ -108,6 +140,19 @@ class Sandbox(abc.ABC):
     async def adopt_native(self, engine: SnapshotEngine, snapshot_id: str, *, selection: Selection) -> None:  # noqa: B027
         """Called on a sandbox created from the native snapshot taken with portable snapshot ``snapshot_id``,
         before that portable snapshot is restored into it, so the restore can skip what is already in place."""
+
+    #: Whether `held_position` / `hold_position` record anything (the activities check positions only if so).
+    tracks_position = False
+
+    async def held_position(self) -> str | None:
+        """Which state the sandbox's files are in, as last recorded by `hold_position` (None: nothing recorded).
+        Kept where the sandbox's own processes cannot write it, so a reset workflow can tell whether the files
+        still equal what its history says, or must be rolled back first."""
+        return None
+
+    async def hold_position(self, position: str) -> None:  # noqa: B027 - optional hook
+        """Record which state the sandbox's files are in: a checkpoint (``snapshot:ID``) or the token of the
+        activity that changed them last. Written before a change starts, so a crash mid-way leaves no false claim."""
 
     @abc.abstractmethod
     async def destroy(self) -> None:

@@ -45,6 +45,7 @@ from typing import Protocol
 
 from tardigrade.sandboxes import mirror
 from tardigrade.sandboxes.errors import SandboxError, SandboxLost, WorkspaceChanged
+from tardigrade.sandboxes.exec_log import ExecLog, OutputMask
 from tardigrade.sandboxes.layout import BASE_ENV, HOME, SANDBOX_UID, WORKSPACE
 from tardigrade.sandboxes.manifest import Mount, sandbox_path
 from tardigrade.sandboxes.mirror import FIND_FORMAT, RemoteEntry, SyncIndex, SyncStats
@@ -56,6 +57,7 @@ from tardigrade.sandboxes.stores import ObjectStore
 log = logging.getLogger(__name__)
 
 HELPER_DIR = "/tmp/.tardigrade"  # root-only; never in a snapshot's roots
+MAX_LISTING_BYTES = 1 << 30  # a listing of millions of files is ~150 bytes each; more is not a listing
 MARKER = "TARDIGRADE_EXEC"
 
 
@@ -153,6 +155,7 @@ class RemoteSandbox(Sandbox):
         on_output: OutputCallback | None = None,
         labels: Mapping[str, str] | None = None,
         tail_bytes: int = 4096,
+        mask: OutputMask | None = None,
     ) -> ExecResult:
         cwd = sandbox_path(cwd, field="cwd")
         exec_id = uuid.uuid4().hex[:12]
@@ -160,7 +163,7 @@ class RemoteSandbox(Sandbox):
         log_path = self.state / f"exec-{exec_id}.log"
         tail = bytearray()
         total = 0
-        log_file = open(log_path, "wb")  # noqa: SIM115 - closed below
+        log_file = ExecLog(log_path, mask)  # 0600, masked before it touches the disk, bounded; closed below
 
         def collect(chunk: bytes) -> None:
             nonlocal total, tail
@@ -216,6 +219,22 @@ class RemoteSandbox(Sandbox):
     async def kill_processes(self) -> None:
         await self._reap(f"{self.id}:")
 
+    async def _bounded_download(self, remote_path: str, local_path: Path, limit: int, what: str) -> None:
+        """Download a helper file the sandbox produced, refusing one larger than ``limit`` before a byte of it
+        reaches the worker's disk (and checking again after: the file could grow in between)."""
+        out = await self._run_root(f"stat -c %s -- {shlex.quote(remote_path)}", f"sizing {what}")
+        size = int(out.strip()) if out.strip().isdigit() else -1
+        if not 0 <= size <= limit:
+            raise SandboxError(
+                f"{self.provider} sandbox {self.id}: {what} is {size:,} bytes, more than the {limit:,} it can need;"
+                " refusing to download it (something in the sandbox is rewriting the worker's helper files)"
+            )
+        async with self._sdk(f"downloading {what}"):
+            await self._download(remote_path, local_path)
+        if local_path.stat().st_size > limit:
+            local_path.unlink(missing_ok=True)
+            raise SandboxError(f"{self.provider} sandbox {self.id}: {what} grew past {limit:,} bytes while sent")
+
     async def _run_root(self, script: str, doing: str, *, timeout: float = 600) -> str:
         """A helper command as root; raises `SandboxError` with its output if it fails."""
         out = bytearray()
@@ -240,11 +259,37 @@ class RemoteSandbox(Sandbox):
             "preparing /workspace and /home/sandbox",
         )
 
+    # -- which state the files are in (see Sandbox.hold_position) ----------------------------------------------
+
+    tracks_position = True
+
+    async def held_position(self) -> str | None:
+        # In the sandbox, root-only: any worker may attach to this sandbox next, and must see the same answer.
+        out = await self._run_root(f"cat {HELPER_DIR}/position 2>/dev/null; true", "reading the held checkpoint")
+        return out.strip() or None
+
+    async def hold_position(self, position: str) -> None:
+        quoted = shlex.quote(position)
+        await self._run_root(
+            f"printf %s {quoted} > {HELPER_DIR}/position.new && mv -f {HELPER_DIR}/position.new {HELPER_DIR}/position",
+            "recording the held checkpoint",
+        )
+
     # -- files --------------------------------------------------------------------------------------------------
 
     async def make_dirs(self, path: str) -> None:
         target = sandbox_path(path)
         await self._user_shell(f"mkdir -p -- {shlex.quote(target)}", f"creating {target}")
+
+    @staticmethod
+    def _refuse_special(target: str) -> str:
+        """Shell text that fails (exit 3, a clear message) unless ``target`` is a regular file or missing: reading a
+        FIFO the sandbox made would hang the tool call, a device would never end."""
+        f = shlex.quote(target)  # the only way the path enters shell text
+        return (
+            f"if [ -p {f} ] || [ -S {f} ] || [ -c {f} ] || [ -b {f} ]; then printf '%s is a FIFO, socket or device,"
+            f" not a regular file; refusing to read it\\n' {f} >&2; exit 3; fi"
+        )
 
     async def _user_shell(self, command: str, doing: str) -> None:
         out = bytearray()
@@ -276,8 +321,7 @@ class RemoteSandbox(Sandbox):
             f"listing {remote_root}",
         )
         try:
-            async with self._sdk(f"reading the listing of {remote_root}"):
-                await self._download(listing, into)
+            await self._bounded_download(listing, into, MAX_LISTING_BYTES, f"the listing of {remote_root}")
         finally:
             await self._run_root(f"rm -f {listing}", "removing a helper file")
         return await asyncio.to_thread(mirror.read_listing, into, selection)
@@ -317,8 +361,8 @@ class RemoteSandbox(Sandbox):
                 f" -cf {remote_tar}",
                 "packing changed files",
             )
-            async with self._sdk("downloading changed files"):
-                await self._download(remote_tar, local_tar)
+            limit = mirror.tar_limit(paths, remote)
+            await self._bounded_download(remote_tar, local_tar, limit, "the archive of changed files")
         finally:
             await self._run_root(f"rm -f {remote_list} {remote_tar}", "removing helper files")
         return await asyncio.to_thread(mirror.unpack, local_root, local_tar, paths, remote)

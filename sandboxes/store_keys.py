@@ -7,6 +7,7 @@
     gc/condemned/<epoch>     garbage collection's marks; gc/deleted/<epoch> once swept; gc/lock
     logs/<hash>.zst          full (redacted) output of a step whose tail did not fit in history
     agent/nodes|items|replies/<hash>.json   agent conversations, content-addressed
+    identity                 which store this is: a random id, written once (stores/identity.py)
 
 The two-character fan-out keeps listings of one folder small on stores that are file systems. Pure functions and
 constants: the snapshot engine, GC, the activities and the CLI all name keys through this module.
@@ -25,6 +26,7 @@ LOGS = "logs/"
 AGENT_NODES = "agent/nodes/"
 AGENT_ITEMS = "agent/items/"
 AGENT_REPLIES = "agent/replies/"
+IDENTITY = "identity"
 
 
 def pack_key(pack: str) -> str:

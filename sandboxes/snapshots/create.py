@@ -283,28 +283,33 @@ def create_snapshot(
     tree_exists: Callable[[str], bool],
     gc_epochs: Sequence[Epoch] = (),
     encryption: Encryption | None = None,
+    store_id: str | None = None,
+    avoid_packs: frozenset[str] = frozenset(),
 ) -> CreateResult:
     """Store everything under ``root`` that ``selection`` covers.
 
     ``publish(snapshot_id, tree_body)`` stores the tree once all packs are stored and returns whether it wrote
-    it (False: an identical tree already existed). The stat cache is replaced only after that succeeded.
+    it (False: an identical tree already existed). The stat cache is replaced only after that succeeded. The
+    stat cache belongs to ``store_id`` (the store's identity; its URL by default); files it describes with
+    chunks in ``avoid_packs`` (packs found missing from the store) are read again.
     """
     started = time.monotonic()
     stats = CreateStats()
     # Everything opened below is released by this stack on success, on error and on cancellation alike: a worker
     # takes hundreds of thousands of snapshots in its life, and one descriptor kept per snapshot kills it.
     with contextlib.ExitStack() as release:
-        cursor = StatCacheCursor(cache_path, store.url)
+        cursor = StatCacheCursor(cache_path, store_id or store.url)
         release.callback(cursor.close)
         # Garbage collection the stat cache has not taken into account: its packs must not be reused blindly.
         news = [e for e in gc_epochs if e.created > cursor.gc_seen]
-        avoid = frozenset().union(*(e.packs for e in news)) if news else frozenset()
+        avoid = frozenset().union(avoid_packs, *(e.packs for e in news))
         fingerprint, walked = _scan(root, selection)
         if (
             cursor.snapshot
             and cursor.digest
             and cursor.fingerprint == fingerprint
             and not news
+            and not avoid
             and tree_exists(cursor.snapshot)
         ):
             # Nothing changed since the last snapshot or restore: same tree, nothing to read or write.
@@ -315,7 +320,7 @@ def create_snapshot(
         release.callback(writer.close)
         body = scratch_file(scratch, "tree-")
         release.callback(body.unlink, missing_ok=True)
-        cache_out = StatCacheWriter(cache_path, store.url) if cache_path is not None else None
+        cache_out = StatCacheWriter(cache_path, store_id or store.url) if cache_path is not None else None
         try:
             if cache_out is not None:
                 cache_out.gc_seen = max([cursor.gc_seen, *(e.created for e in gc_epochs)])

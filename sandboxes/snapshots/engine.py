@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import builtins
 import json
+import logging
 import os
 import re
 import shutil
 import tempfile
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,18 +31,33 @@ import zstandard
 from tardigrade.sandboxes.errors import SnapshotCorrupt, SnapshotError, SnapshotMissing
 from tardigrade.sandboxes.selection import Selection
 from tardigrade.sandboxes.snapshots import tree as t
-from tardigrade.sandboxes.snapshots.create import CreateStats, create_snapshot
+from tardigrade.sandboxes.snapshots.create import CreateResult, CreateStats, create_snapshot
 from tardigrade.sandboxes.snapshots.crypto import EncryptedStore, Encryption, EncryptionError, require_no_encryption
 from tardigrade.sandboxes.snapshots.gc import Epoch, GcPolicy, GcReport, collect_garbage, load_epochs
 from tardigrade.sandboxes.snapshots.index import BlobIndex
-from tardigrade.sandboxes.snapshots.packs import blob_hash, decode_blob
+from tardigrade.sandboxes.snapshots.packs import MAX_WINDOW, BlobUndecodable, blob_hash, decode_blob
 from tardigrade.sandboxes.snapshots.restore import RestoreStats, read_footer, restore_tree, tree_entries
-from tardigrade.sandboxes.store_keys import RECORDS, index_key, pack_key, record_key, tree_key
+from tardigrade.sandboxes.store_keys import PACKS, RECORDS, index_key, pack_key, record_key, tree_key
 from tardigrade.sandboxes.stores.base import ObjectMissing, ObjectStore
+from tardigrade.sandboxes.stores.folder import FileStore
+from tardigrade.sandboxes.stores.identity import ensure_identity
 
 _ID = re.compile(r"^[0-9a-f]{64}$")
+# The pack named by each chunk reference in a tree line: ["<blob>","<pack>",offset,...]. A quote inside a path is
+# escaped (\"), so a path can never look like this.
+_PACK_REF = re.compile(rb'\["[0-9a-f]{64}","([0-9a-f]{64})"')
+_CREATE_ATTEMPTS = 3  # packs found missing are re-uploaded; more vanishing than this means something deletes them
+_LIST_SHARD_AT = 8  # unconfirmed packs in one packs/xx/ folder from which one listing beats a HEAD each
+_CHECK_THREADS = 16
+_LIST_PAGE = 1000  # keys per listing request (S3, GCS and Azure alike)
+_TREE_PACKS_LIMIT = 64
+log = logging.getLogger("tardigrade.snapshots")
 _TREE_CACHE_LIMIT = 32
 _IN_MEMORY_TREE = 32 << 20  # trees up to this size are compressed in memory
+# A stored tree may inflate to this many times its size (real trees: under 70x, folders-only ones with equal
+# mtimes), or to the floor, whichever is more: a zstd bomb is cut off there instead of filling the disk.
+_TREE_INFLATE_RATIO = 1024
+_TREE_INFLATE_FLOOR = 64 << 20
 
 
 @dataclass
@@ -88,6 +106,28 @@ def check_snapshot_id(snapshot_id: str) -> str:
     return snapshot_id
 
 
+class _PacksVanished(Exception):
+    """Packs a new tree would reference are not in the store (any more)."""
+
+    def __init__(self, packs: set[str]) -> None:
+        super().__init__(f"{len(packs)} pack(s) missing")
+        self.packs = packs
+
+
+def tree_packs(body: Path) -> set[str]:
+    """Every pack an uncompressed tree references, read in blocks (a tree can be larger than memory allows)."""
+    packs: set[bytes] = set()
+    tail = b""
+    with open(body, "rb") as f:
+        while block := f.read(1 << 20):
+            block = tail + block
+            cut = block.rfind(b"\n") + 1  # only whole lines: a reference never spans two of them
+            packs.update(_PACK_REF.findall(block, 0, cut))
+            tail = block[cut:]
+    packs.update(_PACK_REF.findall(tail))
+    return {p.decode() for p in packs}
+
+
 class SnapshotEngine:
     """Snapshots of folders in one store. Thread-safe; keep one per store for the life of a worker."""
 
@@ -105,17 +145,44 @@ class SnapshotEngine:
         self._own_scratch = scratch_dir is None  # a folder of our own making goes away with `close`
         self.scratch = Path(scratch_dir or tempfile.mkdtemp(prefix="tardigrade-scratch-"))
         self.scratch.mkdir(parents=True, exist_ok=True)
-        self.known = BlobIndex(self.store, self.scratch / "blobs.sqlite")
         self._epochs: dict[str, Epoch] = {}  # garbage-collection epochs are immutable: read each once
         self._lock = threading.Lock()
-        self._trees = self.scratch / "trees"
-        self._trees.mkdir(exist_ok=True)
         self._remembered = 0
+        self._retired: list[BlobIndex] = []  # indexes of a store that went away, closed with the engine
+        #: Which store this is (stores/identity.py). Every cache below is keyed by it, never by the URL.
+        self.identity = ensure_identity(self.raw_store)
+        self._open_caches(self.identity)
+
+    def _open_caches(self, identity: str) -> None:
+        self.known = BlobIndex(self.store, self.scratch / f"blobs.sqlite-{identity}")
+        self._trees = self.scratch / "trees" / identity
+        self._trees.mkdir(parents=True, exist_ok=True)
+        self._tree_packs: OrderedDict[str, frozenset[str]] = OrderedDict()  # snapshot id -> packs its tree uses
+
+    def check_identity(self) -> str:
+        """Read the store's identity again. If the store behind the URL changed (emptied, recreated, another
+        endpoint), drop every cache of the old one and start empty: nothing it remembers is known to be here."""
+        identity = ensure_identity(self.raw_store)
+        with self._lock:
+            old = self.identity
+            if identity == old:
+                return identity
+            self._retired.append(self.known)  # a snapshot in progress may still hold it
+            self.identity = identity
+            old_trees = self._trees
+            self._open_caches(identity)
+        log.warning("store %s changed identity (%s -> %s): its local caches start over", self.store.url, old, identity)
+        shutil.rmtree(old_trees, ignore_errors=True)
+        for stale in self.scratch.glob(f"blobs.sqlite-{old}*"):
+            stale.unlink(missing_ok=True)
+        return identity
 
     def close(self) -> None:
         """Release what the engine holds for its life: the blob index (a SQLite connection), the store's
         connections, and the scratch folder if the engine made it. Call once, when no snapshot is in progress."""
         self.known.close()
+        for index in self._retired:
+            index.close()
         self.store.close()
         if self._own_scratch:
             shutil.rmtree(self.scratch, ignore_errors=True)
@@ -132,33 +199,33 @@ class SnapshotEngine:
         labels: dict[str, str] | None = None,
     ) -> SnapshotInfo:
         """Snapshot ``root``. With a ``cache_path`` from the previous snapshot or restore, unchanged files are
-        not read again. Returns the new snapshot (which may equal ``parent`` if nothing changed)."""
+        not read again. Returns the new snapshot (which may equal ``parent`` if nothing changed).
+
+        The tree is published only when every pack it references was written by this snapshot or confirmed to be in
+        the store since this snapshot began (after its identity check): packs that vanished - a deleted prefix, a
+        lifecycle rule, an operator - are forgotten and their content uploaded again, so a snapshot reported as
+        created can always be restored."""
         selection = selection or Selection.everything()
-        epochs = load_epochs(self.store, self._epochs)
-        self.known.sync_gc(epochs)
-        self.known.refresh()
-
-        def publish(snapshot_id: str, body: Path) -> bool:
-            """Queue the tree; `create` flushes it together with the record (packs were flushed before)."""
-            written = False
-            if not self.store.exists(tree_key(snapshot_id)):
-                self._put_tree(snapshot_id, body)
-                written = True
-            self._remember_tree(snapshot_id, body)
-            return written
-
-        result = create_snapshot(
-            self.store,
-            str(root),
-            selection=selection,
-            known=self.known,
-            cache_path=cache_path,
-            scratch=self.scratch,
-            publish=publish,
-            tree_exists=lambda snapshot_id: self.store.exists(tree_key(snapshot_id)),
-            gc_epochs=epochs,
-            encryption=self.encryption,
-        )
+        for _ in range(_CREATE_ATTEMPTS):
+            try:
+                result = self._create_once(str(root), selection, cache_path)
+                break
+            except _PacksVanished as e:
+                if not e.packs:
+                    continue  # the store changed identity during the snapshot: again, against the new one
+                self.known.vanish(e.packs)
+                log.warning(
+                    "%d pack(s) referenced for a snapshot of %s are missing from %s (e.g. %s); storing them again",
+                    len(e.packs),
+                    root,
+                    self.store.url,
+                    pack_key(min(e.packs)),
+                )
+        else:
+            raise SnapshotError(
+                f"packs keep vanishing from snapshot store {self.store.url} while {root} is snapshotted; is something"
+                " deleting objects under this prefix (a lifecycle rule, another tool)?"
+            )
         info = SnapshotInfo(
             id=result.snapshot_id,
             digest=result.digest,
@@ -175,6 +242,111 @@ class SnapshotEngine:
         self.store.flush()  # the tree, then the record, each durable before it is visible
         return info
 
+    def _create_once(self, root: str, selection: Selection, cache_path: Path | None) -> CreateResult:
+        since = time.monotonic()  # packs confirmed before this are checked again
+        identity = self.check_identity()
+        known = self.known
+        epochs = load_epochs(self.store, self._epochs)
+        known.sync_gc(epochs)
+        known.refresh()
+
+        def publish(snapshot_id: str, body: Path) -> bool:
+            """Queue the tree once every pack it names is known to be in the store; `create` flushes it together
+            with the record (packs were flushed before)."""
+            packs = tree_packs(body)
+            self._require_packs(known, packs, since)
+            if self.identity != identity:
+                raise _PacksVanished(set())  # the store changed under this snapshot: start over against the new one
+            written = False
+            if not self.store.exists(tree_key(snapshot_id)):
+                self._put_tree(snapshot_id, body)
+                written = True
+            self._remember_tree(snapshot_id, body, packs)
+            return written
+
+        def tree_usable(snapshot_id: str) -> bool:
+            """The unchanged workspace's last tree may be reused: it and every pack it names are in the store."""
+            if not self.store.exists(tree_key(snapshot_id)):
+                return False
+            try:
+                self._require_packs(known, self._packs_of(snapshot_id), since)
+            except _PacksVanished as e:
+                known.vanish(e.packs)
+                return False
+            return True
+
+        return create_snapshot(
+            self.store,
+            root,
+            selection=selection,
+            known=known,
+            cache_path=cache_path,
+            scratch=self.scratch,
+            publish=publish,
+            tree_exists=tree_usable,
+            gc_epochs=epochs,
+            encryption=self.encryption,
+            store_id=identity,
+            avoid_packs=frozenset(known.vanished),
+        )
+
+    def _require_packs(self, known: BlobIndex, packs: set[str] | frozenset[str], since: float) -> None:
+        """Raise `_PacksVanished` unless every pack is known to be in the store at some moment after ``since``.
+        Packs this process wrote or checked since then cost nothing; the rest are checked in one batch."""
+        todo = known.unconfirmed(packs, since)
+        if not todo:
+            return
+        present = self._present(todo)
+        known.confirm(present)
+        if todo - present:
+            raise _PacksVanished(todo - present)
+
+    def _present(self, packs: set[str]) -> set[str]:
+        """Which of these packs the store holds, in the fewest requests: one listing of packs/ when that takes
+        fewer pages than there are packs to check (a store of up to 1,000 packs: one request), else a HEAD each or
+        one listing of a packs/xx/ folder where many fall into it; in parallel on object stores."""
+        if isinstance(self.raw_store, FileStore):
+            return {pack for pack in packs if self.store.exists(pack_key(pack))}
+        if len(packs) > 2 * (self.known.pack_count() // _LIST_PAGE + 1):
+            return {info.key.rsplit("/", 1)[-1] for info in self.store.list(PACKS)} & packs
+        shards: dict[str, list[str]] = {}
+        for pack in packs:
+            shards.setdefault(pack[:2], []).append(pack)
+        checks: list[list[str]] = []
+        for members in shards.values():
+            if len(members) >= _LIST_SHARD_AT:
+                checks.append(members)
+            else:
+                checks += [[pack] for pack in members]
+
+        def check(group: list[str]) -> set[str]:
+            if len(group) == 1:
+                return set(group) if self.store.exists(pack_key(group[0])) else set()
+            listed = {info.key.rsplit("/", 1)[-1] for info in self.store.list(f"{PACKS}{group[0][:2]}/")}
+            return listed.intersection(group)
+
+        if len(checks) == 1:
+            return check(checks[0])
+        with ThreadPoolExecutor(min(_CHECK_THREADS, len(checks)), thread_name_prefix="pack-check") as pool:
+            return set().union(*pool.map(check, checks))
+
+    def _packs_of(self, snapshot_id: str) -> frozenset[str]:
+        with self._lock:
+            packs = self._tree_packs.get(snapshot_id)
+        if packs is None:
+            with self.open_tree(snapshot_id) as path:
+                packs = self._note_packs(snapshot_id, tree_packs(path))
+        return packs
+
+    def _note_packs(self, snapshot_id: str, packs: set[str] | frozenset[str]) -> frozenset[str]:
+        frozen = frozenset(packs)
+        with self._lock:
+            self._tree_packs[snapshot_id] = frozen
+            self._tree_packs.move_to_end(snapshot_id)
+            while len(self._tree_packs) > _TREE_PACKS_LIMIT:
+                self._tree_packs.popitem(last=False)
+        return frozen
+
     def _put_tree(self, snapshot_id: str, body: Path) -> None:
         if body.stat().st_size <= _IN_MEMORY_TREE:
             packed = zstandard.ZstdCompressor(level=1).compress(body.read_bytes())
@@ -190,8 +362,10 @@ class SnapshotEngine:
 
     # -- trees ------------------------------------------------------------------------------------------------
 
-    def _remember_tree(self, snapshot_id: str, body: Path) -> None:
+    def _remember_tree(self, snapshot_id: str, body: Path, packs: set[str] | None = None) -> None:
         """Keep a verified, uncompressed copy of recent trees: rollbacks restore the same tree over and over."""
+        if packs is not None:
+            self._note_packs(snapshot_id, packs)
         target = self._trees / snapshot_id
         if target.exists():
             return
@@ -233,10 +407,18 @@ class SnapshotEngine:
                 with open(compressed, "rb") as head:
                     require_no_encryption(head.read(16), f"the tree of snapshot {snapshot_id}")
             hasher = blake3.blake3()
+            # Its hash can only be checked at the end: bound what a crafted tree can inflate to before then.
+            limit = max(_TREE_INFLATE_FLOOR, _TREE_INFLATE_RATIO * compressed.stat().st_size)
+            inflated = 0
             try:
                 with open(compressed, "rb") as src, open(body, "wb") as dst:
-                    reader = zstandard.ZstdDecompressor().stream_reader(src)
+                    reader = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW).stream_reader(src)
                     while block := reader.read(1 << 20):
+                        inflated += len(block)
+                        if inflated > limit:
+                            raise SnapshotCorrupt(
+                                snapshot_id, None, key, f"inflates past {limit} bytes (refused before its hash check)"
+                            )
                         hasher.update(block)
                         dst.write(block)
             except zstandard.ZstdError as e:
@@ -251,7 +433,7 @@ class SnapshotEngine:
 
     def entries(self, snapshot_id: str) -> Iterator[t.Entry]:
         with self.open_tree(snapshot_id) as path:
-            yield from tree_entries(path)
+            yield from tree_entries(path, snapshot_id)
 
     # -- restore ----------------------------------------------------------------------------------------------
 
@@ -266,6 +448,7 @@ class SnapshotEngine:
         """Make ``root`` equal the snapshot within ``selection``: a full restore into an empty folder, or a
         rollback of a live one that rewrites only what differs. ``root`` is created if missing."""
         Path(root).mkdir(parents=True, exist_ok=True)
+        identity = self.check_identity()
         with self.open_tree(snapshot_id) as tree_path:
             return restore_tree(
                 self.store,
@@ -276,6 +459,7 @@ class SnapshotEngine:
                 cache_path=cache_path,
                 scratch=self.scratch,
                 encryption=self.encryption,
+                store_id=identity,
             )
 
     # -- inspection -------------------------------------------------------------------------------------------
@@ -288,7 +472,7 @@ class SnapshotEngine:
             if not self.store.exists(tree_key(snapshot_id)):
                 raise SnapshotMissing(snapshot_id, self.store.url) from None
             with self.open_tree(snapshot_id) as path:
-                footer = read_footer(path)
+                footer = read_footer(path, snapshot_id)
             return SnapshotInfo(id=snapshot_id, digest=str(footer["digest"]))
         return SnapshotInfo(**record)
 
@@ -314,7 +498,12 @@ class SnapshotEngine:
             return [VerifyProblem(None, key, "is missing (the data is intact; later snapshots cannot reuse it)")]
         if blob_hash(index) != pack:
             return [VerifyProblem(None, key, "does not match its hash (the pack's name)")]
-        listed = {b[0]: tuple(b[1:]) for b in json.loads(index)["blobs"]}
+        try:
+            listed = {b[0]: tuple(b[1:]) for b in json.loads(index)["blobs"]}
+            if not all(len(v) == 4 and all(type(x) is int for x in v) for v in listed.values()):
+                raise TypeError("not four numbers per blob")
+        except (ValueError, KeyError, TypeError, IndexError):
+            return [VerifyProblem(None, key, "is not a valid pack index")]
         problems = []
         for ref, file_path in blobs.values():
             if listed.get(ref.blob) != (ref.offset, ref.length, ref.raw_length, ref.codec):
@@ -349,7 +538,7 @@ class SnapshotEngine:
         try:
             with self.open_tree(snapshot_id) as path:
                 by_pack: dict[str, dict[str, tuple[t.ChunkRef, str]]] = {}
-                for entry in tree_entries(path):
+                for entry in tree_entries(path, snapshot_id):
                     if entry.kind != t.FILE:
                         continue
                     report.files += 1
@@ -376,7 +565,7 @@ class SnapshotEngine:
                     raw = decode_blob(ref, memoryview(data)[ref.offset : ref.offset + ref.length], self.encryption)
                     blob_id = self.encryption.blob_id if self.encryption else blob_hash
                     ok = len(raw) == ref.raw_length and blob_id(raw) == ref.blob
-                except (zstandard.ZstdError, EncryptionError):
+                except (BlobUndecodable, EncryptionError):
                     ok = False
                 if not ok:
                     report.problems.append(VerifyProblem(file_path, key, f"blob {ref.blob[:16]}... is corrupt"))

@@ -6,7 +6,13 @@ writes itself, and loads other writers' index objects at most every `REFRESH_SEC
 plus one GET per pack it has not seen). Each index object is checked against the pack name it claims (a pack is
 named by the hash of its index), so a corrupt or forged index cannot make a snapshot point at the wrong bytes.
 
-A miss only costs storing a blob again. Packs that garbage collection has condemned are never handed out.
+A miss only costs storing a blob again. Packs that garbage collection has condemned are never handed out, nor
+packs found missing from the store (`vanish`). The index belongs to one store *identity* (stores/identity.py), never
+to a URL: the engine opens a fresh one when the store behind its URL changes.
+
+It also remembers when each pack was last known to be in the store (`confirm`): written by this process, or seen by
+an existence check. A snapshot's tree is published only when every pack it references was confirmed since the
+snapshot began (see SnapshotEngine.create).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from tardigrade.sandboxes.stores.base import ObjectMissing, ObjectStore
 
 REFRESH_SECONDS = 300.0
 _LRU_LIMIT = 200_000
+_CONFIRMED_LIMIT = 200_000
 
 
 class BlobIndex:
@@ -49,6 +56,8 @@ class BlobIndex:
         self._db.execute("CREATE TABLE IF NOT EXISTS gc_epochs (id TEXT PRIMARY KEY)")
         self._refreshed = 0.0
         self.condemned: frozenset[str] = frozenset()
+        self.vanished: set[str] = set()  # packs found missing from the store: never offered again
+        self._confirmed: dict[str, float] = {}  # pack -> monotonic time it was last known to be in the store
 
     # -- lookups ----------------------------------------------------------------------------------------------
 
@@ -62,8 +71,8 @@ class BlobIndex:
                 ref = ChunkRef(*row) if row else None
             else:
                 self._recent.move_to_end(blob)
-        if ref is not None and ref.pack in self.condemned:
-            return None  # about to be deleted: store the blob again rather than point at it
+        if ref is not None and (ref.pack in self.condemned or ref.pack in self.vanished):
+            return None  # about to be deleted, or already gone: store the blob again rather than point at it
         return ref
 
     def add(self, ref: ChunkRef) -> None:
@@ -75,7 +84,11 @@ class BlobIndex:
                 self._recent.popitem(last=False)
 
     def add_pack(self, pack: str, refs: list[ChunkRef]) -> None:
-        """Persist the blobs of a pack this process has durably stored."""
+        """Persist the blobs of a pack this process has durably stored (so it is in the store now)."""
+        self._store_pack(pack, refs)
+        self.confirm([pack])
+
+    def _store_pack(self, pack: str, refs: list[ChunkRef]) -> None:
         with self._lock:
             self._db.execute("BEGIN")
             self._db.executemany(
@@ -106,7 +119,7 @@ class BlobIndex:
             if blob_hash(raw) != pack:
                 continue  # not what it claims to be: never trust it for dedupe
             blobs = json.loads(raw)["blobs"]
-            self.add_pack(pack, [ChunkRef(b[0], pack, b[1], b[2], b[3], b[4]) for b in blobs])
+            self._store_pack(pack, [ChunkRef(b[0], pack, b[1], b[2], b[3], b[4]) for b in blobs])
             added += 1
         return added
 
@@ -135,6 +148,38 @@ class BlobIndex:
             self._db.execute("COMMIT")
             for blob in [b for b, r in self._recent.items() if r.pack in packs]:
                 del self._recent[blob]
+
+    def pack_count(self) -> int:
+        """How many packs the index knows: about how many the store holds."""
+        with self._lock:
+            row = self._db.execute("SELECT COUNT(*) FROM packs").fetchone()
+        return int(row[0])
+
+    # -- what is in the store now -----------------------------------------------------------------------------
+
+    def confirm(self, packs: Iterable[str]) -> None:
+        """These packs are in the store as of now (just written, or just checked)."""
+        now = time.monotonic()
+        with self._lock:
+            for pack in packs:
+                self._confirmed[pack] = now
+                self.vanished.discard(pack)  # stored again (same content, same name): usable again
+            if len(self._confirmed) > _CONFIRMED_LIMIT:  # drop the oldest half: they only cost a re-check
+                keep = sorted(self._confirmed.items(), key=lambda item: item[1])[len(self._confirmed) // 2 :]
+                self._confirmed = dict(keep)
+
+    def unconfirmed(self, packs: Iterable[str], since: float) -> set[str]:
+        """The packs not known to be in the store at some moment after ``since`` (a `time.monotonic()` value)."""
+        with self._lock:
+            return {p for p in packs if self._confirmed.get(p, -1.0) < since}
+
+    def vanish(self, packs: set[str]) -> None:
+        """These packs are missing from the store: forget them and never offer their blobs again."""
+        with self._lock:
+            self.vanished |= packs
+            for pack in packs:
+                self._confirmed.pop(pack, None)
+        self.forget_packs(packs)
 
     def close(self) -> None:
         with self._lock:

@@ -27,11 +27,20 @@ import zstandard
 
 from tardigrade.sandboxes.errors import SnapshotCorrupt
 from tardigrade.sandboxes.snapshots.crypto import Encryption, EncryptionError
-from tardigrade.sandboxes.snapshots.tree import CODEC_ENCRYPTED, CODEC_RAW, CODEC_ZSTD, ChunkRef
+from tardigrade.sandboxes.snapshots.tree import (
+    CODEC_ENCRYPTED,
+    CODEC_RAW,
+    CODEC_ZSTD,
+    MAX_BLOB_BYTES,
+    MAX_PACK_OFFSET,
+    MAX_STORED_BYTES,
+    ChunkRef,
+)
 from tardigrade.sandboxes.store_keys import index_key, pack_key
 from tardigrade.sandboxes.stores.base import ObjectMissing, ObjectStore
 
 PACK_TARGET = 16 << 20
+MAX_WINDOW = 1 << 23  # zstd levels up to 19 use at most an 8 MiB window; a frame asking for more is refused
 SAMPLE = 64 << 10  # bytes test-compressed to decide whether a blob is worth compressing
 MIN_SAVING = 0.92  # store raw unless compression gets the sample below this fraction
 MAX_UPLOADS_IN_FLIGHT = 2
@@ -202,8 +211,31 @@ class PackWriter:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
+class BlobUndecodable(Exception):
+    """A blob's stored bytes cannot be turned back into the raw bytes its reference promises (corrupt or crafted);
+    callers report it as `SnapshotCorrupt` with the snapshot and path."""
+
+
+def inflate(stored: bytes | memoryview, limit: int) -> bytes:
+    """zstd-decompress at most ``limit`` + 1 bytes: a frame that claims (or holds) more than its reference says
+    is found out after ``limit`` + 1 bytes, not after allocating what its header claims. The window is capped too,
+    so a crafted frame cannot make the decoder reserve more than `MAX_WINDOW` of memory."""
+    out = bytearray()
+    try:
+        with zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW).stream_reader(stored) as reader:
+            while len(out) <= limit and (block := reader.read(min(limit + 1 - len(out), 1 << 20))):
+                out += block
+    except zstandard.ZstdError as e:
+        raise BlobUndecodable(f"cannot be decoded ({e})") from None
+    return bytes(out)
+
+
 def decode_blob(ref: ChunkRef, stored: bytes | memoryview, encryption: Encryption | None = None) -> bytes | memoryview:
+    """The raw bytes of a blob. Raises `BlobUndecodable` (sizes out of bounds, a bad frame, an unknown codec) or
+    `EncryptionError`; the caller still checks the result's length and hash against the reference."""
     codec = ref.codec
+    if not (0 <= ref.raw_length <= MAX_BLOB_BYTES and len(stored) <= MAX_STORED_BYTES):
+        raise BlobUndecodable(f"claims an impossible size for blob {ref.blob[:16]}... (at most {MAX_BLOB_BYTES})")
     if codec & CODEC_ENCRYPTED:
         if encryption is None:
             raise EncryptionError(f"blob {ref.blob[:16]}... is encrypted; set TARDIGRADE_ENCRYPTION_KEY to read it")
@@ -211,8 +243,8 @@ def decode_blob(ref: ChunkRef, stored: bytes | memoryview, encryption: Encryptio
     if codec == CODEC_RAW:
         return stored if isinstance(stored, bytes) else memoryview(stored)  # no copy: the caller only reads it
     if codec == CODEC_ZSTD:
-        return zstandard.ZstdDecompressor().decompress(stored, max_output_size=ref.raw_length)
-    raise ValueError(f"unknown codec {ref.codec}")
+        return inflate(stored, ref.raw_length)
+    raise BlobUndecodable(f"uses an unknown codec {ref.codec}")
 
 
 @dataclass
@@ -265,6 +297,18 @@ class BlobFetcher:
 
     def _fetch(self, batch: _Batch[T], path_of: Callable[[T], str | None]) -> list[tuple[T, bytes | memoryview]]:
         key = pack_key(batch.pack)
+        for ref, ctx in batch.items:  # before reading: a crafted reference must not size the read or the output
+            if not (
+                0 <= ref.offset <= MAX_PACK_OFFSET
+                and 0 <= ref.length <= MAX_STORED_BYTES
+                and 0 <= ref.raw_length <= MAX_BLOB_BYTES
+            ):
+                raise SnapshotCorrupt(
+                    self.snapshot_id,
+                    path_of(ctx),
+                    key,
+                    f"is referenced with an impossible range for blob {ref.blob[:16]}...",
+                )
         try:
             data = self.store.get_range(key, batch.start, batch.end - batch.start)
         except ObjectMissing:
@@ -275,8 +319,8 @@ class BlobFetcher:
             stored = view[ref.offset - batch.start : ref.offset - batch.start + ref.length]
             try:
                 raw = decode_blob(ref, stored, self.encryption)
-            except zstandard.ZstdError as e:
-                raise SnapshotCorrupt(self.snapshot_id, path_of(ctx), key, f"cannot be decoded ({e})") from None
+            except BlobUndecodable as e:
+                raise SnapshotCorrupt(self.snapshot_id, path_of(ctx), key, str(e)) from None
             except EncryptionError as e:
                 raise SnapshotCorrupt(self.snapshot_id, path_of(ctx), key, str(e)) from None
             if len(raw) != ref.raw_length or self.blob_id(raw) != ref.blob:

@@ -119,8 +119,10 @@ def restore_tree(
     cache_path: Path | None,
     scratch: Path,
     encryption: Encryption | None = None,
+    store_id: str | None = None,
 ) -> RestoreStats:
-    """Make ``root`` (within ``selection``) equal the verified, uncompressed tree at ``tree_path``."""
+    """Make ``root`` (within ``selection``) equal the verified, uncompressed tree at ``tree_path``. The stat cache
+    is kept for ``store_id`` (the store's identity; its URL by default)."""
     started = time.monotonic()
     _validate(snapshot_id, tree_path)
     stats = RestoreStats()
@@ -130,11 +132,16 @@ def restore_tree(
         release.callback(folders.close)
         plan = _Plan(scratch)
         release.callback(plan.close)
-        _merge(store, snapshot_id, tree_path, root, selection, cache_path, folders, plan, dirs, stats)
+        _merge(store, snapshot_id, tree_path, root, selection, cache_path, folders, plan, dirs, stats, store_id)
         _write_files(store, snapshot_id, folders, plan, stats, encryption)
         with contextlib.closing(plan.entries(t.HARDLINK)) as links:
             for entry in links:
-                folders.hardlink(entry.link, entry.path)
+                try:
+                    folders.hardlink(entry.link, entry.path)
+                except FileNotFoundError:  # the validator checks order, not that the target is one of its files
+                    raise UnsafeTree(
+                        snapshot_id, entry.path, f"is a hard link to {entry.link!r}, which the tree does not hold"
+                    ) from None
                 stats.links_made += 1
         for path, mode, mtime in reversed(dirs):
             parent, name = folders.parent_of(path)
@@ -142,37 +149,45 @@ def restore_tree(
             if mtime:
                 os.utime(name, ns=(mtime, mtime), dir_fd=parent, follow_symlinks=False)
     if cache_path is not None:
-        _rebuild_cache(store, snapshot_id, tree_path, root, selection, cache_path)
+        _rebuild_cache(store_id or store.url, snapshot_id, tree_path, root, selection, cache_path)
     stats.seconds = time.monotonic() - started
     return stats
 
 
-def tree_entries(tree_path: Path) -> Generator[t.Entry, None, None]:
-    """Entries of an uncompressed tree file (the footer line is skipped)."""
+def tree_entries(tree_path: Path, snapshot_id: str = "") -> Generator[t.Entry, None, None]:
+    """Entries of an uncompressed tree file (the footer line is skipped). Each line is type-checked: a tree comes
+    from a store, so a malformed one is `UnsafeTree`, never a raw KeyError or TypeError."""
     with open(tree_path, "rb") as f:
         for line in f:
             if line.startswith(b'{"p"'):
-                yield t.decode_entry(line)
+                yield t.parse_entry(snapshot_id or tree_path.name, line)
 
 
-def read_footer(tree_path: Path) -> dict[str, object]:
+def read_footer(tree_path: Path, snapshot_id: str = "") -> dict[str, object]:
+    """The tree's last line; `UnsafeTree` unless it is a JSON object with the footer's fields."""
     with open(tree_path, "rb") as f:
         f.seek(max(0, os.path.getsize(tree_path) - 65536))
         last = f.read().rsplit(b"\n", 1)[-1]
-    footer: dict[str, object] = json.loads(last)
+    try:
+        footer = json.loads(last)
+    except ValueError:
+        footer = None
+    if not (
+        isinstance(footer, dict)
+        and all(type(footer.get(k)) is int for k in ("entries", "bytes"))
+        and isinstance(footer.get("digest"), str)
+    ):
+        raise UnsafeTree(snapshot_id or tree_path.name, "", "tree has no valid footer")
     return footer
 
 
 def _validate(snapshot_id: str, tree_path: Path) -> None:
-    try:
-        footer = read_footer(tree_path)
-    except ValueError:
-        raise UnsafeTree(snapshot_id, "", "tree has no valid footer") from None
+    footer = read_footer(tree_path, snapshot_id)
     if footer.get("format") != t.FORMAT:
         raise UnsafeTree(snapshot_id, "", f"tree format {footer.get('format')!r} is not {t.FORMAT!r}")
     validator = t.TreeValidator(snapshot_id)
     count = 0
-    for entry in tree_entries(tree_path):
+    for entry in tree_entries(tree_path, snapshot_id):
         validator.check(entry)
         count += 1
     if count != footer.get("entries"):
@@ -190,9 +205,10 @@ def _merge(
     plan: _Plan,
     dirs: list[tuple[str, int, int]],
     stats: RestoreStats,
+    store_id: str | None = None,
 ) -> None:
     walker = Walker(root, selection)
-    cursor = StatCacheCursor(cache_path, store.url)
+    cursor = StatCacheCursor(cache_path, store_id or store.url)
     target = tree_entries(tree_path)  # holds the tree file open: closed below, even if the merge stops early
     try:
         have = next(walker, None)
@@ -323,10 +339,10 @@ def _write_files(
 
 
 def _rebuild_cache(
-    store: ObjectStore, snapshot_id: str, tree_path: Path, root: str, selection: Selection, cache_path: Path
+    store_id: str, snapshot_id: str, tree_path: Path, root: str, selection: Selection, cache_path: Path
 ) -> None:
     """Record the stat of every restored file so the next snapshot or rollback need not read it."""
-    writer = StatCacheWriter(cache_path, store.url)
+    writer = StatCacheWriter(cache_path, store_id)
     fingerprint = Fingerprint(selection)
     try:
         with contextlib.closing(tree_entries(tree_path)) as entries:  # the walk may end before the tree does

@@ -29,6 +29,14 @@ DIR, FILE, SYMLINK, HARDLINK = "d", "f", "l", "h"
 CODEC_RAW, CODEC_ZSTD = 0, 1
 CODEC_ENCRYPTED = 0x10  # flag: the stored bytes are AES-GCM encrypted (see snapshots/crypto.py)
 
+# The largest blob a snapshot writes is a 2 MiB chunk (create.CHUNK_MAX; smaller files are one blob of under
+# 1 MiB). A reference claiming more is corrupt or crafted: refused before anything is allocated for it.
+MAX_BLOB_BYTES = 8 << 20
+MAX_STORED_BYTES = MAX_BLOB_BYTES + (64 << 10)  # raw blobs, plus zstd's and AES-GCM's few bytes of overhead
+MAX_PACK_OFFSET = 1 << 40  # packs are ~16 MiB (PACK_TARGET): an offset past a terabyte is crafted
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+PATH_MAX, NAME_MAX = 4095, 255  # Linux's limits (bytes): a longer path, name or link target cannot be restored
+
 
 class ChunkRef(NamedTuple):
     """Where one piece of a file lives: blob ``blob`` (BLAKE3 of its raw bytes) at ``offset`` in pack ``pack``."""
@@ -87,7 +95,38 @@ def encode_entry(entry: Entry) -> bytes:
 
 
 def decode_entry(line: bytes) -> Entry:
+    """An entry of a tree already checked by `parse_entry` (or written by us): no type checks."""
     return Entry.from_json(json.loads(line.decode("utf-8", "surrogateescape")))
+
+
+def _is_int(v: object) -> bool:
+    return type(v) is int  # not bool, not float
+
+
+def parse_entry(snapshot_id: str, line: bytes) -> Entry:
+    """One line of a tree read from a store, with every field of the right type: anything else is `UnsafeTree`,
+    never a KeyError or TypeError from deep inside a restore."""
+    try:
+        d = json.loads(line.decode("utf-8", "surrogateescape"))
+    except ValueError:
+        raise UnsafeTree(snapshot_id, "", "has a line that is not JSON") from None
+    if not isinstance(d, dict) or not isinstance(d.get("p"), str) or not isinstance(d.get("k"), str):
+        raise UnsafeTree(snapshot_id, "", "has an entry without a path and a kind")
+    path = d["p"]
+    for key, ok in (("m", _is_int), ("t", _is_int), ("s", _is_int), ("h", lambda v: isinstance(v, str)),
+                    ("l", lambda v: isinstance(v, str)), ("c", lambda v: isinstance(v, list))):  # fmt: skip
+        if key in d and not ok(d[key]):
+            raise UnsafeTree(snapshot_id, path, f"has a malformed field {key!r}")
+    for c in d.get("c", ()):
+        if not (
+            isinstance(c, list)
+            and len(c) == 6
+            and isinstance(c[0], str)
+            and isinstance(c[1], str)
+            and all(_is_int(v) for v in c[2:])
+        ):
+            raise UnsafeTree(snapshot_id, path, "has a malformed chunk reference")
+    return Entry.from_json(d)
 
 
 _NEEDS_ESCAPE = re.compile(r'[\x00-\x1f"\\\ud800-\udfff]')
@@ -128,6 +167,10 @@ def check_path(snapshot_id: str, path: str) -> None:
         raise UnsafeTree(snapshot_id, path, "has an empty, '.' or '..' component")
     if "\0" in path:
         raise UnsafeTree(snapshot_id, path, "contains a NUL byte")
+    if len(path.encode("utf-8", "surrogateescape")) > PATH_MAX or any(
+        len(p.encode("utf-8", "surrogateescape")) > NAME_MAX for p in parts
+    ):
+        raise UnsafeTree(snapshot_id, path[:200], f"is longer than a path ({PATH_MAX}) or name ({NAME_MAX}) may be")
 
 
 class TreeValidator:
@@ -138,6 +181,7 @@ class TreeValidator:
         self.snapshot_id = snapshot_id
         self._last: list[str] | None = None
         self._symlinks: set[str] = set()  # bounded by the number of symlinks in the tree
+        self._open_dirs: list[str] = []  # the folders the walk is inside of: bounded by the tree's depth
 
     def check(self, entry: Entry) -> None:
         sid = self.snapshot_id
@@ -153,10 +197,28 @@ class TreeValidator:
         for i in range(1, len(parts)):
             if "/".join(parts[:i]) in self._symlinks:
                 raise UnsafeTree(sid, entry.path, "lies beneath a symlink in the same tree (write through a symlink)")
+        # Its folder must be listed before it (trees list every folder they pass through): otherwise the merge
+        # would delete the folder as unlisted and then find no folder to write into.
+        while self._open_dirs and not entry.path.startswith(self._open_dirs[-1] + "/"):
+            self._open_dirs.pop()
+        parent = entry.path.rpartition("/")[0]
+        if parent and (not self._open_dirs or self._open_dirs[-1] != parent):
+            raise UnsafeTree(sid, entry.path, f"is listed without its folder {parent!r}")
+        if entry.kind == DIR:
+            self._open_dirs.append(entry.path)
         if any(c.codec & ~CODEC_ENCRYPTED not in (CODEC_RAW, CODEC_ZSTD) for c in entry.chunks):
             raise UnsafeTree(sid, entry.path, "uses an unknown codec")
+        for c in entry.chunks:
+            if not (
+                0 <= c.raw_length <= MAX_BLOB_BYTES
+                and 0 <= c.length <= MAX_STORED_BYTES
+                and 0 <= c.offset <= MAX_PACK_OFFSET
+            ):
+                raise UnsafeTree(sid, entry.path, f"has a chunk of impossible size (at most {MAX_BLOB_BYTES} bytes)")
+            if not (_HEX64.match(c.blob) and _HEX64.match(c.pack)):
+                raise UnsafeTree(sid, entry.path, "has a chunk whose blob or pack is not a 64-hex-digit name")
         if entry.kind == SYMLINK:
-            if not entry.link or "\0" in entry.link:
+            if not entry.link or "\0" in entry.link or len(entry.link.encode("utf-8", "surrogateescape")) > PATH_MAX:
                 raise UnsafeTree(sid, entry.path, "is a symlink without a valid target")
             self._symlinks.add(entry.path)
         elif entry.kind == FILE:
@@ -171,8 +233,14 @@ class TreeValidator:
             for i in range(1, len(link_parts) + 1):
                 if "/".join(link_parts[:i]) in self._symlinks:
                     raise UnsafeTree(sid, entry.path, "is a hard link through a symlink")
-        if entry.mode & ~0o7777:
+        if entry.mode & ~0o7777 or entry.mode < 0:
             raise UnsafeTree(sid, entry.path, "has invalid mode bits")
+        if entry.size < 0:
+            raise UnsafeTree(sid, entry.path, "has a negative size")
+        if not -(1 << 63) <= entry.mtime_ns < (1 << 63):
+            raise UnsafeTree(sid, entry.path, "has an mtime out of range")
+        if entry.kind == FILE and not _HEX64.match(entry.hash):
+            raise UnsafeTree(sid, entry.path, "has a content hash that is not 64 hex digits")
 
 
 def iter_lines(chunks: Iterable[bytes]) -> Iterator[bytes]:

@@ -11,10 +11,19 @@ import re
 from pathlib import Path
 from urllib.parse import parse_qs, urlencode, urlsplit
 
-from tardigrade.sandboxes.stores.base import ObjectInfo, ObjectMissing, ObjectStore, StoreError
+from tardigrade.sandboxes.stores.base import ObjectInfo, ObjectMissing, ObjectStore, StoreError, StoreUnavailable
 from tardigrade.sandboxes.stores.folder import FileStore
 
-__all__ = ["FileStore", "ObjectInfo", "ObjectMissing", "ObjectStore", "StoreError", "open_store", "redact_url"]
+__all__ = [
+    "FileStore",
+    "ObjectInfo",
+    "ObjectMissing",
+    "ObjectStore",
+    "StoreError",
+    "StoreUnavailable",
+    "open_store",
+    "redact_url",
+]
 
 _FORMS = {
     "s3": "s3://bucket/optional/prefix[?endpoint=https://host:port&region=NAME]",
@@ -36,6 +45,8 @@ _ALL_FORMS = "file:///path, s3://bucket/prefix, r2://account/bucket/prefix, gs:/
 
 def redact_url(url: str) -> str:
     """The URL as it may be shown: no user/password part, and only known, credential-free query values."""
+    # A user/password part is cut even where urlsplit does not see a netloc (``s 3://user:pw@bucket``).
+    url = re.sub(r"^([^/?#]*://)[^/?#]*@", r"\1", url)
     try:
         parts = urlsplit(url)
         host = parts.netloc.rpartition("@")[2]
@@ -63,6 +74,8 @@ def open_store(url: str) -> ObjectStore:
         parts.port  # noqa: B018 - raises ValueError on a malformed port
     except ValueError:
         raise StoreError(f"store URL {redact_url(url)!r} cannot be parsed; use {_ALL_FORMS}") from None
+    if not scheme and "://" in url:  # e.g. "s 3://bucket": not a path to create a folder at
+        raise StoreError(f"store URL {redact_url(url)!r} has no valid scheme; use {_ALL_FORMS}")
     if scheme in ("", "file"):
         if parts.netloc not in ("", "localhost"):
             raise StoreError(

@@ -18,6 +18,11 @@ class StoreError(Exception):
     """A snapshot store could not do what was asked (bad URL, unreachable, refused)."""
 
 
+class StoreUnavailable(StoreError):
+    """The store could not be reached or kept failing (refused or dropped connections, timeouts, 5xx,
+    throttling) after the client's own retries. Transient: a run waits and tries again instead of failing."""
+
+
 class ObjectMissing(StoreError):
     """The object does not exist in the store."""
 

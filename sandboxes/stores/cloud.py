@@ -1,9 +1,10 @@
 """`CloudStore`: what the S3, GCS and Azure stores share - a key prefix, our own retries, one error mapping.
 
 Each cloud backend switches its SDK's retries off and sends every request through `CloudStore._call`, which
-retries transient failures (`retry.py`) and turns whatever is left into an `ObjectMissing` (an answer) or a
-`StoreError` that says what to check. A backend supplies only what differs: which of its SDK's errors are
-transient, which mean "not found", and how to explain the rest (access denied, an HTTP status).
+retries transient failures (`retry.py`) and turns whatever is left into an `ObjectMissing` (an answer), a
+`StoreUnavailable` when the service is down or throttling (an outage to wait out), or a `StoreError` that says what
+to check when no retry can help (access denied, a bad bucket). A backend supplies only what differs: which of its
+SDK's errors are transient, which mean "not found", and how to explain the rest (access denied, an HTTP status).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from abc import abstractmethod
 from collections.abc import Callable
 from typing import ClassVar, TypeVar
 
-from tardigrade.sandboxes.stores.base import ObjectStore, StoreError, check_key
+from tardigrade.sandboxes.stores.base import ObjectStore, StoreError, StoreUnavailable, check_key
 from tardigrade.sandboxes.stores.retry import RetryPolicy, Transient, retry_call
 
 T = TypeVar("T")
@@ -70,11 +71,14 @@ class CloudStore(ObjectStore):
     def _explain(self, what: str, e: BaseException) -> StoreError:
         explained = self._explain_sdk_error(what, e)
         if explained is not None:
+            # Throttling or 5xx that outlasted the retries is an outage: the caller may wait it out.
+            if self._is_transient(e) and not isinstance(explained, StoreUnavailable):
+                return StoreUnavailable(str(explained))
             return explained
         if isinstance(e, Transient):
-            return StoreError(f"{what}: {e}; another writer kept the key busy, try again later")
+            return StoreUnavailable(f"{what}: {e}; another writer kept the key busy, try again later")
         if self._is_transient(e):
-            return StoreError(
+            return StoreUnavailable(
                 f"{what}: cannot reach {self.service} at {self.endpoint} ({type(e).__name__}) after"
                 f" {self._retry.attempts} attempts; {self.reach_advice}"
             )

@@ -7,6 +7,7 @@ crash leaves at worst a stray temporary file, never a truncated object under its
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -15,9 +16,28 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from tardigrade.sandboxes.stores.base import ObjectInfo, ObjectMissing, ObjectStore, StoreError, check_key
+from tardigrade.sandboxes.stores.base import (
+    ObjectInfo,
+    ObjectMissing,
+    ObjectStore,
+    StoreError,
+    StoreUnavailable,
+    check_key,
+)
 
 _TMP_DIR = ".tmp"
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextlib.contextmanager
+def _space_outage(root: Path) -> Iterator[None]:
+    """A full disk is an outage to wait out (someone frees space, a volume grows), not a reason to fail a run."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in _FULL:
+            raise StoreUnavailable(f"snapshot store folder {root} is full ({e.strerror}); free some space") from e
+        raise
 
 
 def _write_all(fd: int, parts: Sequence[bytes | bytearray | memoryview]) -> None:
@@ -70,6 +90,10 @@ class FileStore(ObjectStore):
         return True
 
     def put_deferred(self, key: str, parts: Sequence[bytes | bytearray | memoryview]) -> None:
+        with _space_outage(self.root):
+            self._put_deferred(key, parts)
+
+    def _put_deferred(self, key: str, parts: Sequence[bytes | bytearray | memoryview]) -> None:
         """Write and fsync now, link into place at `flush`: an object is never visible before it is durable, so a
         crash cannot leave a truncated object under its final name. The pack writer calls this from its upload
         threads, so the fsyncs overlap with reading and hashing the next files."""
@@ -88,6 +112,10 @@ class FileStore(ObjectStore):
             self._deferred.append((tmp, key))
 
     def flush(self) -> None:
+        with _space_outage(self.root):
+            self._flush()
+
+    def _flush(self) -> None:
         with self._deferred_lock:
             pending, self._deferred = self._deferred, []
         if not pending:
@@ -106,6 +134,10 @@ class FileStore(ObjectStore):
         """Write a temporary file with ``write(fd)``, fsync it, and link it into place unless the key exists."""
         if self._path(key).exists():
             return False
+        with _space_outage(self.root):
+            return self._write_temp(key, write)
+
+    def _write_temp(self, key: str, write: Callable[[int], None]) -> bool:
         fd, tmp = self._temp()
         try:
             write(fd)

@@ -1,0 +1,72 @@
+"""What ``sandbox.options`` may say, per provider: nothing undocumented reaches bubblewrap or a provider's SDK.
+
+Each provider reads a few documented keys (E2B: its template, Modal: its image, ...). Options are validated here
+against the providers a pipeline names: a key no listed provider takes, or a value of the wrong type, is an error
+naming the key and listing what is accepted. The local (bubblewrap) provider takes no options at all, so no host
+path or bwrap flag can be smuggled in through them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class _Options(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class LocalOptions(_Options):
+    """The local provider (bubblewrap) takes no options: its sandbox is always the same shape."""
+
+
+class E2BOptions(_Options):
+    template: str = Field(default="base", min_length=1, description="The E2B template the sandbox boots from.")
+    lifetime: int = Field(default=3600, gt=0, description="Seconds E2B keeps an idle sandbox (renewed on attach).")
+    native_snapshot: bool = Field(default=False, description="Also take E2B's own snapshot at every checkpoint.")
+
+
+class ModalOptions(_Options):
+    image: str | None = Field(default=None, min_length=1, description="A registry image tag (default Debian slim).")
+    cpu: float | None = Field(default=None, gt=0, description="CPU cores.")
+    memory: int | None = Field(default=None, gt=0, description="Memory in MiB.")
+    app: str = Field(default="tardigrade", min_length=1, description="The Modal app the sandboxes belong to.")
+    lifetime: int = Field(default=86400, gt=0, description="Seconds before Modal ends the sandbox (at most 24 h).")
+    native_snapshot: bool = Field(default=False, description="Also take Modal's filesystem snapshot at checkpoints.")
+
+
+PROVIDER_OPTIONS: dict[str, type[_Options]] = {"local": LocalOptions, "e2b": E2BOptions, "modal": ModalOptions}
+
+
+def accepted(provider: str) -> list[str]:
+    return list(PROVIDER_OPTIONS[provider].model_fields)
+
+
+def check_options(options: Mapping[str, Any], providers: Sequence[str]) -> None:
+    """Raise ValueError naming the first key no listed provider accepts, or a value one of them would refuse."""
+    for key in options:
+        if not any(key in PROVIDER_OPTIONS[p].model_fields for p in providers if p in PROVIDER_OPTIONS):
+            takes = "; ".join(
+                f"{p}: {', '.join(accepted(p)) or 'no options'}" for p in providers if p in PROVIDER_OPTIONS
+            )
+            raise ValueError(f"unknown key {key!r} for provider {', '.join(providers)} (accepted: {takes})")
+    for p in providers:
+        model = PROVIDER_OPTIONS.get(p)
+        if model is None:
+            continue
+        mine = {k: v for k, v in options.items() if k in model.model_fields}
+        # JSON numbers: an integer is a fine float (cpu: 2).
+        if isinstance(mine.get("cpu"), int) and not isinstance(mine.get("cpu"), bool):
+            mine["cpu"] = float(mine["cpu"])
+        try:
+            model.model_validate(mine)
+        except ValidationError as e:
+            first = e.errors()[0]
+            key = ".".join(str(part) for part in first["loc"])
+            raise ValueError(f"{key}: {first['msg']} ({p} option)") from None
+
+
+#: Every key some provider takes, for the JSON Schema (which cannot tell which provider a key belongs to).
+ALL_PROVIDER_OPTIONS = frozenset(k for model in PROVIDER_OPTIONS.values() for k in model.model_fields)
