@@ -14,7 +14,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 from tardigrade.pipeline import Pipeline, SandboxConfig, Step, Timeouts
-from tardigrade.sandboxes.manifest import Manifest, Output
+from tardigrade.sandboxes.manifest import Manifest, Output, SecretEntry
 
 # -- names ------------------------------------------------------------------------------------------------------
 
@@ -29,6 +29,7 @@ UPLOAD_OUTPUTS = "tardigrade.upload_outputs"  # publish outputs from a checkpoin
 AGENT_START = "tardigrade.agent_start"  # store the conversation's root (shared queue)
 MODEL_CALL = "tardigrade.model_call"  # one model turn (shared queue: any worker)
 AGENT_TOOL = "tardigrade.agent_tool"  # one tool call in the sandbox (the sandbox's queue)
+FUNCTION_TOOL = "tardigrade.function_tool"  # one call of a function tool, outside the sandbox (shared queue)
 
 # -- limits on what history carries ------------------------------------------------------------------------------
 
@@ -42,9 +43,24 @@ AGENT_TEXT_BYTES = 400
 
 # -- errors no retry can fix (ApplicationError types) ----------------------------------------------------------
 
+#: A step's command failed (non-zero exit, timeout, a sandbox limit): the run_step activity fails with this type and
+#: the `StepOutcome` as its detail, so the Web UI shows a failed activity; the workflow reads the outcome from it
+#: and applies the step's `retries:` as for any failed step. Not a lost sandbox.
+STEP_FAILED = "StepFailed"
+
+#: A sandbox activity found the sandbox's files in another state than the one its history names (the workflow was
+#: reset, or a stale activity wrote after it): the workflow rolls back to its last checkpoint, or rehydrates.
+SANDBOX_DIVERGED = "SandboxDiverged"
+
+#: A service the run needs is down: the snapshot store unreachable, throttling or full (`StoreUnavailable`, raised
+#: once the store client's own retries gave up). Neither the sandbox's fault nor fatal: the workflow keeps the
+#: sandbox, waits with backoff for up to the pipeline's ``timeouts.outage``, and tries again.
+OUTAGE_ERRORS = ("StoreUnavailable",)
+
 #: Sandbox activities: no new sandbox can fix these; the run stops and says what to change.
 SANDBOX_FATAL_ERRORS = (
     "SecretMissing",
+    "LimitExceeded",  # a checkpoint of a sandbox over its disk limit (sandboxes/limits.py)
     "SetupFailed",
     "IsolationUnavailable",
     "ProviderUnavailable",
@@ -56,11 +72,18 @@ SANDBOX_FATAL_ERRORS = (
     "MountError",
     "OutputError",
     "OutputConflict",
+    "PolicyViolation",
 )
 #: Publishing outputs: a conflict or a missing snapshot stays so; a flaky bucket is retried.
-OUTPUT_FATAL_ERRORS = ("OutputError", "OutputConflict", "SnapshotMissing", "SnapshotCorrupt")
+OUTPUT_FATAL_ERRORS = ("OutputError", "OutputConflict", "SnapshotMissing", "SnapshotCorrupt", "PolicyViolation")
 #: Model calls: the workflow's retry policy must not retry these either.
-MODEL_FATAL_ERRORS = ("ModelRequestRejected", "ModelNotConfigured", "ScriptExhausted", "StoreError")
+MODEL_FATAL_ERRORS = (
+    "ModelRequestRejected",
+    "ModelNotConfigured",
+    "ScriptExhausted",
+    "StoreError",
+    "PolicyViolation",
+)
 
 
 class _Model(BaseModel):
@@ -92,6 +115,16 @@ class SnapshotRef(_Model):
     native_provider: str | None = None
 
 
+def snapshot_position(snapshot_id: str) -> str:
+    """The position of a sandbox whose files equal this snapshot (after a restore, rollback or checkpoint)."""
+    return f"snapshot:{snapshot_id}"
+
+
+def setup_position(sandbox_id: str) -> str:
+    """The position of a new sandbox right after its Manifest and setup commands, before any snapshot."""
+    return f"setup:{sandbox_id}"
+
+
 class SandboxPlan(_Model):
     """What sandbox activities need to know of a pipeline: its Manifest, sandbox settings and timeouts - never its
     steps, so an activity's input (and history) does not grow with the length of the pipeline."""
@@ -100,11 +133,18 @@ class SandboxPlan(_Model):
     manifest: Manifest
     sandbox: SandboxConfig
     timeouts: Timeouts
+    # The pipeline's outputs: the worker checks their destinations against its policy at provisioning, so a
+    # forbidden one fails the run before any step rather than after the last one.
+    outputs: list[Output] = Field(default_factory=list)
 
     @classmethod
     def of(cls, pipeline: Pipeline) -> SandboxPlan:
         return cls(
-            pipeline=pipeline.name, manifest=pipeline.manifest, sandbox=pipeline.sandbox, timeouts=pipeline.timeouts
+            pipeline=pipeline.name,
+            manifest=pipeline.manifest,
+            sandbox=pipeline.sandbox,
+            timeouts=pipeline.timeouts,
+            outputs=pipeline.outputs,
         )
 
 
@@ -128,6 +168,9 @@ class RunStepInput(_Model):
     store: str
     index: int
     attempt: int
+    # The state the step must start from ("snapshot:ID", or the position a step without a checkpoint left): a
+    # sandbox found in another (after a reset) is rolled back to that snapshot first. None: do not check.
+    expected: str | None = None
 
 
 class CheckpointInput(_Model):
@@ -137,6 +180,7 @@ class CheckpointInput(_Model):
     run_id: str
     step: int
     parent: str | None
+    expected: str | None = None  # the position the files must be in (what the last step left); None: do not check
 
 
 class RollbackInput(_Model):
@@ -167,10 +211,13 @@ class StepOutcome(_Model):
     output_bytes: int = 0
     output_log: str | None = None  # store key of the full (redacted) output when it exceeds the tail
     reason: str | None = None  # why an agent step did not finish (e.g. it used all its turns)
+    limit: str | None = None  # the sandbox limit the step hit (memory, pids, disk, tmp); `reason` says more
+    position: str | None = None  # the position the step left the files in (checked by the next activity)
+    rolled_back_first: bool = False  # the sandbox was not where history said (a reset): rolled back before running
 
     @property
     def ok(self) -> bool:
-        return self.exit_code == 0 and not self.timed_out
+        return self.exit_code == 0 and not self.timed_out and self.limit is None
 
 
 class StepProgress(_Model):
@@ -227,7 +274,7 @@ class AgentStartInput(_Model):
     label: str
     step: Step
     env: dict[str, str]  # the Manifest's and the step's variables (no secrets: those are names below)
-    secrets: list[str]
+    secrets: list[SecretEntry]  # names, or {name, hosts} for brokered ones; never values
 
 
 class AgentStartResult(_Model):
@@ -242,11 +289,19 @@ class ModelCallInput(_Model):
     turn: int
 
 
+class FunctionToolLimits(_Model):
+    """How a function tool's calls run, as registered on the worker (see tardigrade/function_tools.py)."""
+
+    timeout: float  # seconds per attempt
+    max_attempts: int  # then the error goes back to the model as the result
+
+
 class ToolCallRef(_Model):
     call_id: str
     name: str
     description: str  # short and redacted, for summaries: "exec: wc -l data.csv"
-    read_only: bool
+    read_only: bool  # cannot change the sandbox's files: runs beside other such calls, needs no checkpoint
+    function: FunctionToolLimits | None = None  # a function tool (runs on the worker, not in the sandbox)
 
 
 class ModelCallResult(_Model):
@@ -267,6 +322,17 @@ class ToolCallInput(_Model):
     call_id: str
     index: int
     turn: int
+    expected: str | None = None  # the position the files must be in before the call; None: do not check
+
+
+class FunctionToolInput(_Model):
+    store: str
+    root: str  # the conversation's root: which function tools the step offers, the secrets to mask
+    node: str  # the node holding the call
+    call_id: str
+    index: int
+    turn: int
+    max_attempts: int  # the last attempt stores the error for the model instead of failing
 
 
 class ToolCallResult(_Model):
@@ -279,3 +345,4 @@ class ToolCallResult(_Model):
     output_log: str | None = None  # store key of the full output when the model saw a truncated one
     exit_code: int | None = None
     seconds: float = 0.0
+    position: str | None = None  # the files' new position, if the call could change them

@@ -29,6 +29,7 @@ import blake3
 from pydantic import BaseModel, ConfigDict
 
 from tardigrade.agent_spec import ModelConfig
+from tardigrade.sandboxes.manifest import SecretEntry
 from tardigrade.sandboxes.store_keys import AGENT_ITEMS, AGENT_NODES, AGENT_REPLIES
 from tardigrade.sandboxes.stores import ObjectMissing, ObjectStore
 
@@ -37,6 +38,18 @@ CACHE_BYTES = 64 << 20
 
 class ConversationError(Exception):
     """A conversation object is missing from the store or does not match its hash."""
+
+
+class FunctionToolSpec(BaseModel):
+    """A function tool as the step's agent was offered it: its schema for the model and how calls run."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    description: str
+    parameters: dict[str, Any]
+    timeout: float
+    max_attempts: int
 
 
 class AgentRoot(BaseModel):
@@ -51,10 +64,11 @@ class AgentRoot(BaseModel):
     instructions: str
     model: ModelConfig
     tools: list[str]  # the step's tools, plus finish when done is "finish"
+    function_tools: list[FunctionToolSpec] = []  # those of `tools` that are function tools, as registered
     done: str
     max_output_tokens: int | None
     env: dict[str, str]
-    secrets: list[str]  # names only; values are read on the worker
+    secrets: list[SecretEntry]  # names (or {name, hosts}) only; values are read on the worker
     cwd: str
     timeout: float
 
@@ -172,6 +186,14 @@ class Conversation:
         if root is None:
             raise ConversationError(f"conversation node {ref} is not a root node")
         return root
+
+    def call(self, root: str, node: str, call_id: str) -> tuple[AgentRoot, dict[str, Any]]:
+        """The step's root and the tool call ``call_id`` the model made in ``node``."""
+        agent = self.root(root)
+        for item in self.node(node).items:
+            if item.get("type") == "function_call" and item.get("call_id") == call_id:
+                return agent, item
+        raise ConversationError(f"conversation node {node} has no tool call {call_id!r}")
 
     def append(self, head: str, items: list[dict[str, Any]]) -> str:
         return head if not items else self.put_node(Node(parent=head, items=items))

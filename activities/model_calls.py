@@ -15,12 +15,13 @@ endpoint's message. ``provider: scripted`` replays the turns written in the pipe
 from __future__ import annotations
 
 import asyncio
+import difflib
 import email.utils
 import json
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -34,6 +35,7 @@ from tardigrade.activities.contract import (
     MODEL_CALL,
     AgentStartInput,
     AgentStartResult,
+    FunctionToolLimits,
     ModelCallInput,
     ModelCallResult,
     TokenUsage,
@@ -44,15 +46,19 @@ from tardigrade.activities.conversation import (
     Conversation,
     ConversationError,
     Conversations,
+    FunctionToolSpec,
     Node,
     StoredReply,
 )
 from tardigrade.activities.sandbox import heartbeating
 from tardigrade.activities.secrets import Redactor
-from tardigrade.agent_spec import FINISH, READ_ONLY_TOOLS, ModelConfig, tool_schema
+from tardigrade.agent_spec import ALL_TOOLS, FINISH, READ_ONLY_TOOLS, TOOL_ARGS, ModelConfig, tool_schema
+from tardigrade.sandboxes.manifest import secret_name
 
 if TYPE_CHECKING:
     import openai  # an optional extra (tardigrade-temporal[openai]): imported when a model is first called
+
+    from tardigrade.function_tools import FunctionTool
 
 RETRYABLE_STATUS = frozenset({408, 409, 429})  # and every 5xx
 MAX_RETRY_AFTER = 600.0  # seconds; a longer retry-after is capped (the activity's retry policy bounds the total)
@@ -173,8 +179,9 @@ def _error_detail(error: openai.APIStatusError) -> str:
 
 
 class ModelActivities:
-    def __init__(self, conversations: Conversations) -> None:
+    def __init__(self, conversations: Conversations, function_tools: Mapping[str, FunctionTool] | None = None) -> None:
         self.conversations = conversations
+        self.function_tools = dict(function_tools or {})
 
     def all(self) -> list[Callable[..., Any]]:
         return [self.agent_start, self.model_call]
@@ -186,6 +193,7 @@ class ModelActivities:
         assert step.agent is not None and step.model is not None
         _require_key(step.model)
         tools = [*step.agent_tools, *([FINISH] if step.done_when == "finish" else [])]
+        functions = self._function_tools(step.agent_tools, input.label)
         root = AgentRoot(
             run_id=input.run_id,
             index=input.index,
@@ -194,6 +202,7 @@ class ModelActivities:
             instructions=PREAMBLE.format(cwd=step.cwd, done=DONE_TEXT[step.done_when]),
             model=step.model,
             tools=tools,
+            function_tools=functions,
             done=step.done_when,
             max_output_tokens=step.max_output_tokens,
             env=input.env,
@@ -205,6 +214,33 @@ class ModelActivities:
         conversation = self.conversations.open(input.store)
         ref = await asyncio.to_thread(conversation.put_node, first)
         return AgentStartResult(conversation=ref)
+
+    def _function_tools(self, names: Iterable[str], label: str) -> list[FunctionToolSpec]:
+        """The step's function tools as this worker registered them; a name it does not know stops the step."""
+        specs = []
+        for name in names:
+            if name in TOOL_ARGS:
+                continue
+            tool = self.function_tools.get(name)
+            if tool is None:
+                close = difflib.get_close_matches(name, [*ALL_TOOLS, *self.function_tools], n=1)
+                hint = f"did you mean {close[0]!r}?" if close else "register it with TardigradePlugin(tools=[...])"
+                raise _failure(
+                    f"{label}: tools names {name!r}, which is neither a sandbox tool ({', '.join(ALL_TOOLS)}) nor a"
+                    f" function tool registered on this worker ({', '.join(self.function_tools) or 'none'}); {hint}",
+                    "ModelNotConfigured",
+                )
+            schema = tool.schema()
+            specs.append(
+                FunctionToolSpec(
+                    name=name,
+                    description=schema["description"],
+                    parameters=schema["parameters"],
+                    timeout=tool.timeout,
+                    max_attempts=tool.max_attempts,
+                )
+            )
+        return specs
 
     @activity.defn(name=MODEL_CALL)
     async def model_call(self, input: ModelCallInput) -> ModelCallResult:
@@ -257,8 +293,10 @@ class ModelActivities:
 def _result(
     root: AgentRoot, node_ref: str, node: Node, turn: int, usage: TokenUsage, replayed: bool
 ) -> ModelCallResult:
-    redactor = Redactor(os.environ[name] for name in root.secrets if name in os.environ)
+    names = [secret_name(entry) for entry in root.secrets]
+    redactor = Redactor(os.environ[name] for name in names if name in os.environ)
     calls: list[ToolCallRef] = []
+    functions = {f.name: f for f in root.function_tools}
     text, summary = "", None
     for item in node.items:
         if item["type"] == "message":
@@ -269,12 +307,17 @@ def _result(
             except (ValueError, AttributeError):
                 summary = item["arguments"]
         elif item["type"] == "function_call":
+            function = functions.get(item["name"])
             calls.append(
                 ToolCallRef(
                     call_id=item["call_id"],
                     name=item["name"],
                     description=_bounded(redactor.text(describe_call(item["name"], item["arguments"])), 120),
-                    read_only=item["name"] in READ_ONLY_TOOLS and item["name"] in root.tools,
+                    # A function tool never touches the sandbox: it runs beside read-only calls, no checkpoint.
+                    read_only=function is not None or (item["name"] in READ_ONLY_TOOLS and item["name"] in root.tools),
+                    function=FunctionToolLimits(timeout=function.timeout, max_attempts=function.max_attempts)
+                    if function is not None
+                    else None,
                 )
             )
     return ModelCallResult(
@@ -306,6 +349,8 @@ def describe_call(name: str, arguments: str) -> str:
         files = [line.split(":", 1)[1].strip() for line in str(args.get("patch", "")).splitlines()
                  if line.startswith(("*** Update File:", "*** Add File:", "*** Delete File:"))]  # fmt: skip
         return f"apply_patch: {', '.join(files) or 'no files'}"
+    if name not in TOOL_ARGS:  # a function tool: its arguments, short
+        return f"{name}({', '.join(f'{k}={v}' for k, v in args.items())})"
     return name
 
 
@@ -353,7 +398,13 @@ async def _openai_reply(root: AgentRoot, items: list[dict[str, Any]], turn: int)
             "ModelNotConfigured",
         ) from None
     base_url = model.base_url or os.environ.get("OPENAI_BASE_URL") or None
-    tools = [tool_schema(name) for name in root.tools]
+    functions = {f.name: f for f in root.function_tools}
+    tools = [
+        {"name": name, "description": functions[name].description, "parameters": functions[name].parameters}
+        if name in functions
+        else tool_schema(name)
+        for name in root.tools
+    ]
     redactor = Redactor([key or ""])
     client = openai.AsyncOpenAI(api_key=key, base_url=base_url, max_retries=0, timeout=model.request_timeout)
     try:

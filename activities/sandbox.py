@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import functools
 import tempfile
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
@@ -27,6 +28,9 @@ import zstandard
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from tardigrade import config
+from tardigrade.activities import telemetry
+from tardigrade.activities.capacity import WorkerCapacity
 from tardigrade.activities.contract import (
     CHECKPOINT,
     DESTROY,
@@ -35,6 +39,8 @@ from tardigrade.activities.contract import (
     PROVISION,
     ROLLBACK,
     RUN_STEP,
+    SANDBOX_DIVERGED,
+    STEP_FAILED,
     UPLOAD_OUTPUTS,
     CheckpointInput,
     OutputRecord,
@@ -48,6 +54,8 @@ from tardigrade.activities.contract import (
     SnapshotRef,
     StepOutcome,
     StepProgress,
+    setup_position,
+    snapshot_position,
 )
 from tardigrade.activities.secrets import Redactor, resolve_secrets
 from tardigrade.sandboxes.errors import (
@@ -57,14 +65,21 @@ from tardigrade.sandboxes.errors import (
     SandboxLost,
     SnapshotError,
 )
+from tardigrade.sandboxes.limits import LimitExceeded
 from tardigrade.sandboxes.manifest import SEED_SELECTION
 from tardigrade.sandboxes.mounts import MountError, open_source
+from tardigrade.sandboxes.network.policy import NetworkPolicy
+from tardigrade.sandboxes.network.rules import NetworkRule
 from tardigrade.sandboxes.outputs import OutputError, open_destination, upload_output
+from tardigrade.sandboxes.policy import AppliedPolicy, PolicyViolation, resolve_policy
 from tardigrade.sandboxes.provider import FaultInjector, Sandbox, SandboxProvider, SandboxSpec
 from tardigrade.sandboxes.provider_choice import build_provider, choose
 from tardigrade.sandboxes.snapshots import SnapshotEngine
 from tardigrade.sandboxes.store_keys import log_key
 from tardigrade.sandboxes.stores import ObjectStore, open_store
+
+#: How much of a failed step's output tail its failure message shows (the whole tail is in the outcome).
+STEP_FAILED_TAIL = 400
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -82,7 +97,16 @@ def maps_sandbox_errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return await fn(*args, **kwargs)
-        except (SandboxLost, SnapshotError, IsolationUnavailable, MountError, OutputError, ProviderUnavailable) as e:
+        except (
+            SandboxLost,
+            SnapshotError,
+            IsolationUnavailable,
+            MountError,
+            OutputError,
+            ProviderUnavailable,
+            PolicyViolation,
+            LimitExceeded,
+        ) as e:
             raise _failure(e) from e
 
     return wrapper
@@ -157,9 +181,37 @@ def _discard_log(log_path: str | None) -> None:
         Path(log_path).unlink(missing_ok=True)
 
 
-def sandbox_spec(plan: SandboxPlan) -> SandboxSpec:
+def diverged(sandbox: Sandbox, held: str | None, expected: str, doing: str) -> ApplicationError:
+    """The sandbox's files are not in the state history names (a reset, or a stale activity wrote after it)."""
+    return ApplicationError(
+        f"sandbox {sandbox.id} holds {held or 'an unrecorded state'}, not {expected} as the run's history says"
+        f" (was the workflow reset?); {doing}",
+        type=SANDBOX_DIVERGED,
+        non_retryable=True,
+    )
+
+
+async def mark_changing(sandbox: Sandbox, kind: str) -> str:
+    """Record, before the files change, that they are about to: the token the workflow passes to the next
+    activity. A crash mid-way leaves the token, never a false claim that the files still equal a snapshot."""
+    position = f"{kind}:{uuid.uuid4().hex}"
+    if sandbox.tracks_position:
+        await sandbox.hold_position(position)
+    return position
+
+
+def sandbox_spec(plan: SandboxPlan, policy: AppliedPolicy | None = None) -> SandboxSpec:
+    """The sandbox a plan asks for; its limits resolved (defaults filled in) under the policy's ceilings."""
     cfg = plan.sandbox
-    return SandboxSpec(network=cfg.network, isolation=cfg.isolation, options=dict(cfg.options))
+    limits = policy.limits_for(cfg.limits) if policy is not None else cfg.limits.resolved()
+    network_policy = policy.policy.network if policy is not None else NetworkPolicy()
+    return SandboxSpec(
+        network=NetworkRule.parse(cfg.network),
+        isolation=cfg.isolation,
+        options=dict(cfg.options),
+        limits=limits,
+        network_policy=network_policy,
+    )
 
 
 class SandboxActivities:
@@ -173,13 +225,22 @@ class SandboxActivities:
         state_dir: Path,
         providers: Mapping[str, SandboxProvider] | None = None,
         fault_injector: FaultInjector | None = None,
+        policy: AppliedPolicy | None = None,
     ) -> None:
         self.shared_queue = shared_queue
         self.host_queue = host_queue
         self.state_dir = state_dir
+        # What pipelines may reach (sandboxes/policy.py): checked before any URL a pipeline names is opened.
+        self.policy = policy or AppliedPolicy.for_worker(
+            resolve_policy(None),
+            state_dirs=[state_dir, config.state_dir()],
+            own_stores=[config.default_store_url()],
+        )
         self._providers: dict[str, SandboxProvider] = dict(providers or {})
         self._fault_injector = fault_injector
         self._engines: dict[str, SnapshotEngine] = {}
+        self.capacity = WorkerCapacity()  # the plugin sets the worker's limits (max live sandboxes, snapshots)
+        self._live: set[str] = set()  # ids of the sandboxes provisioned here and not destroyed (for a metric)
 
     # -- plumbing ---------------------------------------------------------------------------------------------
 
@@ -191,6 +252,9 @@ class SandboxActivities:
             raise _failure(e) from None
 
     def _offered(self, name: str) -> SandboxProvider:
+        if not self.policy.allows_provider(name):
+            allowed = ", ".join(self.policy.policy.providers or [])
+            raise ProviderUnavailable(f"the worker policy does not allow the {name} provider (providers: {allowed})")
         if name not in self._providers:
             self._providers[name] = build_provider(
                 name, self.state_dir, worker_id=self.host_queue, fault_injector=self._fault_injector
@@ -203,6 +267,7 @@ class SandboxActivities:
         sources: list[ObjectStore] = []
         try:
             for i, mount in enumerate(mounts):
+                self.policy.check_url(mount.source, f"manifest.mounts[{i}].source", "mount")
                 sources.append(await asyncio.to_thread(open_source, mount, i))
             for i, (mount, source) in enumerate(zip(mounts, sources, strict=True)):
                 phase["phase"] = f"data mount {i + 1}/{len(mounts)} at {mount.path}"
@@ -214,8 +279,21 @@ class SandboxActivities:
             for source in sources:
                 source.close()
 
+    def check_plan(self, plan: SandboxPlan, store: str, run_id: str) -> None:
+        """Everything the run names against the worker's policy: raises one `PolicyViolation` naming the field."""
+        self.policy.check_run(
+            store=store,
+            mount_sources=[m.source for m in plan.manifest.mounts],
+            output_urls=[o.destination(run=run_id, step=None, pipeline=plan.pipeline) for o in plan.outputs],
+            providers=plan.sandbox.preferences,
+            limits=plan.sandbox.limits,
+            network=plan.sandbox.network,
+            secrets=plan.manifest.secrets,
+        )
+
     def engine(self, store_url: str) -> SnapshotEngine:
         if store_url not in self._engines:
+            self.policy.check_url(store_url, "store", "store")
             scratch = self.state_dir / "scratch" / blake3.blake3(store_url.encode()).hexdigest()[:16]
             self._engines[store_url] = SnapshotEngine(open_store(store_url), scratch_dir=scratch)
         return self._engines[store_url]
@@ -249,8 +327,9 @@ class SandboxActivities:
     async def provision(self, input: ProvisionInput) -> SandboxRef:
         """Create a sandbox on this worker: Manifest files, setup commands, and (rehydrating) the last snapshot."""
         plan = input.plan
+        self.check_plan(plan, input.store, input.run_id)  # before anything is opened, created or resolved
         secrets = resolve_secrets(plan.manifest.secrets)
-        redactor = Redactor(secrets.values())
+        redactor = Redactor(secrets.values)
         try:
             provider = choose(plan.sandbox.preferences, input.avoid_providers, self._offered)
         except ProviderUnavailable as e:
@@ -263,7 +342,12 @@ class SandboxActivities:
             phase["phase"] = f"creating a {provider.name} sandbox"
             restore = input.restore
             native = restore.native if restore is not None and restore.native_provider == provider.name else None
-            sandbox, from_native = await provider.create_from(sandbox_spec(plan), native)
+            await self.capacity.reserve(phase)  # a full worker queues the provision rather than failing it
+            try:
+                sandbox, from_native = await provider.create_from(sandbox_spec(plan, self.policy), native)
+            except BaseException:
+                self.capacity.unreserve()
+                raise
             try:
                 if from_native:
                     assert restore is not None
@@ -276,11 +360,11 @@ class SandboxActivities:
                     phase["phase"] = "placing manifest files"
                     await sandbox.restore(engine, input.seed_snapshot, selection=SEED_SELECTION)
                 await self._apply_mounts(sandbox, plan, phase)
-                env = {**plan.manifest.env, **secrets}
+                env = {**plan.manifest.env, **await secrets.env_for(sandbox)}
                 for i, command in enumerate(plan.manifest.setup if not from_native else []):
                     phase["phase"] = f"setup command {i + 1}/{len(plan.manifest.setup)}"
                     result = await sandbox.exec(
-                        command, env=env, timeout=plan.timeouts.provision, labels={"setup": str(i + 1)}
+                        command, env=env, timeout=plan.timeouts.provision, labels={"setup": str(i + 1)}, mask=redactor
                     )
                     _discard_log(result.log_path)  # the tail below is all a failed setup reports
                     if result.exit_code != 0 or result.timed_out:
@@ -296,11 +380,22 @@ class SandboxActivities:
                 if input.restore is not None:
                     phase["phase"] = f"restoring the snapshot of step {input.restore.step + 1}"
                     selection = plan.manifest.snapshot.selection()
-                    await sandbox.restore(engine, input.restore.snapshot_id, selection=selection)
+                    async with self.capacity.snapshot_slot():
+                        await sandbox.restore(engine, input.restore.snapshot_id, selection=selection)
+                if sandbox.tracks_position:
+                    restored = input.restore.snapshot_id if input.restore is not None else None
+                    await sandbox.hold_position(snapshot_position(restored) if restored else setup_position(sandbox.id))
             except BaseException:
+                self.capacity.unreserve()
                 with contextlib.suppress(Exception):
                     await sandbox.destroy()
                 raise
+        if provider.host_bound:
+            self.capacity.created(sandbox.id)
+        else:  # lives elsewhere, and may be destroyed through another worker: not this worker's to count
+            self.capacity.unreserve()
+        self._live.add(sandbox.id)
+        telemetry.sandboxes_live(len(self._live))
         return self.ref_for(sandbox, provider)
 
     @activity.defn(name=RUN_STEP)
@@ -310,26 +405,38 @@ class SandboxActivities:
         step = input.step
         assert step.run is not None
         secrets = resolve_secrets(input.plan.manifest.secrets)
-        redactor = Redactor(secrets.values())
+        redactor = Redactor(secrets.values)
         sandbox = await self._attach(input.sandbox)
+        secret_env = await secrets.env_for(sandbox)
         await sandbox.kill_processes()
+        phase: dict[str, Any] = {"phase": "checking the sandbox holds the last checkpoint"}
+        async with heartbeating(lambda: phase):
+            rolled_back = await self.realign(sandbox, input.expected, input.plan, input.store, phase)
+        position = await mark_changing(sandbox, f"step{input.index + 1}")
         live = LiveOutput(redactor)
-        async with heartbeating(live.progress):
-            result = await sandbox.exec(
-                step.run,
-                env={
-                    **input.plan.manifest.env,
-                    **step.env,
-                    "TARDIGRADE_STEP": str(input.index + 1),
-                    "TARDIGRADE_ATTEMPT": str(input.attempt),
-                    **secrets,
-                },
-                timeout=step.timeout,
-                cwd=step.cwd,
-                on_output=live.feed,
-                labels={"step": str(input.index + 1), "attempt": str(input.attempt)},
-                tail_bytes=OUTPUT_TAIL_BYTES + redactor.overlap,
-            )
+        where: dict[str, str | int] = {
+            "step": input.index + 1,
+            "provider": input.sandbox.provider,
+            "sandbox": input.sandbox.sandbox_id,
+        }
+        with telemetry.span("sandbox exec", where):
+            async with heartbeating(live.progress):
+                result = await sandbox.exec(
+                    step.run,
+                    env={
+                        **input.plan.manifest.env,
+                        **step.env,
+                        "TARDIGRADE_STEP": str(input.index + 1),
+                        "TARDIGRADE_ATTEMPT": str(input.attempt),
+                        **secret_env,
+                    },
+                    timeout=step.timeout,
+                    cwd=step.cwd,
+                    on_output=live.feed,
+                    labels={"step": str(input.index + 1), "attempt": str(input.attempt)},
+                    tail_bytes=OUTPUT_TAIL_BYTES + redactor.overlap,
+                    mask=redactor,  # the full-output log on the worker's disk never holds a secret
+                )
         whole = result.output_bytes <= len(result.output_tail)
         tail = redactor.tail(result.output_tail, OUTPUT_TAIL_BYTES, whole=whole).decode(errors="replace")
         output_log = None
@@ -337,7 +444,7 @@ class SandboxActivities:
             output_log = await asyncio.to_thread(self.store_log, input.store, Path(result.log_path), redactor)
         else:
             _discard_log(result.log_path)  # the tail holds all of it; one log per step would pile up for the run
-        return StepOutcome(
+        outcome = StepOutcome(
             index=input.index,
             exit_code=result.exit_code,
             timed_out=result.timed_out,
@@ -345,7 +452,49 @@ class SandboxActivities:
             output_tail=tail,
             output_bytes=result.output_bytes,
             output_log=output_log,
+            position=position,
+            rolled_back_first=rolled_back,
+            # A breach is a step failure (retried only as the step's `retries:` say), never a lost sandbox.
+            limit=result.limit.limit if result.limit else None,
+            reason=result.limit.message if result.limit else None,
         )
+        telemetry.step_finished(
+            step.name,
+            outcome,
+            {**where, "attempt": input.attempt, "timed_out": result.timed_out, "limit": outcome.limit},
+        )
+        if not outcome.ok:  # a failed activity in the Web UI, with the outcome for the workflow to decide on
+            why = outcome.reason or (
+                f"timed out after {step.timeout:g} s" if outcome.timed_out else f"exited with code {outcome.exit_code}"
+            )
+            ending = f"; its output ends with:\n{tail[-STEP_FAILED_TAIL:]}" if tail else ""
+            raise ApplicationError(
+                f"step {input.index + 1} ({step.name}) {why}{ending}", outcome, type=STEP_FAILED, non_retryable=True
+            )
+        return outcome
+
+    async def realign(
+        self, sandbox: Sandbox, expected: str | None, plan: SandboxPlan, store: str, phase: dict[str, Any]
+    ) -> bool:
+        """Make sure the sandbox's files are in the state ``expected`` names before they are used: a sandbox that
+        holds another (its workflow was reset to an earlier event) is rolled back to that snapshot first. Returns
+        whether it had to be. A state that is not a snapshot cannot be rebuilt here: `SandboxDiverged`."""
+        if expected is None or not sandbox.tracks_position:
+            return False
+        held = await sandbox.held_position()
+        if held == expected:
+            return False
+        snapshot_id = expected.removeprefix("snapshot:")
+        if snapshot_id == expected:
+            raise diverged(sandbox, held, expected, "the run goes back to its last checkpoint")
+        activity.logger.warning("sandbox %s holds %s, not %s: rolling back first", sandbox.id, held, expected)
+        await mark_changing(sandbox, "rollback")
+        phase["phase"] = f"rolling back to {snapshot_id[:12]} (the sandbox was ahead of the run's history)"
+        async with self.capacity.snapshot_slot():
+            await sandbox.restore(self.engine(store), snapshot_id, selection=plan.manifest.snapshot.selection())
+        await self._apply_mounts(sandbox, plan, phase)
+        await sandbox.hold_position(expected)
+        return True
 
     def store_log(self, store_url: str, log_path: Path, redactor: Redactor) -> str:
         """Keep a step's full output (redacted, compressed, content-addressed) where history cannot bloat."""
@@ -378,13 +527,20 @@ class SandboxActivities:
         labels = {"pipeline": input.plan.pipeline, "run": input.run_id, "step": str(input.step + 1)}
         native = None
         async with heartbeating():
-            info = await sandbox.snapshot(
-                engine, selection=input.plan.manifest.snapshot.selection(), parent=input.parent, labels=labels
-            )
+            if input.expected is not None and sandbox.tracks_position:
+                held = await sandbox.held_position()
+                if held != input.expected:  # the step's effects are not (only) what is there: redo the step
+                    raise diverged(sandbox, held, input.expected, "not checkpointing; the step runs again")
+            async with self.capacity.snapshot_slot():  # queued behind the worker's other snapshots, heartbeating
+                info = await sandbox.snapshot(
+                    engine, selection=input.plan.manifest.snapshot.selection(), parent=input.parent, labels=labels
+                )
             if input.plan.sandbox.options.get("native_snapshot"):
                 native = await sandbox.native_snapshot()
+            if sandbox.tracks_position:
+                await sandbox.hold_position(snapshot_position(info.id))
         stats = info.stats
-        return SnapshotRef(
+        ref = SnapshotRef(
             snapshot_id=info.id,
             digest=info.digest,
             step=input.step,
@@ -395,6 +551,8 @@ class SandboxActivities:
             native=native,
             native_provider=input.sandbox.provider if native else None,
         )
+        telemetry.checkpoint_taken(ref, input.sandbox.provider)
+        return ref
 
     @activity.defn(name=ROLLBACK)
     @maps_sandbox_errors
@@ -403,12 +561,16 @@ class SandboxActivities:
         sandbox = await self._attach(input.sandbox)
         phase: dict[str, Any] = {"phase": "restoring"}
         async with heartbeating(lambda: phase):
-            stats = await sandbox.restore(
-                self.engine(input.store),
-                input.snapshot.snapshot_id,
-                selection=input.plan.manifest.snapshot.selection(),
-            )
+            await mark_changing(sandbox, "rollback")
+            async with self.capacity.snapshot_slot():
+                stats = await sandbox.restore(
+                    self.engine(input.store),
+                    input.snapshot.snapshot_id,
+                    selection=input.plan.manifest.snapshot.selection(),
+                )
             await self._apply_mounts(sandbox, input.plan, phase)  # an rw mount's writes are undone too
+            if sandbox.tracks_position:
+                await sandbox.hold_position(snapshot_position(input.snapshot.snapshot_id))
         return RollbackResult(files_written=stats.files_written, deleted=stats.deleted, seconds=round(stats.seconds, 3))
 
     @activity.defn(name=UPLOAD_OUTPUTS)
@@ -422,6 +584,7 @@ class SandboxActivities:
         async with heartbeating(lambda: progress):
             for index, output in input.outputs.items():
                 url = output.destination(run=input.run_id, step=input.step, pipeline=input.pipeline)
+                self.policy.check_url(url, f"outputs[{index}].to", "output")
                 destination = await asyncio.to_thread(open_destination, url, index)
                 try:
                     stats = await asyncio.to_thread(
@@ -453,6 +616,9 @@ class SandboxActivities:
     @activity.defn(name=DESTROY)
     async def destroy(self, ref: SandboxRef) -> None:
         """Best effort: a sandbox that is already gone is fine."""
+        self.capacity.gone(ref.sandbox_id)
+        self._live.discard(ref.sandbox_id)
+        telemetry.sandboxes_live(len(self._live))
         try:
             sandbox = await self._attach(ref)
         except (SandboxLost, SandboxError):

@@ -1,10 +1,12 @@
 """Secrets by name: resolved from the worker's environment when an activity runs, and scrubbed from output.
 
-A secret's value reaches the sandbox's environment and nothing else: output tails, stored logs and error
-messages pass through a `Redactor` before they can reach workflow history. Bounded excerpts (a step's tail, the
-head and tail of a tool's output, the start of a file) come from `Redactor.head` and `Redactor.tail`, which mask
-on the raw bytes first and cut after, so a secret that straddles the cut is masked whole instead of leaving its
-unmasked end inside the excerpt.
+A plain secret's value reaches the sandbox's environment and nothing else; a brokered secret's value (``{name,
+hosts}``) does not even reach that: the sandbox gets a placeholder and the worker's egress proxy adds the value to
+requests for its hosts (`Sandbox.broker_secrets`, sandboxes/network/broker.py). Output tails, stored logs and error
+messages pass through a `Redactor` of the real values (never the placeholders) before they can reach history.
+Bounded excerpts (a step's tail, the head and tail of a tool's output, the start of a file) come from
+`Redactor.head` and `Redactor.tail`, which mask on the raw bytes first and cut after, so a secret that straddles
+the cut is masked whole instead of leaving its unmasked end inside the excerpt.
 """
 
 from __future__ import annotations
@@ -12,28 +14,68 @@ from __future__ import annotations
 import builtins
 import os
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
 from temporalio.exceptions import ApplicationError
 
+from tardigrade.sandboxes.errors import SandboxError
+from tardigrade.sandboxes.manifest import SecretForHosts, secret_name
+from tardigrade.sandboxes.network.broker import HostSecret
+from tardigrade.sandboxes.provider import Sandbox
+
 MASK = "***"
 MIN_SECRET_LENGTH = 4  # shorter values would mask ordinary text everywhere; they are still never logged
 
 
-def resolve_secrets(names: Iterable[str]) -> dict[str, str]:
-    values = {}
-    for name in names:
-        value = os.environ.get(name)
-        if value is None:
-            raise ApplicationError(
-                f"secret {name} is not set on this worker; export {name} in the environment of the worker process"
-                " (secrets are read from the worker, never from the pipeline or the workflow input)",
-                type="SecretMissing",
-                non_retryable=True,
-            )
-        values[name] = value
-    return values
+@dataclass(frozen=True)
+class ResolvedSecrets:
+    """The Manifest's secrets with their values, read on the worker: ``plain`` go into the sandbox's environment,
+    ``brokered`` stay on the worker (the sandbox gets placeholders). ``values`` are what a `Redactor` masks."""
+
+    plain: dict[str, str]
+    brokered: tuple[HostSecret, ...] = ()
+
+    @property
+    def values(self) -> list[str]:
+        return [*self.plain.values(), *(b.value for b in self.brokered)]
+
+    async def env_for(self, sandbox: Sandbox) -> dict[str, str]:
+        """The secret variables of a command in ``sandbox``: plain values, and for brokered secrets their
+        placeholders (plus the CA bundle variables), once the sandbox's proxy is set to add the real values."""
+        env = dict(self.plain)
+        if self.brokered:
+            try:
+                env |= await sandbox.broker_secrets(self.brokered)
+            except SandboxError as e:
+                raise ApplicationError(str(e), type="SecretBrokeringUnavailable", non_retryable=True) from None
+        return env
+
+
+def resolve_secrets(entries: Iterable[str | SecretForHosts]) -> ResolvedSecrets:
+    plain: dict[str, str] = {}
+    brokered: list[HostSecret] = []
+    for entry in entries:
+        name = secret_name(entry)
+        value = _read(name)
+        if isinstance(entry, SecretForHosts):
+            brokered.append(HostSecret(name, value, tuple(entry.hosts)))
+        else:
+            plain[name] = value
+    return ResolvedSecrets(plain, tuple(brokered))
+
+
+def _read(name: str) -> str:
+    value = os.environ.get(name)
+    if value is None:
+        raise ApplicationError(
+            f"secret {name} is not set on this worker; export {name} in the environment of the worker process"
+            " (secrets are read from the worker, never from the pipeline or the workflow input)",
+            type="SecretMissing",
+            non_retryable=True,
+        )
+    return value
 
 
 class Redactor:

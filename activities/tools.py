@@ -18,7 +18,7 @@ import contextlib
 import json
 import shlex
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,13 +27,20 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from tardigrade.activities.contract import AGENT_TEXT_BYTES, AGENT_TOOL, ToolCallInput, ToolCallResult
-from tardigrade.activities.conversation import AgentRoot, Conversation, ConversationError, Conversations
+from tardigrade.activities.conversation import AgentRoot, ConversationError, Conversations
 from tardigrade.activities.patch import PatchError, apply_hunks, parse_patch
-from tardigrade.activities.sandbox import SandboxActivities, heartbeating, maps_sandbox_errors
+from tardigrade.activities.sandbox import (
+    SandboxActivities,
+    diverged,
+    heartbeating,
+    maps_sandbox_errors,
+    mark_changing,
+)
 from tardigrade.activities.secrets import Redactor, resolve_secrets
 from tardigrade.agent_spec import (
     DEFAULT_EXEC_TIMEOUT,
     FINISH,
+    READ_ONLY_TOOLS,
     ApplyPatchArgs,
     ExecArgs,
     ListFilesArgs,
@@ -85,12 +92,18 @@ class ToolActivities:
         """Run one tool call in the sandbox and store its result for the next model turn."""
         conversation = self.conversations.open(input.store)
         try:
-            root, call = await asyncio.to_thread(_load_call, conversation, input)
+            root, call = await asyncio.to_thread(conversation.call, input.root, input.node, input.call_id)
         except ConversationError as e:
             raise ApplicationError(str(e), type="StoreError", non_retryable=True) from e
         secrets = resolve_secrets(root.secrets)
         sandbox = await self.sandboxes.provider(input.sandbox.provider).attach(input.sandbox.sandbox_id)
-        run = _ToolRun(self.sandboxes, sandbox, root, input, secrets)
+        if input.expected is not None and sandbox.tracks_position:
+            held = await sandbox.held_position()
+            if held != input.expected:  # a reset went back to before the calls that made these files
+                raise diverged(sandbox, held, input.expected, "the agent resumes from its last checkpoint")
+        read_only = call["name"] in READ_ONLY_TOOLS and call["name"] in root.tools
+        position = None if read_only else await mark_changing(sandbox, f"tool{input.index + 1}")
+        run = _ToolRun(self.sandboxes, sandbox, root, input, await secrets.env_for(sandbox), secrets.values)
         started = time.monotonic()
         async with heartbeating(lambda: run.progress):
             output = await run.call(call["name"], call["arguments"])
@@ -109,15 +122,8 @@ class ToolActivities:
             output_log=output.output_log,
             exit_code=output.exit_code,
             seconds=round(time.monotonic() - started, 3),
+            position=position,
         )
-
-
-def _load_call(conversation: Conversation, input: ToolCallInput) -> tuple[AgentRoot, dict[str, Any]]:
-    root = conversation.root(input.root)
-    for item in conversation.node(input.node).items:
-        if item.get("type") == "function_call" and item.get("call_id") == input.call_id:
-            return root, item
-    raise ConversationError(f"conversation node {input.node} has no tool call {input.call_id!r}")
 
 
 class _ToolRun:
@@ -125,14 +131,16 @@ class _ToolRun:
 
     def __init__(
         self, sandboxes: SandboxActivities, sandbox: Sandbox, root: AgentRoot, input: ToolCallInput,
-        secrets: dict[str, str],
+        secrets: dict[str, str], secret_values: Iterable[str] | None = None,
     ) -> None:  # fmt: skip
+        """``secrets`` are the commands' secret variables (brokered ones hold placeholders); ``secret_values`` the
+        real values to mask (default: the variables' values)."""
         self.sandboxes = sandboxes
         self.sandbox = sandbox
         self.root = root
         self.input = input
         self.secrets = secrets
-        self.redactor = Redactor(secrets.values())
+        self.redactor = Redactor(secrets.values() if secret_values is None else secret_values)
         self.progress: dict[str, Any] = {"output_bytes": 0}
         self._tools: dict[str, Callable[[Any], Awaitable[ToolOutput]]] = {
             "exec": self.exec,
@@ -180,13 +188,16 @@ class _ToolRun:
             on_output=self._count,
             labels=self._labels("exec"),
             tail_bytes=TOOL_OUTPUT_LIMIT + self.redactor.overlap,
+            mask=self.redactor,  # the full-output log on the worker's disk never holds a secret
         )
         output, log_key = await self._bounded_output(result)
         status = f"exit code {result.exit_code}"
         if result.timed_out:
             status = f"timed out after {timeout:g} s and was killed"
+        elif result.limit is not None:  # the model learns which limit it hit (sandboxes/limits.py)
+            status = f"exit code {result.exit_code}; stopped: {result.limit.message}"
         return ToolOutput(
-            ok=result.exit_code == 0 and not result.timed_out,
+            ok=result.exit_code == 0 and not result.timed_out and result.limit is None,
             text=f"{status}\n{output}" if output else status,
             preview=_one_line(f"{status}: {output[-PREVIEW_CHARS:]}" if output else status),
             output_bytes=result.output_bytes,
@@ -258,25 +269,30 @@ class _ToolRun:
             path = sandbox_path(args.path)
         except ValueError as e:
             return _failed(str(e))
-        quoted = shlex.quote(path)
+        # The arguments reach the shell as variables, never as shell text: a path with quotes in it is just a path.
+        # Records are NUL-terminated, so a file name holding a newline cannot pose as another entry.
         command = (
-            f"cd {quoted} 2>/dev/null || {{ echo 'no such folder: {path}'; exit 2; }};"
-            f" find . -mindepth 1 -maxdepth {args.depth} -printf '%y %s %P\\n' | LC_ALL=C sort -k3"
-            f" | head -n {LIST_LIMIT + 1}"
+            'cd -- "$TARDIGRADE_LIST_PATH" 2>/dev/null || { printf "no such folder: %s\\n" "$TARDIGRADE_LIST_PATH";'
+            ' exit 2; }; find . -mindepth 1 -maxdepth "$TARDIGRADE_LIST_DEPTH" -printf "%y %s %P\\0"'
+            f" | LC_ALL=C sort -z -k3 | head -z -n {LIST_LIMIT + 1}"
         )
+        env = {**self._env(secrets=False), "TARDIGRADE_LIST_PATH": path, "TARDIGRADE_LIST_DEPTH": str(int(args.depth))}
         result = await self.sandbox.exec(
-            command, env=self._env(secrets=False), timeout=60, labels=self._labels("list_files"), tail_bytes=1 << 20
+            command, env=env, timeout=60, labels=self._labels("list_files"), tail_bytes=1 << 20
         )
         if result.log_path:
             Path(result.log_path).unlink(missing_ok=True)
         listing = self.redactor.bytes(result.output_tail).decode(errors="replace")
         if result.exit_code != 0:
             return _failed(listing.strip() or f"cannot list {path} (exit code {result.exit_code})")
+        records = [r for r in listing.split("\0") if r]
         lines = []
-        for line in listing.splitlines()[:LIST_LIMIT]:
-            kind, size, name = [*line.split(" ", 2), "", ""][:3]
-            lines.append(f"{name}/" if kind == "d" else f"{name}  ({int(size or 0):,} bytes)" if kind == "f" else name)
-        more = "\n[more entries not shown; list a subfolder]" if len(listing.splitlines()) > LIST_LIMIT else ""
+        for record in records[:LIST_LIMIT]:
+            kind, size, name = [*record.split(" ", 2), "", ""][:3]
+            shown = name if name.isprintable() else repr(name)  # the sandbox names its files: nothing raw
+            bytes_ = f"  ({int(size):,} bytes)" if size.isdigit() else ""
+            lines.append(f"{shown}/" if kind == "d" else f"{shown}{bytes_}" if kind == "f" else shown)
+        more = "\n[more entries not shown; list a subfolder]" if len(records) > LIST_LIMIT else ""
         text = f"{path}:\n" + ("\n".join(lines) if lines else "(empty)") + more
         return ToolOutput(ok=True, text=text, preview=f"{path}: {len(lines)} entries", output_bytes=len(text))
 

@@ -23,6 +23,7 @@ with workflow.unsafe.imports_passed_through():
         AGENT_TOOL,
         CHECKPOINT,
         DESTROY,
+        FUNCTION_TOOL,
         MODEL_CALL,
         MODEL_FATAL_ERRORS,
         OUTPUT_FATAL_ERRORS,
@@ -34,6 +35,8 @@ with workflow.unsafe.imports_passed_through():
         AgentStartInput,
         AgentStartResult,
         CheckpointInput,
+        FunctionToolInput,
+        FunctionToolLimits,
         ModelCallInput,
         ModelCallResult,
         OutputRecord,
@@ -142,6 +145,28 @@ class ActivityCalls:
                 maximum_interval=timedelta(seconds=60),
                 maximum_attempts=model.max_attempts,
                 non_retryable_error_types=list(MODEL_FATAL_ERRORS),
+            ),
+            summary=summary,
+        )
+        return result
+
+    async def function_tool(
+        self, input: FunctionToolInput, *, limits: FunctionToolLimits, summary: str
+    ) -> ToolCallResult:
+        result: ToolCallResult = await workflow.execute_activity(
+            FUNCTION_TOOL,
+            input,
+            result_type=ToolCallResult,
+            task_queue=workflow.info().task_queue,
+            # The activity enforces the tool's timeout itself, so a hung call becomes an error the model reads.
+            start_to_close_timeout=_seconds(limits.timeout + REPORT_MARGIN),
+            # The tool's own policy: the activity turns its last attempt's error into a result for the model.
+            retry_policy=RetryPolicy(
+                initial_interval=timedelta(seconds=1),
+                backoff_coefficient=2.0,
+                maximum_interval=timedelta(seconds=30),
+                maximum_attempts=limits.max_attempts,
+                non_retryable_error_types=["StoreError"],
             ),
             summary=summary,
         )

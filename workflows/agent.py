@@ -32,9 +32,12 @@ from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_
 
 with workflow.unsafe.imports_passed_through():
     from tardigrade.activities.contract import (
+        OUTAGE_ERRORS,
         OUTPUT_TAIL_BYTES,
         AgentStartInput,
         CheckpointInput,
+        FunctionToolInput,
+        FunctionToolLimits,
         ModelCallInput,
         ModelCallResult,
         SandboxPlan,
@@ -44,6 +47,7 @@ with workflow.unsafe.imports_passed_through():
         ToolCallInput,
         ToolCallRef,
         ToolCallResult,
+        snapshot_position,
     )
     from tardigrade.pipeline import Pipeline, Step
     from tardigrade.sandboxes.store_keys import agent_node_key
@@ -196,8 +200,13 @@ class AgentLoop:
 
     async def _tool(self, root: str, turn: _Turn, call: ToolCallRef) -> ToolCallResult:
         state = self.context.state
+        if call.function is not None:  # a function tool: on any worker of the queue, outside the sandbox
+            try:
+                return await self._function_tool(turn, root, call, call.function)
+            except ActivityError as e:  # its own errors are results; this is a lost worker or store, every attempt
+                raise self._failed(f"the function tool {call.name} could not be run", e) from e
         assert state.sandbox is not None
-        return await self.context.activities.agent_tool(
+        result = await self.context.activities.agent_tool(
             ToolCallInput(
                 sandbox=state.sandbox,
                 store=self.context.store,
@@ -206,9 +215,30 @@ class AgentLoop:
                 call_id=call.call_id,
                 index=self.context.index,
                 turn=turn.number,
+                expected=state.position,
             ),
             timeout=self.step.timeout,
             summary=f"{self.label} · tool {call.description}",
+        )
+        if result.position is not None:  # read-only calls run side by side and leave the position alone
+            state.position = result.position
+        return result
+
+    async def _function_tool(
+        self, turn: _Turn, root: str, call: ToolCallRef, limits: FunctionToolLimits
+    ) -> ToolCallResult:
+        return await self.context.activities.function_tool(
+            FunctionToolInput(
+                store=self.context.store,
+                root=root,
+                node=turn.conversation,
+                call_id=call.call_id,
+                index=self.context.index,
+                turn=turn.number,
+                max_attempts=limits.max_attempts,
+            ),
+            limits=limits,
+            summary=f"{self.label} · function {call.description}",
         )
 
     async def _checkpoint(self, root: str, turn: _Turn, call: ToolCallRef) -> None:
@@ -224,9 +254,11 @@ class AgentLoop:
                 run_id=workflow.info().workflow_id,
                 step=context.index,
                 parent=previous.snapshot_id if previous else None,
+                expected=state.position,
             ),
             summary=f"{self.label} · checkpoint after turn {turn.number} · {call.description}",
         )
+        state.position = snapshot_position(snapshot.snapshot_id)
         record = CheckpointRecord(step=context.index, snapshot_id=snapshot.snapshot_id, turn=turn.number)
         state.checkpoints.append(record)
         self._remember(root, turn, snapshot)
@@ -285,5 +317,7 @@ class AgentLoop:
         if is_cancelled_exception(error):
             return asyncio.CancelledError("the run was cancelled")  # no further model calls: the run stops
         cause = error.cause
+        if isinstance(cause, ApplicationError) and cause.type in OUTAGE_ERRORS:
+            return error  # the store is down, not the agent: the pipeline waits it out and runs the step again
         detail = f"{cause.type}: {cause.message}" if isinstance(cause, ApplicationError) else str(cause or error)
         return ApplicationError(f"{self.label}: {what}. {detail}", type="AgentStepFailed", non_retryable=True)

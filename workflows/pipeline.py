@@ -23,7 +23,10 @@ from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_
 
 with workflow.unsafe.imports_passed_through():
     from tardigrade.activities.contract import (
+        OUTAGE_ERRORS,
+        SANDBOX_DIVERGED,
         SANDBOX_FATAL_ERRORS,
+        STEP_FAILED,
         CheckpointInput,
         OutputsInput,
         ProvisionInput,
@@ -31,10 +34,13 @@ with workflow.unsafe.imports_passed_through():
         RunStepInput,
         SandboxPlan,
         StepOutcome,
+        setup_position,
+        snapshot_position,
     )
     from tardigrade.pipeline import Pipeline
     from tardigrade.workflows.activity_calls import ActivityCalls
     from tardigrade.workflows.agent import AgentContext, AgentLoop
+    from tardigrade.workflows.search_attributes import PHASE, STEP, searched_phase
     from tardigrade.workflows.state import (
         AgentProgress,
         CheckpointRecord,
@@ -46,11 +52,33 @@ with workflow.unsafe.imports_passed_through():
     )
 
 MAX_RETRY_BACKOFF = 300.0
+#: Waiting out a store outage: the first pause, and the longest (the backoff doubles in between).
+OUTAGE_FIRST_WAIT = 1.0
+OUTAGE_MAX_WAIT = 60.0
+
+
+def _failed_step(error: ActivityError) -> StepOutcome | None:
+    """The outcome a failed step's activity carries (STEP_FAILED), or None for any other failure."""
+    cause = error.cause
+    if isinstance(cause, ApplicationError) and cause.type == STEP_FAILED and cause.details:
+        return StepOutcome.model_validate(cause.details[0])
+    return None
 
 
 def _fatal(error: ActivityError) -> bool:
     cause = error.cause
     return isinstance(cause, ApplicationError) and cause.type in SANDBOX_FATAL_ERRORS
+
+
+def _outage(error: ActivityError) -> bool:
+    """The snapshot store is down, throttling or full: nobody's fault here, and no reason to fail the run."""
+    cause = error.cause
+    return isinstance(cause, ApplicationError) and cause.type in OUTAGE_ERRORS
+
+
+def _diverged(error: ActivityError) -> bool:
+    cause = error.cause
+    return isinstance(cause, ApplicationError) and cause.type == SANDBOX_DIVERGED
 
 
 def _describe(error: BaseException) -> str:
@@ -71,13 +99,18 @@ class PipelineWorkflow:
         self._agent_progress: AgentProgress | None = None
         self._sandbox_plan: SandboxPlan | None = None
         self._calls: ActivityCalls | None = None
+        self._outage: ActivityError | None = None  # a store outage to wait out before the next activity
+        self._outage_since: float | None = None  # workflow time the current outage was first seen
+        self._outage_waits = 0
+        self._waiting_for: str | None = None
+        self._searched: tuple[str, int] | None = None  # the TardigradePhase and TardigradeStep last set
 
     # -- the run ----------------------------------------------------------------------------------------------
 
     @workflow.run
     async def run(self, input: RunInput) -> RunResult:
         self._input = input
-        self._state = state = input.state or RunState()
+        self._state = state = input.initial_state()
         steps = input.pipeline.steps
         try:
             while state.next_step < len(steps):
@@ -103,14 +136,23 @@ class PipelineWorkflow:
         """Loop until there is a live sandbox whose files equal the last snapshot."""
         state = self._state
         while True:
+            if self._outage is not None:
+                await self._wait_for_store(self._outage)
             if state.sandbox is None:
-                await self._provision()
+                try:
+                    await self._provision()
+                except ActivityError as e:
+                    if not _outage(e):
+                        raise
+                    self._outage = e
+                    continue
             try:
                 if state.last_snapshot is None:
                     # The state right after setup: what step 1 starts from, and what its retries roll back to.
                     await self._checkpoint(step=-1)
                 elif state.needs_rollback:
                     await self._rollback()
+                self._store_answered()
                 return
             except ActivityError as e:
                 self._sandbox_lost(e)
@@ -133,13 +175,22 @@ class PipelineWorkflow:
             self._back_to_last_checkpoint(rollback=True)
             await workflow.sleep(min(step.retry_backoff * 2 ** (failures - 1), MAX_RETRY_BACKOFF))
             return
-        if pipeline.checkpoint_after(index):
+        while pipeline.checkpoint_after(index):
             try:
                 await self._checkpoint(step=index)
             except ActivityError as e:
+                if _outage(e):  # the sandbox still holds the step's effects: wait, then checkpoint them again
+                    await self._wait_for_store(e)
+                    continue
+                if _diverged(e):  # reset to before this checkpoint: the sandbox holds other files; redo the step
+                    self._last_error = f"{step_label(pipeline, index)}: {_describe(e)}"
+                    self._back_to_last_checkpoint(rollback=True)
+                    return
                 self._sandbox_lost(e)  # the step's effects died with the sandbox: it runs again
                 return
             await self._upload_outputs(index)
+            break
+        self._store_answered()
         state.next_step = index + 1
         state.steps_completed = max(state.steps_completed, index + 1)
         state.consecutive_losses = 0
@@ -159,7 +210,15 @@ class PipelineWorkflow:
         if _fatal(error):
             raise error
         state = self._state
+        if _outage(error):
+            # The store failed, not the sandbox: keep it, wait (in _ready_sandbox), roll back and run the step again.
+            self._outage = error
+            self._back_to_last_checkpoint(rollback=state.sandbox is not None)
+            return
         state.rehydrations += 1
+        workflow.metric_meter().create_counter(
+            "tardigrade_rehydrations", "Sandboxes replaced by a fresh one restored from the last snapshot"
+        ).add(1, {"pipeline": self._pipeline.name})
         state.consecutive_losses += 1
         self._last_error = f"sandbox lost at {self._where()}: {_describe(error)}"
         workflow.logger.warning("%s; rehydrating from the last snapshot", self._last_error)
@@ -178,7 +237,35 @@ class PipelineWorkflow:
             if state.sandbox.provider not in state.lost_providers:
                 state.lost_providers.append(state.sandbox.provider)  # the next provision tries the others first
         state.sandbox = None
+        state.position = None
         self._back_to_last_checkpoint(rollback=False)
+
+    async def _wait_for_store(self, error: ActivityError) -> None:
+        """Wait out a store outage with backoff, for up to ``timeouts.outage`` in all; then the run fails."""
+        state, limit = self._state, self._pipeline.timeouts.outage
+        now = workflow.now().timestamp()
+        if self._outage_since is None:
+            self._outage_since = now
+        waited = now - self._outage_since
+        if waited >= limit:
+            raise ApplicationError(
+                f"gave up waiting for the snapshot store after {waited:.0f}s at {self._where()} (timeouts.outage is"
+                f" {limit:.0f}s). Last error: {_describe(error)}",
+                type="StoreOutage",
+                non_retryable=True,
+            )
+        delay = min(OUTAGE_FIRST_WAIT * 2**self._outage_waits, OUTAGE_MAX_WAIT, limit - waited)
+        self._outage_waits += 1
+        self._waiting_for = self._last_error = f"waiting for the store: {_describe(error)}"
+        workflow.logger.warning("%s; trying again in %.0fs", self._waiting_for, delay)
+        steps = len(self._pipeline.steps)
+        self._set_phase("waiting for the store", state.next_step if state.next_step < steps else None)
+        await workflow.sleep(delay)
+        self._outage = self._waiting_for = None
+
+    def _store_answered(self) -> None:
+        """The store worked again: the next outage gets the whole ``timeouts.outage`` again."""
+        self._outage_since, self._outage_waits = None, 0
 
     def _back_to_last_checkpoint(self, *, rollback: bool) -> None:
         state = self._state
@@ -203,6 +290,9 @@ class PipelineWorkflow:
         elif restore is not None:
             after = "setup" if restore.step < 0 else f"step {restore.step + 1}"
             summary = f"rehydrate: new sandbox from the snapshot after {after}"
+            start = self._run_input.start
+            if start is not None and not state.providers and restore.snapshot_id == start.snapshot.snapshot_id:
+                summary = f"fork: new sandbox from {start.source} (the snapshot after {after})"
             self._set_phase("rehydrating", state.next_step)
         else:
             summary = "provision sandbox: manifest files and setup"
@@ -222,6 +312,7 @@ class PipelineWorkflow:
             summary=summary,
         )
         state.needs_rollback = False
+        state.position = snapshot_position(restore.snapshot_id) if restore else setup_position(state.sandbox.sandbox_id)
         state.providers.append(state.sandbox.provider)
 
     async def _run_step(self, index: int) -> StepOutcome:
@@ -229,17 +320,29 @@ class PipelineWorkflow:
         assert state.sandbox is not None
         attempt = state.failures.get(index, 0) + 1
         label = step_label(pipeline, index)
-        return await self._activities.run_step(
-            RunStepInput(
-                sandbox=state.sandbox,
-                plan=self._plan,
-                step=pipeline.steps[index],
-                store=self._run_input.store,
-                index=index,
-                attempt=attempt,
-            ),
-            summary=label if attempt == 1 else f"{label} (attempt {attempt})",
-        )
+        try:
+            outcome = await self._activities.run_step(
+                RunStepInput(
+                    sandbox=state.sandbox,
+                    plan=self._plan,
+                    step=pipeline.steps[index],
+                    store=self._run_input.store,
+                    index=index,
+                    attempt=attempt,
+                    expected=state.position,
+                ),
+                summary=label if attempt == 1 else f"{label} (attempt {attempt})",
+            )
+        except ActivityError as e:
+            failed = _failed_step(e)
+            if failed is None:
+                raise
+            outcome = failed
+        if outcome.position is not None:
+            state.position = outcome.position
+        if outcome.rolled_back_first:
+            self._last_error = f"{label}: the sandbox was ahead of the run's history (a reset?); rolled back first"
+        return outcome
 
     async def _run_agent(self, index: int) -> StepOutcome:
         context = AgentContext(
@@ -273,9 +376,11 @@ class PipelineWorkflow:
                 run_id=workflow.info().workflow_id,
                 step=step,
                 parent=state.last_snapshot.snapshot_id if state.last_snapshot else None,
+                expected=state.position,
             ),
             summary="checkpoint after setup" if step < 0 else f"checkpoint after {step_label(pipeline, step)}",
         )
+        state.position = snapshot_position(snapshot.snapshot_id)
         state.last_snapshot = snapshot
         state.checkpoints.append(CheckpointRecord(step=step, snapshot_id=snapshot.snapshot_id))
 
@@ -291,6 +396,7 @@ class PipelineWorkflow:
             summary=f"roll back to the snapshot after {where} before retrying",
         )
         state.needs_rollback = False
+        state.position = snapshot_position(state.last_snapshot.snapshot_id)
 
     async def _upload_outputs(self, step: int | None) -> None:
         """Publish the outputs due after ``step``'s checkpoint (None: the end of the run), from that snapshot."""
@@ -301,17 +407,25 @@ class PipelineWorkflow:
             return
         self._set_phase("publishing outputs", step)
         where = step_label(pipeline, step) if step is not None else "the run"
-        records = await self._activities.upload_outputs(
-            OutputsInput(
-                pipeline=pipeline.name,
-                store=self._run_input.store,
-                run_id=workflow.info().workflow_id,
-                snapshot=state.last_snapshot,
-                step=step,
-                outputs=due,
-            ),
-            summary=f"publish {len(due)} output(s) of {where}",
-        )
+        while True:
+            try:
+                records = await self._activities.upload_outputs(
+                    OutputsInput(
+                        pipeline=pipeline.name,
+                        store=self._run_input.store,
+                        run_id=workflow.info().workflow_id,
+                        snapshot=state.last_snapshot,
+                        step=step,
+                        outputs=due,
+                    ),
+                    summary=f"publish {len(due)} output(s) of {where}",
+                )
+                break
+            except ActivityError as e:
+                if not _outage(e):
+                    raise
+                await self._wait_for_store(e)  # publishing is create-only: trying again is safe
+        self._store_answered()
         state.outputs.extend(records)
 
     async def _destroy_sandbox(self) -> None:
@@ -353,6 +467,7 @@ class PipelineWorkflow:
             last_snapshot=state.last_snapshot,
             checkpoints=state.checkpoints[-50:],
             last_error=self._last_error,
+            waiting_for=self._waiting_for,
             usage=state.usage,
             agent=self._agent_progress,
         )
@@ -362,6 +477,11 @@ class PipelineWorkflow:
         pipeline = self._pipeline
         where = step_label(pipeline, index) if index is not None else pipeline.name
         workflow.set_current_details(f"{where} — {phase} (rehydrations: {self._state.rehydrations})")
+        if self._run_input.search_attributes:
+            searched = (searched_phase(phase), index + 1 if index is not None else self._state.next_step)
+            if searched != self._searched:  # one upsert (a history event) per change that a search can see
+                self._searched = searched
+                workflow.upsert_search_attributes([PHASE.value_set(searched[0]), STEP.value_set(searched[1])])
 
     def _where(self) -> str:
         index = self._state.next_step

@@ -64,6 +64,9 @@ class RunState(_Model):
     next_step: int = 0
     last_snapshot: SnapshotRef | None = None
     sandbox: SandboxRef | None = None
+    # Which state the live sandbox's files should be in (what the last activity that touched them left): every
+    # sandbox activity checks the sandbox holds it, so after a `temporal workflow reset` the files follow history.
+    position: str | None = None
     needs_rollback: bool = False
     rehydrations: int = 0
     consecutive_losses: int = 0
@@ -80,6 +83,14 @@ class RunState(_Model):
     outputs: list[OutputRecord] = Field(default_factory=list)
 
 
+class StartPoint(_Model):
+    """Where a fork starts: a recorded snapshot (of another run, or any snapshot in the store) and the step it was
+    taken after. The run restores it into a new sandbox and goes on with the step after that one."""
+
+    snapshot: SnapshotRef
+    source: str = Field(description="What the user named: RUN:STEP or a snapshot id, for people reading history.")
+
+
 class RunInput(_Model):
     """The workflow's input: a pipeline whose Manifest files were already staged in the store as a seed snapshot."""
 
@@ -87,6 +98,39 @@ class RunInput(_Model):
     store: str
     seed_snapshot: str | None = None
     state: RunState | None = None
+    start: StartPoint | None = Field(
+        default=None, description="Fork: start after this snapshot's step, with its files, instead of at step 1."
+    )
+    search_attributes: bool = Field(
+        default=False,
+        description="The namespace has Tardigrade's search attributes registered: the run keeps TardigradeStep and"
+        " TardigradePhase up to date (see workflows/search_attributes.py).",
+    )
+
+    @model_validator(mode="after")
+    def _start_inside_the_pipeline(self) -> RunInput:
+        if self.start is not None:
+            step, total = self.start.snapshot.step, len(self.pipeline.steps)
+            if not -1 <= step < total - 1:
+                raise ValueError(
+                    f"start.snapshot.step: {step + 1} is not a step after which this {total}-step pipeline has steps"
+                    f" left to run; fork from 0 (after setup) to {total - 1}"
+                )
+        return self
+
+    def initial_state(self) -> RunState:
+        """The state a run starts in: carried over (continue-as-new), forked from a snapshot, or from scratch."""
+        if self.state is not None:
+            return self.state
+        if self.start is None:
+            return RunState()
+        snapshot = self.start.snapshot
+        return RunState(
+            next_step=snapshot.step + 1,
+            last_snapshot=snapshot,
+            steps_completed=snapshot.step + 1,
+            checkpoints=[CheckpointRecord(step=snapshot.step, snapshot_id=snapshot.snapshot_id)],
+        )
 
     @model_validator(mode="wrap")
     @classmethod
@@ -133,7 +177,7 @@ class RunStatus(_Model):
     pipeline: str = Field(description="The pipeline's name.")
     phase: str = Field(
         description="starting | provisioning | running | checkpointing | rolling back | rehydrating |"
-        " publishing outputs | completed | failed | cancelled"
+        " waiting for the store | publishing outputs | completed | failed | cancelled"
     )
     current_step: int | None = Field(description="1-based, for people; null before the first step.")
     current_step_name: str | None
@@ -144,6 +188,10 @@ class RunStatus(_Model):
     last_snapshot: SnapshotRef | None = Field(description="The last checkpoint: what a retry or rehydration restores.")
     checkpoints: list[CheckpointRecord] = Field(description="The snapshots taken so far (step -1: after setup).")
     last_error: str | None = Field(default=None, description="The last loss or failed attempt, if any.")
+    waiting_for: str | None = Field(
+        default=None,
+        description="What the run is waiting out right now, e.g. 'waiting for the store: <cause>'; null otherwise.",
+    )
     usage: TokenUsage = Field(default_factory=TokenUsage, description="Model tokens so far.")
     agent: AgentProgress | None = Field(default=None, description="The agent step running now, if any.")
 
