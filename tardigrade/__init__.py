@@ -1,7 +1,8 @@
 """Tardigrade: a Temporal plugin that makes AI agent pipelines survive crashes.
 
 Public API:
-- `TardigradePlugin`: put it on your Temporal client (and so on its workers).
+- `TardigradePlugin`: put it on your Temporal client (and so on its workers); `function_tool` to register a
+  Python function agent steps may call (`TardigradePlugin(tools=[...])`).
 - `Pipeline` and `Step` to build a pipeline in Python, or `load_pipeline` to read a file; `PipelineError` for a
   pipeline file's mistakes.
 - `start_pipeline` to start a run, `run_status` and `run_result` to follow it, `connect` for a client with the
@@ -19,12 +20,14 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from tardigrade.client import connect, run_result, run_status, start_pipeline
+    from tardigrade.function_tools import FunctionTool, function_tool
     from tardigrade.pipeline import Pipeline, PipelineError, Step, load_pipeline
     from tardigrade.plugin import TardigradePlugin
     from tardigrade.workflows.pipeline import PipelineWorkflow
     from tardigrade.workflows.state import RunInput, RunResult, RunStatus
 
 __all__ = [
+    "FunctionTool",
     "Pipeline",
     "PipelineError",
     "PipelineWorkflow",
@@ -34,6 +37,7 @@ __all__ = [
     "Step",
     "TardigradePlugin",
     "connect",
+    "function_tool",
     "load_pipeline",
     "run_result",
     "run_status",
@@ -43,6 +47,8 @@ __all__ = [
 _HOMES = {
     "TardigradePlugin": "tardigrade.plugin",
     "connect": "tardigrade.client",
+    "FunctionTool": "tardigrade.function_tools",
+    "function_tool": "tardigrade.function_tools",
     "start_pipeline": "tardigrade.client",
     "run_status": "tardigrade.client",
     "run_result": "tardigrade.client",

@@ -17,15 +17,18 @@ pipeline file is loaded. Nothing here does I/O, so the workflow, the activities 
 from __future__ import annotations
 
 import inspect
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
     GetJsonSchemaHandler,
     TypeAdapter,
     ValidationError,
+    WithJsonSchema,
     create_model,
     model_serializer,
     model_validator,
@@ -36,6 +39,26 @@ from pydantic_core import CoreSchema
 ToolName = Literal["exec", "read_file", "write_file", "list_files", "apply_patch"]
 ALL_TOOLS: tuple[ToolName, ...] = ("exec", "read_file", "write_file", "list_files", "apply_patch")
 DEFAULT_TOOLS: tuple[ToolName, ...] = ("exec", "read_file", "write_file", "list_files")
+#: What OpenAI accepts as a function name: the shape of a function tool's name (tardigrade/function_tools.py).
+TOOL_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$"
+
+
+def _tool_name(value: str) -> str:
+    if value in ALL_TOOLS or re.match(TOOL_NAME_PATTERN, value):
+        return value
+    raise ValueError(
+        f"{value!r} is neither a sandbox tool ({', '.join(ALL_TOOLS)}) nor the name of a function tool"
+        " (1-64 letters, digits, _ or -)"
+    )
+
+
+#: A tool a step may name: a sandbox tool, or a function tool registered on the workers (checked when the step
+#: starts, since the pipeline file cannot know what a worker registered).
+AgentToolName = Annotated[
+    str,
+    AfterValidator(_tool_name),
+    WithJsonSchema({"anyOf": [{"enum": list(ALL_TOOLS)}, {"type": "string", "pattern": TOOL_NAME_PATTERN}]}),
+]
 #: Tools that cannot change the sandbox: several of them asked for in one turn run in parallel, and they never
 #: need a checkpoint after them.
 READ_ONLY_TOOLS = frozenset({"read_file", "list_files"})
@@ -109,17 +132,20 @@ TOOL_ARGS: dict[str, type[_Args]] = {
 
 
 def tool_schema(name: str) -> dict[str, Any]:
-    """A function tool's JSON schema, from its argument model (titles dropped: they only add noise)."""
+    """A sandbox tool's JSON schema, from its argument model."""
     args = TOOL_ARGS[name]
+    description = (args.__doc__ or "").strip()
+    return {"name": name, "description": description, "parameters": without_titles(args.model_json_schema())}
 
-    def clean(node: Any) -> Any:
-        if isinstance(node, dict):
-            return {k: clean(v) for k, v in node.items() if k != "title"}
-        if isinstance(node, list):
-            return [clean(v) for v in node]
-        return node
 
-    return {"name": name, "description": (args.__doc__ or "").strip(), "parameters": clean(args.model_json_schema())}
+def without_titles(schema: Any) -> Any:
+    """A JSON schema without pydantic's generated titles (they only add noise for the model). A property that is
+    itself called "title" stays: its value is a schema, not a string."""
+    if isinstance(schema, dict):
+        return {k: without_titles(v) for k, v in schema.items() if not (k == "title" and isinstance(v, str))}
+    if isinstance(schema, list):
+        return [without_titles(v) for v in schema]
+    return schema
 
 
 def check_arguments(name: str, arguments: dict[str, Any]) -> _Args:
@@ -295,7 +321,7 @@ class ModelConfig(_Strict):
         return f"scripted {self.name}" if self.provider == "scripted" and self.name else self.name or self.provider
 
 
-def check_agent_step(model: ModelConfig, tools: tuple[ToolName, ...], done: str) -> None:
+def check_agent_step(model: ModelConfig, tools: tuple[AgentToolName, ...], done: str) -> None:
     """Cross-field checks of an agent step: the tools are distinct and a script only calls tools it may use."""
     duplicates = sorted({t for t in tools if tools.count(t) > 1})
     if duplicates:
@@ -311,6 +337,8 @@ def check_agent_step(model: ModelConfig, tools: tuple[ToolName, ...], done: str)
                 if call.tool == FINISH:
                     hint = " (done: no_tool_calls offers no finish tool; end the script with `say:`)"
                 raise ValueError(f"{where}: not one of this step's tools ({', '.join(allowed)}){hint}")
+            if call.tool not in TOOL_ARGS:
+                continue  # a function tool: its arguments are checked on the worker that registered it
             try:
                 check_arguments(call.tool, call.arguments)
             except ValueError as e:

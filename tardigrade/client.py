@@ -25,21 +25,28 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 from temporalio.api.enums.v1 import TaskQueueKind, TaskQueueType
+from temporalio.api.operatorservice.v1 import ListSearchAttributesRequest
 from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
+from temporalio.common import SearchAttributePair, TypedSearchAttributes
+from temporalio.runtime import Runtime
 from temporalio.service import RPCError, RPCStatusCode, TLSConfig
 
 from tardigrade import config
-from tardigrade.pipeline import LoadedPipeline, Pipeline, check_sources
+from tardigrade.codec import encrypts
+from tardigrade.pipeline import LoadedPipeline, Pipeline, PipelineError, check_sources
 from tardigrade.plugin import TardigradePlugin
-from tardigrade.sandboxes.manifest import SEED_SELECTION, tree_path
+from tardigrade.sandboxes.manifest import SEED_SELECTION, refuse_credentials, tree_path
+from tardigrade.sandboxes.policy import AppliedPolicy, WorkerPolicy, client_policy
 from tardigrade.sandboxes.snapshots import SnapshotEngine
 from tardigrade.sandboxes.stores import open_store
 from tardigrade.workflows.pipeline import PipelineWorkflow
+from tardigrade.workflows.search_attributes import PHASE, PIPELINE, PROVIDER, SEARCH_ATTRIBUTES, STEP
 from tardigrade.workflows.state import RunInput, RunResult, RunStatus
 
 # Inline files get a fixed mtime, so the same Manifest always makes the same seed snapshot.
@@ -196,6 +203,7 @@ async def connect(
     namespace: str | None = None,
     plugin: TardigradePlugin | None = None,
     timeout: float | None = None,
+    runtime: Runtime | None = None,
 ) -> Client:
     """A client with the plugin. ``address`` is HOST:PORT or a `Connection` from `resolve_connection` (TLS, API
     key, namespace). Raises `TemporalUnavailable` with a readable reason when the server cannot be reached."""
@@ -210,6 +218,7 @@ async def connect(
         tls=conn.tls,
         rpc_metadata=conn.rpc_metadata,
         plugins=[plugin or TardigradePlugin()],
+        runtime=runtime,  # e.g. one exporting metrics (tardigrade/observability.py); None: Temporal's default
     )
     try:
         return await (asyncio.wait_for(attempt, timeout) if timeout else attempt)
@@ -242,7 +251,9 @@ async def live_pollers(client: Client, task_queue: str) -> list[str]:
     ]
 
 
-def _with_base_dir(pipeline: Pipeline | LoadedPipeline, base_dir: str | Path | None) -> tuple[Pipeline, Path]:
+def _with_base_dir(
+    pipeline: Pipeline | LoadedPipeline, base_dir: str | Path | None, policy: WorkerPolicy | None = None
+) -> tuple[Pipeline, Path]:
     """The pipeline and the folder its relative ``source:`` files are read from, after checking they all exist."""
     if isinstance(pipeline, LoadedPipeline):
         where = str(pipeline.path)
@@ -257,20 +268,50 @@ def _with_base_dir(pipeline: Pipeline | LoadedPipeline, base_dir: str | Path | N
         raise TypeError(
             f"expected a Pipeline (built in Python) or a LoadedPipeline (from load_pipeline), not {type(pipeline)!r}"
         )
-    check_sources(pipeline, folder, source=where, relative_to=relative_to)
+    roots = policy.file_roots if policy is not None else ()
+    check_sources(pipeline, folder, source=where, relative_to=relative_to, roots=roots)
     return pipeline, folder
 
 
+def check_before_start(pipeline: Pipeline, store_url: str, policy: WorkerPolicy | None) -> None:
+    """What the client refuses before anything is staged or reaches workflow history: credentials in the store URL
+    (always), and with a policy (``TARDIGRADE_POLICY`` or the client plugin's), whatever the worker would refuse."""
+    try:
+        refuse_credentials(store_url, "store")
+    except ValueError as e:
+        raise PipelineError(f"pipeline {pipeline.name!r}: {e}") from None
+    if policy is None:
+        return
+    applied = AppliedPolicy.for_worker(policy, state_dirs=[config.state_dir()], own_stores=[config.default_store_url()])
+    applied.check_run(
+        store=store_url,
+        mount_sources=[m.source for m in pipeline.manifest.mounts],
+        output_urls=[o.destination(run="run", step=None, pipeline=pipeline.name) for o in pipeline.outputs],
+        providers=pipeline.sandbox.preferences,
+        network=pipeline.sandbox.network,
+        secrets=pipeline.manifest.secrets,
+        limits=pipeline.sandbox.limits,
+    )
+
+
 def stage_pipeline(
-    pipeline: Pipeline | LoadedPipeline, store_url: str | None = None, *, base_dir: str | Path | None = None
+    pipeline: Pipeline | LoadedPipeline,
+    store_url: str | None = None,
+    *,
+    base_dir: str | Path | None = None,
+    policy: WorkerPolicy | None = None,
 ) -> RunInput:
     """Upload the Manifest's files and folders as a seed snapshot; return the workflow input that names it.
 
     ``base_dir`` is where relative ``source:`` files are read: by default the pipeline file's folder for a loaded
-    pipeline, and the current directory for one built in Python.
+    pipeline, and the current directory for one built in Python; a ``source:`` must resolve inside it (or a
+    policy's file_roots). ``policy``: check the pipeline against it first (default: the file TARDIGRADE_POLICY
+    names, if any).
     """
-    pipeline, source_dir = _with_base_dir(pipeline, base_dir)
+    policy = policy if policy is not None else client_policy()
+    pipeline, source_dir = _with_base_dir(pipeline, base_dir, policy)
     store_url = store_url or pipeline.store or config.default_store_url()
+    check_before_start(pipeline, store_url, policy)
     manifest = pipeline.manifest
     seed = None
     if manifest.files or manifest.directories:
@@ -286,7 +327,7 @@ def stage_pipeline(
                     mtime = INLINE_MTIME_NS
                 else:
                     assert f.source is not None
-                    source = source_dir / f.source
+                    source = (source_dir / f.source).resolve()  # what check_sources vetted, not a link to swap
                     shutil.copyfile(source, target)
                     mtime = source.stat().st_mtime_ns
                 os.chmod(target, 0o755 if f.executable else 0o644)
@@ -308,6 +349,14 @@ def stage_pipeline(
     return RunInput(pipeline=staged, store=store_url, seed_snapshot=seed)
 
 
+def _policy_of(client: Client) -> WorkerPolicy | None:
+    """The policy the client checks pipelines against: its TardigradePlugin's if given one, else TARDIGRADE_POLICY's."""
+    for plugin in client.config().get("plugins", ()):
+        if isinstance(plugin, TardigradePlugin) and plugin.explicit_policy:
+            return plugin.policy
+    return client_policy()
+
+
 def new_workflow_id(pipeline_name: str) -> str:
     safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in pipeline_name)[:60]
     return f"{safe}-{uuid.uuid4().hex[:12]}"
@@ -321,24 +370,85 @@ async def start_pipeline(
     workflow_id: str | None = None,
     store_url: str | None = None,
     base_dir: str | Path | None = None,
+    start_from: str | None = None,
 ) -> WorkflowHandle[PipelineWorkflow, RunResult]:
     """Stage the pipeline's files and start a run; ``await handle.result()`` waits for its `RunResult`.
 
     ``pipeline`` is a `Pipeline` built in Python or what `load_pipeline` returned. ``base_dir``: where relative
     ``source:`` files are read (default: the pipeline file's folder, or the current directory for a `Pipeline`).
     ``store_url``: the snapshot store (default: the pipeline's ``store:``, else ``TARDIGRADE_STORE``, else a local
-    folder). The client must carry `TardigradePlugin` (or another pydantic data converter).
+    folder). ``start_from``: fork - ``RUN:STEP`` or a snapshot id (see tardigrade/fork.py): start after that step
+    with its files, in the store they are in. The client must carry `TardigradePlugin` (or another pydantic data
+    converter).
     """
-    run_input = stage_pipeline(pipeline, store_url, base_dir=base_dir)
+    start = None
+    if start_from is not None:
+        from tardigrade.fork import ForkError, resolve_start
+
+        loaded = pipeline.pipeline if isinstance(pipeline, LoadedPipeline) else pipeline
+        default_store = store_url or loaded.store or config.default_store_url()
+        start, fork_store = await resolve_start(client, start_from, default_store)
+        if store_url is not None and store_url != fork_store:
+            raise ForkError(
+                f"--from {start_from!r}: its snapshot is in store {fork_store}, and a fork restores from the same"
+                f" store; drop --store or pass --store {fork_store}"
+            )
+        store_url = fork_store
+    run_input = stage_pipeline(pipeline, store_url, base_dir=base_dir, policy=_policy_of(client))
+    if start is not None:
+        from temporalio.exceptions import ApplicationError
+
+        from tardigrade.fork import ForkError
+
+        try:
+            run_input = RunInput.model_validate({**run_input.model_dump(), "start": start.model_dump()})
+        except ApplicationError as e:  # the start point is past the pipeline's end
+            raise ForkError(f"--from {start_from!r}: {e.message}") from None
     staged = run_input.pipeline
+    searchable = await registered_search_attributes(client)
+    first_step = run_input.initial_state().next_step
+    attributes = [
+        pair
+        for pair in _initial_search_attributes(staged, first_step, encrypts(client.data_converter))
+        if pair.key.name in searchable
+    ]
+    # The workflow keeps the step and phase current only where it may: setting an unknown one fails it.
+    run_input = run_input.model_copy(update={"search_attributes": {STEP.name, PHASE.name} <= searchable})
     return await client.start_workflow(
         PipelineWorkflow.run,
         run_input,
-        id=workflow_id or new_workflow_id(staged.name),
+        search_attributes=TypedSearchAttributes(attributes),
+        # Workflow ids are never encrypted: with encrypted history, the default one does not name the pipeline.
+        id=workflow_id or new_workflow_id("run" if encrypts(client.data_converter) else staged.name),
         task_queue=config.task_queue(task_queue),
         static_summary=f"pipeline {staged.name} · {len(staged.steps)} steps",
         memo={"pipeline": staged.name, "steps": len(staged.steps)},  # for `tardigrade list`, without a query
     )
+
+
+async def registered_search_attributes(client: Client) -> set[str]:
+    """Which of Tardigrade's search attributes the client's namespace has (an empty set if it cannot say)."""
+    try:
+        response = await client.operator_service.list_search_attributes(
+            ListSearchAttributesRequest(namespace=client.namespace)
+        )
+    except RPCError:  # e.g. Temporal Cloud refuses the operator API to an API key without admin rights
+        return set()
+    return set(response.custom_attributes) & set(SEARCH_ATTRIBUTES)
+
+
+def _initial_search_attributes(pipeline: Pipeline, next_step: int, encrypted: bool) -> list[SearchAttributePair[Any]]:
+    """What a run is searchable by from its start; the workflow keeps the step and phase current. Search
+    attributes are plain text on the server, so encrypted history leaves out the pipeline's name and provider."""
+    pairs: list[SearchAttributePair[Any]] = [
+        SearchAttributePair(STEP, next_step),
+        SearchAttributePair(PHASE, "running"),
+    ]
+    if not encrypted:
+        provider = pipeline.sandbox.provider
+        preferred = provider if isinstance(provider, str) else provider[0]
+        pairs += [SearchAttributePair(PIPELINE, pipeline.name), SearchAttributePair(PROVIDER, preferred)]
+    return pairs
 
 
 async def run_result(client: Client, workflow_id: str) -> RunResult:

@@ -30,6 +30,7 @@ from typing import Any
 from temporalio.client import Client
 
 from tardigrade import config
+from tardigrade.workflows.search_attributes import SEARCH_ATTRIBUTES
 
 
 class ServerError(RuntimeError):
@@ -61,6 +62,22 @@ def _free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+def private_folder(path: Path) -> Path:
+    """Create ``path`` (0700) if needed; an existing folder of ours is narrowed to 0700 too. The worker's state
+    holds the Temporal database, sandboxes and logs: no other local user may list or read it."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if path.stat().st_uid == os.getuid():
+        os.chmod(path, 0o700)
+    return path
+
+
+def private_file(path: Path, flags: int = os.O_RDONLY) -> int:
+    """A descriptor of ``path`` (created 0600 if missing, narrowed to 0600 if not), for the caller to close."""
+    fd = os.open(path, flags | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    os.fchmod(fd, 0o600)
+    return fd
 
 
 def state_file() -> Path:
@@ -125,14 +142,16 @@ class EmbeddedTemporal:
         ui_port: int | None = None,
         ui: bool = True,
         log_file: Path | None = None,
+        ui_codec_endpoint: str | None = None,
     ) -> None:
-        state = config.state_dir()
-        state.mkdir(parents=True, exist_ok=True)
+        """``ui_codec_endpoint``: a `tardigrade codec-server` URL the Web UI decodes encrypted history with."""
+        state = private_folder(config.state_dir())
         self.db_file = db_file or state / "temporal.db"
         self.port = port or (7233 if _port_free(7233) else _free_port())
         self.ui_port = (ui_port or (8233 if _port_free(8233) else _free_port())) if ui else None
         self.log_file = log_file or state / "temporal-server.log"
         self.process: subprocess.Popen[bytes] | None = None
+        self.ui_codec_endpoint = ui_codec_endpoint
 
     @property
     def address(self) -> str:
@@ -148,7 +167,7 @@ class EmbeddedTemporal:
     def _lock_database(self) -> int:
         """Take the database's lock, or refuse: another dev server uses this SQLite file."""
         lock_file = Path(f"{self.db_file}.lock")
-        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = private_file(lock_file, os.O_RDWR)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -175,11 +194,23 @@ class EmbeddedTemporal:
             "warn",
         ]
         argv += ["--ui-port", str(self.ui_port)] if self.ui_port else ["--headless"]
+        if self.ui_port and self.ui_codec_endpoint:
+            argv += ["--ui-codec-endpoint", self.ui_codec_endpoint]
+        for name, kind in SEARCH_ATTRIBUTES.items():  # so runs can be found by pipeline, step, phase and provider
+            argv += ["--search-attribute", f"{name}={kind}"]
         lock = self._lock_database()
-        log = open(self.log_file, "ab")  # noqa: SIM115 - handed to the child
+        # The database holds every run's history (step outputs, tool results): only this user may read it. The
+        # server creates it (and its -wal/-shm files) under umask 077; one left by an older version is narrowed.
+        # (Not created here: the server takes an existing file, even an empty one, for an initialized database.)
+        for existing in (self.db_file, *(Path(f"{self.db_file}{s}") for s in ("-wal", "-shm", "-journal"))):
+            with contextlib.suppress(FileNotFoundError):
+                os.chmod(existing, 0o600, follow_symlinks=False)
+        log = os.fdopen(private_file(self.log_file, os.O_WRONLY | os.O_APPEND), "ab")
         try:
             # The child inherits the locked descriptor: the lock lives exactly as long as the server does.
-            self.process = subprocess.Popen(argv, stdout=log, stderr=log, start_new_session=True, pass_fds=(lock,))
+            self.process = subprocess.Popen(
+                argv, stdout=log, stderr=log, start_new_session=True, pass_fds=(lock,), umask=0o077
+            )
             info = {"pid": self.process.pid, "address": self.address, "ui": self.ui_url, "db": str(self.db_file)}
             os.ftruncate(lock, 0)
             os.pwrite(lock, json.dumps(info).encode(), 0)
@@ -206,7 +237,8 @@ class EmbeddedTemporal:
     def write_state_file(self) -> None:
         assert self.process is not None
         info = {"address": self.address, "ui": self.ui_url, "pid": self.process.pid, "db": str(self.db_file)}
-        state_file().write_text(json.dumps(info))
+        with os.fdopen(private_file(state_file(), os.O_WRONLY | os.O_TRUNC), "w") as f:
+            f.write(json.dumps(info))
 
     def stop(self) -> None:
         if self.process is None:

@@ -19,6 +19,7 @@ ValidationError, naming the field); `start_pipeline` then checks its ``source:``
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
@@ -30,6 +31,7 @@ from pydantic import (
     Field,
     GetJsonSchemaHandler,
     ValidationError,
+    ValidationInfo,
     WithJsonSchema,
     field_validator,
     model_validator,
@@ -37,9 +39,20 @@ from pydantic import (
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema
 
-from tardigrade.agent_spec import DEFAULT_TOOLS, ModelConfig, ToolName, check_agent_step
+from tardigrade.agent_spec import DEFAULT_TOOLS, AgentToolName, ModelConfig, check_agent_step
 from tardigrade.sandboxes.layout import WORKSPACE
-from tardigrade.sandboxes.manifest import SANDBOX_PATH_SCHEMA, Manifest, Output, sandbox_path, tree_path
+from tardigrade.sandboxes.limits import Limits
+from tardigrade.sandboxes.manifest import (
+    NO_CREDENTIALS_SCHEMA,
+    SANDBOX_PATH_SCHEMA,
+    Manifest,
+    Output,
+    refuse_credentials,
+    sandbox_path,
+    tree_path,
+)
+from tardigrade.sandboxes.network.rules import NetworkRule, NetworkRuleError
+from tardigrade.sandboxes.provider_options import ALL_PROVIDER_OPTIONS, check_options
 
 # Also the JSON Schema's pattern (ECMAScript reads it the same way): hours, minutes, seconds, at least one of them.
 DURATION_PATTERN = r"^(?=.*\d)\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s)?\s*$"
@@ -129,9 +142,10 @@ class Step(_Strict):
         default=None, min_length=1, description="Instructions for an LLM agent that works with tools in the sandbox."
     )
     model: ModelConfig | None = Field(default=None, description="Agent steps: which model answers.")
-    tools: tuple[ToolName, ...] | None = Field(
+    tools: tuple[AgentToolName, ...] | None = Field(
         default=None,
-        description="Agent steps: the tools offered (default: exec, read_file, write_file, list_files).",
+        description="Agent steps: the tools offered (default: exec, read_file, write_file, list_files), and the"
+        " names of function tools registered on the workers (TardigradePlugin(tools=[...])).",
         json_schema_extra={"uniqueItems": True},
     )
     max_turns: int | None = Field(
@@ -194,7 +208,7 @@ class Step(_Strict):
         return self
 
     @property
-    def agent_tools(self) -> tuple[ToolName, ...]:
+    def agent_tools(self) -> tuple[AgentToolName, ...]:
         return self.tools if self.tools is not None else DEFAULT_TOOLS
 
     @property
@@ -207,6 +221,26 @@ class Step(_Strict):
 
 
 ProviderName = Literal["local", "e2b", "modal"]
+# The keys any provider takes (the schema cannot tell which key belongs to which provider; the model does).
+_OPTIONS_SCHEMA: dict[str, Any] = {"propertyNames": {"enum": sorted(ALL_PROVIDER_OPTIONS)}}
+
+
+class NetworkAllow(_Strict):
+    """``network: {allow: [...]}``: the hosts a sandbox may reach (sandboxes/network/rules.py)."""
+
+    allow: list[str] = Field(
+        description="Hosts the sandbox may reach through the worker's egress proxy: names (pypi.org), `*.` suffix"
+        " rules (*.github.com) or IP addresses.",
+        json_schema_extra={"minItems": 1},
+    )
+
+    @field_validator("allow")
+    @classmethod
+    def _hosts(cls, v: list[str]) -> list[str]:
+        try:
+            return list(NetworkRule.parse({"allow": v}, "network").allow)
+        except NetworkRuleError as e:
+            raise ValueError(str(e).removeprefix("network.allow").strip()) from None
 
 
 class SandboxConfig(_Strict):
@@ -218,12 +252,36 @@ class SandboxConfig(_Strict):
         description="Where sandboxes run: local (bubblewrap), e2b or modal, or a preference list such as [local, e2b].",
         json_schema_extra={"uniqueItems": True, "minItems": 1},
     )
-    network: bool = Field(default=False, description="Whether commands in the sandbox may use the network.")
+    network: bool | NetworkAllow = Field(
+        default=False,
+        description="false: no network (the default); true: the internet, never the worker or its private networks;"
+        " {allow: [pypi.org, '*.github.com']}: only those hosts, through the worker's egress proxy.",
+    )
     isolation: Literal["required", "preferred"] = Field(
         default="required",
         description="required: refuse to run without bubblewrap; preferred: run unisolated, with a loud warning.",
     )
-    options: dict[str, Any] = Field(default_factory=dict, description="Provider-specific settings.")
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Provider-specific settings (sandboxes/provider_options.py): e2b takes template, lifetime and"
+        " native_snapshot; modal takes image, cpu, memory, app, lifetime and native_snapshot; local takes none.",
+        json_schema_extra=_OPTIONS_SCHEMA,
+    )
+    limits: Limits = Field(
+        default_factory=Limits,
+        description="What the sandbox's commands may use (sandboxes/limits.py): memory, disk and tmp (sizes such as"
+        " 2GiB), pids, cpu (cores); defaults memory 4GiB, pids 512, cpu no cap, disk 20GiB, tmp 1GiB. A step that"
+        " hits one fails, naming the limit.",
+    )
+
+    @field_validator("network", mode="before")
+    @classmethod
+    def _network(cls, v: Any) -> Any:
+        try:
+            NetworkRule.parse(v, "sandbox.network")  # one clear message for any wrong shape
+        except NetworkRuleError as e:  # the field is named by the pipeline's own error format
+            raise ValueError(str(e).removeprefix("sandbox.network").removeprefix(".").strip()) from None
+        return v
 
     @field_validator("provider", mode="before")
     @classmethod
@@ -234,6 +292,13 @@ class SandboxConfig(_Strict):
             raise ValueError("Input should be 'local', 'e2b' or 'modal', or a preference list such as [local, e2b]")
         if len(set(names)) != len(names):
             raise ValueError("each provider may appear once in the list")
+        return v
+
+    @field_validator("options")
+    @classmethod
+    def _options(cls, v: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        provider = info.data.get("provider", "local")  # absent: it was invalid, and that error is reported
+        check_options(v, [provider] if isinstance(provider, str) else provider)
         return v
 
     @property
@@ -278,6 +343,11 @@ class Timeouts(_Strict):
     )
     provision: Duration = Field(default=1800.0, description="Creating a sandbox, including setup commands.")
     checkpoint: Duration = Field(default=1800.0, description="Taking one snapshot.")
+    outage: Duration = Field(
+        default=3600.0,
+        description="How long a run waits out an outage of its snapshot store (unreachable, throttling, full),"
+        " retrying with backoff, before it fails. The run keeps its sandbox meanwhile.",
+    )
 
 
 class Pipeline(_Strict):
@@ -292,6 +362,7 @@ class Pipeline(_Strict):
         default=None,
         description="Snapshot store URL (file://, s3://, r2://, gs://, az://); default: $TARDIGRADE_STORE, else a"
         " local folder.",
+        json_schema_extra=NO_CREDENTIALS_SCHEMA,
     )
     checkpoint: CheckpointPolicy = Field(
         default_factory=CheckpointPolicy, description="every_step (the default), end_only, or {every: N}."
@@ -307,6 +378,13 @@ class Pipeline(_Strict):
     outputs: list[Output] = Field(
         default_factory=list, description="Paths published to object stores from checkpoints."
     )  # sandboxes/outputs.py
+
+    @field_validator("store")
+    @classmethod
+    def _store(cls, v: str | None) -> str | None:
+        if v is not None:
+            refuse_credentials(v, "store")
+        return v
 
     @model_validator(mode="after")
     def _outputs(self) -> Pipeline:
@@ -393,6 +471,71 @@ def parse_pipeline(data: Any, source: str = "pipeline") -> Pipeline:
         raise PipelineError(_describe(e, source, data)) from None
 
 
+MAX_PIPELINE_BYTES = 8 << 20  # far above any real pipeline (a run's input must fit a 2 MiB Temporal payload)
+MAX_YAML_NODES = 100_000  # values in the document with every alias expanded: a "billion laughs" file is refused
+
+
+def _expanded_size(root: yaml.Node, source: str) -> int:
+    """How many values the document holds once every alias is expanded, counted without expanding anything (each
+    node's size is computed once). Refuses cycles (``&a [*a]``) and sizes past `MAX_YAML_NODES`."""
+    sizes: dict[int, int] = {}
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    open_nodes: set[int] = set()
+    while stack:  # iterative: a deeply nested document must not exhaust Python's recursion limit here
+        node, children_done = stack.pop()
+        if id(node) in sizes:
+            continue
+        children: list[yaml.Node] = []
+        if isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        if not children_done:
+            if id(node) in open_nodes:
+                raise PipelineError(f"{source}: a YAML alias refers to a value that contains it (a cycle)")
+            open_nodes.add(id(node))
+            stack.append((node, True))
+            stack.extend((c, False) for c in children if id(c) not in sizes)
+            continue
+        open_nodes.discard(id(node))
+        size = 1 + sum(sizes[id(c)] for c in children)
+        if size > MAX_YAML_NODES:
+            raise PipelineError(
+                f"{source}: the YAML expands to more than {MAX_YAML_NODES:,} values (anchors and aliases repeated"
+                " inside each other); write the values out or simplify the file"
+            )
+        sizes[id(node)] = size
+    return sizes[id(root)]
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """Parse a pipeline's YAML (or JSON) text with bounds: a file over `MAX_PIPELINE_BYTES`, an alias bomb or
+    nesting too deep for the parser is one `PipelineError`, not a client that hangs or runs out of memory."""
+    if len(text) > MAX_PIPELINE_BYTES:
+        raise PipelineError(
+            f"{source}: the file is {len(text):,} characters; pipeline files are at most {MAX_PIPELINE_BYTES >> 20}"
+            " MiB (copy large files in with manifest.files[].source)"
+        )
+    loader: yaml.SafeLoader | None = None
+    try:
+        loader = yaml.SafeLoader(text)  # checks the characters already: inside the try
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_size(node, source)
+        return loader.construct_document(node)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise PipelineError(f"{source}: invalid YAML{where}: {problem}") from None
+    except RecursionError:
+        raise PipelineError(f"{source}: the YAML is nested too deeply; flatten it") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
 def load_pipeline(path: str | Path) -> LoadedPipeline:
     path = Path(path)
     try:
@@ -401,26 +544,37 @@ def load_pipeline(path: str | Path) -> LoadedPipeline:
         raise PipelineError(f"{path}: no such pipeline file") from None
     except (OSError, UnicodeDecodeError) as e:
         raise PipelineError(f"{path}: cannot read it ({e})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e)
-        raise PipelineError(f"{path}: invalid YAML{where}: {problem}") from None
+    data = load_yaml(text, str(path))
     pipeline = parse_pipeline(data, str(path))
-    check_sources(pipeline, path.parent, source=str(path), relative_to="the pipeline file")
+    from tardigrade.sandboxes.policy import client_policy  # client-side only: the workflow imports this module
+
+    policy = client_policy()
+    roots = policy.file_roots if policy is not None else ()
+    check_sources(pipeline, path.parent, source=str(path), relative_to="the pipeline file", roots=roots)
     return LoadedPipeline(pipeline=pipeline, path=path.resolve())
 
 
-def check_sources(pipeline: Pipeline, base_dir: Path, *, source: str, relative_to: str) -> None:
+def check_sources(
+    pipeline: Pipeline, base_dir: Path, *, source: str, relative_to: str, roots: Sequence[str] = ()
+) -> None:
     """Every Manifest file copied from disk (``source:``) must exist; relative paths are resolved against base_dir.
+    It must resolve (symlinks followed, ``..`` applied) inside base_dir or one of ``roots`` (a policy's file_roots):
+    a pipeline cannot make the client upload ~/.ssh/id_rsa into a snapshot.
 
     Checked before anything is staged, so a typo is one clear error rather than a half-uploaded seed snapshot.
     """
+    base = base_dir.resolve()
+    allowed = [base, *(Path(r).resolve() for r in roots)]
     for i, f in enumerate(pipeline.manifest.files):
         if f.source is not None:
             src = (base_dir / f.source).resolve()
+            if not any(src == folder or folder in src.parents for folder in allowed):
+                also = f" or the policy's file_roots ({', '.join(roots)})" if roots else ""
+                raise PipelineError(
+                    f"{source}: manifest.files[{i}].source: {f.source!r} resolves to {src}, outside the pipeline's"
+                    f" folder ({base}){also}; copy the file into that folder, or add its folder to file_roots in"
+                    " the policy file (TARDIGRADE_POLICY)"
+                )
             if not src.is_file():
                 raise PipelineError(
                     f"{source}: manifest.files[{i}].source: file {f.source!r} not found (looked for {src}); paths are"

@@ -5,7 +5,8 @@
     await worker.run()
 
 On a client it makes sure the data converter handles pydantic models (see `compose_data_converter`: it composes
-with other plugins' converters, such as OpenAIAgentsPlugin's, rather than replacing them). On a worker it registers
+with other plugins' converters, such as OpenAIAgentsPlugin's, rather than replacing them), and adds the history
+encryption codec when a key is set (tardigrade/codec.py). On a worker it registers
 the pipeline workflow, the sandbox activities and the agent activities (model calls, tool calls), adds our modules
 to the workflow sandbox's passthrough list (so a workflow file that imports `tardigrade` validates, and our models
 are not re-imported for every workflow run; our own workflow code stays sandboxed), and runs a second, private
@@ -22,6 +23,7 @@ import pkgutil
 import socket
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +35,16 @@ from temporalio.worker import ReplayerConfig, Worker, WorkerConfig, WorkflowRunn
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
 from tardigrade import config
+from tardigrade.activities.capacity import DEFAULT_MAX_CONCURRENT_SNAPSHOTS, DEFAULT_MAX_LIVE_SANDBOXES, WorkerCapacity
 from tardigrade.activities.conversation import Conversations
+from tardigrade.activities.function_tools import FunctionToolActivities
 from tardigrade.activities.model_calls import ModelActivities
 from tardigrade.activities.sandbox import SandboxActivities
 from tardigrade.activities.tools import ToolActivities
+from tardigrade.codec import CodecKeys, EncryptionCodec, codec_from_env, install_codec
+from tardigrade.function_tools import FunctionTool, function_tools
+from tardigrade.observability import tracing_interceptor
+from tardigrade.sandboxes.policy import AppliedPolicy, WorkerPolicy, resolve_policy
 from tardigrade.sandboxes.provider import FaultInjector, SandboxProvider
 from tardigrade.workflows.pipeline import PipelineWorkflow
 
@@ -140,6 +148,12 @@ class TardigradePlugin(SimplePlugin):
         providers: Mapping[str, SandboxProvider] | None = None,
         fault_injector: FaultInjector | None = None,
         max_concurrent_sandbox_activities: int = 100,
+        max_live_sandboxes: int = DEFAULT_MAX_LIVE_SANDBOXES,
+        max_concurrent_snapshots: int = DEFAULT_MAX_CONCURRENT_SNAPSHOTS,
+        codec_keys: CodecKeys | None = None,
+        policy: WorkerPolicy | str | Path | None = None,
+        tools: Sequence[Callable[..., Any] | FunctionTool] = (),
+        tracing: bool = False,
     ) -> None:
         """
         Args:
@@ -150,16 +164,41 @@ class TardigradePlugin(SimplePlugin):
                 TARDIGRADE_PROVIDERS=local,e2b narrows what the worker offers (see sandboxes/provider_choice.py).
             fault_injector: a hook to destroy sandboxes mid-command, for the demo and the tests.
             max_concurrent_sandbox_activities: commands this worker runs at once across its sandboxes.
+            max_live_sandboxes: sandboxes this worker hosts at once; more provisions wait for one to go.
+            max_concurrent_snapshots: checkpoints and restores at once; more wait their turn (heartbeating).
+            codec_keys: encrypt history with these keys (see tardigrade/codec.py); default: TARDIGRADE_CODEC_KEY or
+                TARDIGRADE_CODEC_KEY_FILE, else payloads stay as they are and encrypted ones are a clear error.
+            policy: what pipelines may reach on this worker (sandboxes/policy.py): a `WorkerPolicy` or a YAML/JSON
+                file; default: the file TARDIGRADE_POLICY names, else nothing beyond the worker's own store. A client
+                given one checks pipelines against it before starting them.
+            tools: Python functions agent steps may call by name (tardigrade/function_tools.py): plain functions
+                with type hints, or `function_tool(f, timeout=..., max_attempts=...)`. They run on this worker,
+                outside the sandbox; every worker of the queue should register the same ones.
+            tracing: OpenTelemetry spans from the client's start through the workflow, its activities and their
+                sandbox commands (temporalio.contrib.opentelemetry; needs the ``otel`` extra and a tracer provider
+                that exports somewhere, e.g. the OpenTelemetry SDK with an OTLP exporter).
         """
         # The data converter is composed in configure_client/configure_replayer, which can see the other plugins.
-        super().__init__(PLUGIN_NAME, workflows=[PipelineWorkflow], workflow_runner=pass_tardigrade_through)
+        super().__init__(
+            PLUGIN_NAME,
+            workflows=[PipelineWorkflow],
+            workflow_runner=pass_tardigrade_through,
+            interceptors=[tracing_interceptor()] if tracing else None,
+        )
         self.state_dir = Path(state_dir) if state_dir else config.state_dir()
         self._providers = providers
         self._fault_injector = fault_injector
         self._max_concurrent = max_concurrent_sandbox_activities
+        self.capacity = WorkerCapacity(max_live_sandboxes, max_concurrent_snapshots)  # checked now: bad ones stop us
+        self._shutdown_grace: timedelta | None = None  # the worker's graceful_shutdown_timeout, for the host worker
         self.host_queue = f"tardigrade-host-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._activities: SandboxActivities | None = None
         self._agent_activities: list[Callable[..., Any]] = []
+        self.function_tools = function_tools(tools)  # checked now: a bad tool stops the worker at startup
+        self.codec = EncryptionCodec(codec_keys) if codec_keys else codec_from_env()
+        # Read now, so a bad policy file stops the worker at startup with one line naming the field.
+        self.explicit_policy = policy is not None
+        self.policy = resolve_policy(policy)
 
     def activities_for(self, shared_queue: str) -> SandboxActivities:
         if self._activities is None:
@@ -169,12 +208,19 @@ class TardigradePlugin(SimplePlugin):
                 state_dir=self.state_dir,
                 providers=self._providers,
                 fault_injector=self._fault_injector,
+                policy=AppliedPolicy.for_worker(
+                    self.policy,
+                    state_dirs=[self.state_dir, config.state_dir()],
+                    own_stores=[config.default_store_url()],
+                ),
             )
+            self._activities.capacity = self.capacity
             sandboxes = self._activities
             conversations = Conversations(lambda url: sandboxes.engine(url).store)
             self._agent_activities = [
-                *ModelActivities(conversations).all(),
+                *ModelActivities(conversations, self.function_tools).all(),
                 *ToolActivities(sandboxes, conversations).all(),
+                *FunctionToolActivities(conversations, self.function_tools).all(),
             ]
         return self._activities
 
@@ -186,19 +232,21 @@ class TardigradePlugin(SimplePlugin):
         config = super().configure_client(config)
         plugins = list(config.get("plugins", ()))
         later = next((plugins[i + 1 :] for i, p in enumerate(plugins) if p is self), [])
-        config["data_converter"] = compose_data_converter(config.get("data_converter"), later)
+        composed = compose_data_converter(config.get("data_converter"), later)
+        config["data_converter"] = install_codec(composed, self.codec)
         return config
 
     def configure_replayer(self, config: ReplayerConfig) -> ReplayerConfig:
         # A Replayer does not tell plugins about each other: with OpenAIAgentsPlugin, list it before this one.
         config = super().configure_replayer(config)
-        config["data_converter"] = compose_data_converter(config.get("data_converter"))
+        config["data_converter"] = install_codec(compose_data_converter(config.get("data_converter")), self.codec)
         return config
 
     def configure_worker(self, config: WorkerConfig) -> WorkerConfig:
         if config.get("task_queue") == self.host_queue:
             return config  # our own host-queue worker: it gets exactly the activities we give it
         config = super().configure_worker(config)
+        self._shutdown_grace = config.get("graceful_shutdown_timeout")
         self.activities_for(config["task_queue"])
         activities = self._all_activities()
         config["activities"] = [*config.get("activities", []), *activities]
@@ -213,6 +261,9 @@ class TardigradePlugin(SimplePlugin):
             task_queue=self.host_queue,
             activities=self._all_activities(),
             max_concurrent_activities=self._max_concurrent,
+            # Shutting down, steps in flight get the same time to finish (and report) as the worker's own tasks;
+            # then they are cancelled, and their runs rehydrate from their last checkpoint elsewhere.
+            graceful_shutdown_timeout=self._shutdown_grace or timedelta(0),
         )
         try:
             async with host_worker:

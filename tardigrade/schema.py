@@ -27,7 +27,7 @@ from pydantic.json_schema import GenerateJsonSchema, JsonSchemaMode, JsonSchemaV
 from pydantic_core import core_schema
 
 from tardigrade.pipeline import Pipeline
-from tardigrade.workflows.state import RunInput, RunResult, RunStatus
+from tardigrade.workflows.state import RunInput, RunResult, RunStatus, StartPoint
 
 DRAFT = "http://json-schema.org/draft-07/schema#"
 REF_PREFIX = "#/$defs/"
@@ -80,7 +80,12 @@ def _run_input() -> dict[str, Any]:
         "default": None,
         "description": "The workflow's own, set when it continues as new; clients leave it out.",
     }
-    leftover = [key for key, value in properties.items() if REF_PREFIX in json.dumps(value)]
+    properties["start"] = {
+        "anyOf": [{"$ref": REF_PREFIX + "StartPoint"}, {"type": "null"}],
+        "default": None,
+        "description": "Fork: start after this snapshot's step, with its files, instead of at step 1.",
+    }
+    leftover = [key for key, value in properties.items() if REF_PREFIX in json.dumps(value) and key != "start"]
     if leftover:
         raise ValueError(f"RunInput.{leftover[0]} refers to a model; add it to tardigrade/schema.py")
     return schema
@@ -94,6 +99,7 @@ def pipeline_schema() -> dict[str, Any]:
     defs: dict[str, Any] = root.pop("$defs")
     _merge(defs, _defs([(RunStatus, "serialization"), (RunResult, "serialization")], _CompleteMessages))
     _merge(defs, {"RunInput": _run_input()})
+    _merge(defs, _defs([(StartPoint, "serialization")], _CompleteMessages))
     return {"$schema": DRAFT, **root, "$defs": dict(sorted(defs.items()))}
 
 

@@ -6,6 +6,7 @@
     tardigrade worker [--task-queue Q]      tardigrade server [--stop]      tardigrade demo
     tardigrade snapshot create|restore|ls|verify|gc|keygen ...
     tardigrade schema | stage PIPELINE.yaml      (for clients in other languages)
+    tardigrade codec-server [--port P] [--origin URL]   (encrypted history, readable in the Web UI)
 
 Every command that talks to Temporal takes --address, --namespace, --profile and --config-file (Temporal's own
 client config: TLS and API keys, so Temporal Cloud works). Exit codes: 0 success, 1 the run failed, 2 the command
@@ -23,7 +24,7 @@ import traceback
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from tardigrade.cli import clients, logs, runs, snapshots
+from tardigrade.cli import clients, codec_server, logs, runs, snapshots
 from tardigrade.cli.errors import BUG, explain
 from tardigrade.cli.output import interrupt_hint
 
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_commands(sub)
     snapshots.add_commands(sub)
     clients.add_commands(sub)
+    codec_server.add_commands(sub)
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks (also: TARDIGRADE_DEBUG=1)")
     return parser
 

@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-import yaml
-
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("schema", help="print the JSON Schema of pipeline files (for editors and other languages)")
@@ -42,14 +40,11 @@ async def cmd_schema(args: argparse.Namespace) -> int:
 
 async def cmd_stage(args: argparse.Namespace) -> int:
     from tardigrade.client import stage_pipeline
-    from tardigrade.pipeline import LoadedPipeline, Pipeline, PipelineError, load_pipeline, parse_pipeline
+    from tardigrade.pipeline import LoadedPipeline, Pipeline, load_pipeline, load_yaml, parse_pipeline
 
     pipeline: Pipeline | LoadedPipeline
     if args.pipeline == "-":
-        try:
-            data = yaml.safe_load(sys.stdin.read())
-        except yaml.YAMLError as e:
-            raise PipelineError(f"{args.name}: invalid YAML or JSON: {e}") from None
+        data = load_yaml(sys.stdin.read(), args.name)  # the same bounds as a file: no alias bombs
         pipeline = parse_pipeline(data, args.name)
     else:
         pipeline = load_pipeline(args.pipeline)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import urlsplit
 
+from temporalio.api.failure.v1 import Failure
 from temporalio.api.history.v1 import HistoryEvent
 from temporalio.api.workflow.v1 import PendingActivityInfo
 from temporalio.client import Client, WorkflowExecutionStatus
@@ -131,10 +132,10 @@ class LogPrinter:
                 await self._completed(kind, attempt, attrs.result, attrs.scheduled_event_id)
         elif event.HasField("activity_task_failed_event_attributes"):
             attrs_f = event.activity_task_failed_event_attributes
-            self._lost(run_id, attrs_f.scheduled_event_id, attrs_f.failure.message)
+            self._lost(run_id, attrs_f.scheduled_event_id, await self._message(attrs_f.failure))
         elif event.HasField("activity_task_timed_out_event_attributes"):
             attrs_t = event.activity_task_timed_out_event_attributes
-            why = attrs_t.failure.message or "timed out"
+            why = await self._message(attrs_t.failure) or "timed out"
             self._lost(run_id, attrs_t.scheduled_event_id, f"{why} (its worker or sandbox was lost)")
         elif event.HasField("workflow_execution_continued_as_new_event_attributes"):
             return event.workflow_execution_continued_as_new_event_attributes.new_execution_run_id
@@ -142,7 +143,7 @@ class LogPrinter:
             self.ended = "completed"
         elif event.HasField("workflow_execution_failed_event_attributes"):
             failure = event.workflow_execution_failed_event_attributes.failure
-            self.ended, self.failed = f"failed: {failure.message}", True
+            self.ended, self.failed = f"failed: {await self._message(failure)}", True
         elif event.HasField("workflow_execution_canceled_event_attributes"):
             self.ended, self.failed = "was cancelled", True
         elif event.HasField("workflow_execution_terminated_event_attributes"):
@@ -151,6 +152,15 @@ class LogPrinter:
         elif event.HasField("workflow_execution_timed_out_event_attributes"):
             self.ended, self.failed = "timed out", True
         return None
+
+    async def _message(self, failure: Failure) -> str:
+        """A failure's own message. With encrypted history (tardigrade/codec.py) it sits in an encoded payload."""
+        if not failure.HasField("encoded_attributes"):
+            return failure.message
+        copy = Failure()
+        copy.CopyFrom(failure)
+        error = await self.client.data_converter.decode_failure(copy)
+        return str(getattr(error, "message", None) or error)
 
     def _check_step(self) -> None:
         assert self.input is not None
@@ -357,6 +367,7 @@ def read_log(store_url: str, key: str) -> bytes:
     """A stored step log, decrypted (if TARDIGRADE_ENCRYPTION_KEY is set) and decompressed."""
     import zstandard
 
+    from tardigrade.sandboxes.exec_log import LOG_LIMIT
     from tardigrade.sandboxes.snapshots.crypto import EncryptedStore, Encryption
     from tardigrade.sandboxes.stores import ObjectStore, open_store
 
@@ -370,4 +381,9 @@ def read_log(store_url: str, key: str) -> bytes:
         data = reader.get(key)
     finally:
         store.close()
-    return bytes(zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data)).read())
+    # Logs are stored capped (sandboxes/exec_log.py): a log object inflating past that is crafted, not a log.
+    limit = LOG_LIMIT + (1 << 16)
+    out = zstandard.ZstdDecompressor(max_window_size=1 << 27).stream_reader(io.BytesIO(data)).read(limit + 1)
+    if len(out) > limit:
+        raise ValueError(f"log object {key} inflates past {limit:,} bytes; it is not a log this worker stored")
+    return bytes(out)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 import time
 from datetime import datetime
@@ -15,6 +16,7 @@ from temporalio.exceptions import CancelledError, TerminatedError
 from temporalio.service import RPCError
 
 from tardigrade import config
+from tardigrade.activities.capacity import DEFAULT_MAX_CONCURRENT_SNAPSHOTS, DEFAULT_MAX_LIVE_SANDBOXES
 from tardigrade.cli.output import (
     SEED,
     UsageError,
@@ -49,6 +51,13 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "--store", help="snapshot store URL (default: the pipeline's `store`, $TARDIGRADE_STORE, or a local folder)"
     )
     p.add_argument("--id", help="workflow id (default: the pipeline name plus a random suffix)")
+    p.add_argument(
+        "--from",
+        dest="start_from",
+        metavar="SNAPSHOT_OR_RUN:STEP",
+        help="fork: start after STEP (1-based; 0: after setup) of run RUN, with the files of its checkpoint there;"
+        " or from a snapshot id (its step label, or :STEP)",
+    )
     p.add_argument("--wait", action="store_true", help="show progress, wait for the run to finish, print its result")
     add_common(p)
     p.set_defaults(handler=cmd_run)
@@ -83,12 +92,58 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p = sub.add_parser("server", help="run the embedded Temporal dev server (SQLite, Web UI) in the foreground")
     p.add_argument("--port", type=int)
     p.add_argument("--ui-port", type=int)
+    p.add_argument("--codec-endpoint", help="a `tardigrade codec-server` URL the Web UI decodes encrypted history with")
     p.add_argument("--stop", action="store_true", help="stop the server `tardigrade server` left running, and exit")
     add_common(p, address=False, as_json=False)
     p.set_defaults(handler=cmd_server)
 
     p = sub.add_parser("worker", help="run a worker with the plugin (Ctrl-C stops it; its runs move to others)")
     p.add_argument("--task-queue", help=f"(default: $TARDIGRADE_TASK_QUEUE or {config.DEFAULT_TASK_QUEUE!r})")
+    p.add_argument(
+        "--policy",
+        metavar="FILE",
+        help="the worker policy, YAML or JSON: which host folders, endpoints and providers pipelines may use"
+        " (default: $TARDIGRADE_POLICY, else nothing beyond the worker's own store)",
+    )
+    p.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        default=os.environ.get("TARDIGRADE_METRICS"),
+        help="serve Prometheus metrics (Temporal's and Tardigrade's) at http://HOST:PORT/metrics"
+        " (default: $TARDIGRADE_METRICS, else none)",
+    )
+    p.add_argument(
+        "--tracing",
+        action="store_true",
+        help="OpenTelemetry traces over OTLP to $OTEL_EXPORTER_OTLP_ENDPOINT (needs the otel extra and"
+        " opentelemetry-exporter-otlp)",
+    )
+    p.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default=os.environ.get("TARDIGRADE_LOG_FORMAT", "text"),
+        help="json: one JSON object per log line, a step's facts as fields (default: $TARDIGRADE_LOG_FORMAT or text)",
+    )
+    p.add_argument(
+        "--max-sandboxes",
+        type=int,
+        default=DEFAULT_MAX_LIVE_SANDBOXES,
+        help="sandboxes this worker hosts at once; more runs wait for one (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-snapshots",
+        type=int,
+        default=DEFAULT_MAX_CONCURRENT_SNAPSHOTS,
+        help="checkpoints and restores at once; more wait their turn (default %(default)s: the cores, at least 2)",
+    )
+    p.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="on SIGTERM or Ctrl-C, how long steps in flight may take to finish before they are cancelled and their"
+        " runs rehydrate elsewhere from their last checkpoint (default %(default)s)",
+    )
     add_common(p, as_json=False)
     p.set_defaults(handler=cmd_worker)
 
@@ -116,12 +171,24 @@ def _follow_hint(workflow_id: str, args: argparse.Namespace) -> str:
 
 async def cmd_run(args: argparse.Namespace) -> int:
     from tardigrade.client import start_pipeline
+    from tardigrade.fork import ForkError
     from tardigrade.pipeline import load_pipeline
+    from tardigrade.sandboxes.manifest import refuse_credentials
 
     loaded = load_pipeline(args.pipeline)
+    if args.store:
+        try:  # before connecting: the real cause, not "cannot reach Temporal"
+            refuse_credentials(args.store, "--store")
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     client = await client_for(args)
     queue = config.task_queue(args.task_queue)
-    handle = await start_pipeline(client, loaded, task_queue=queue, workflow_id=args.id, store_url=args.store)
+    try:
+        handle = await start_pipeline(
+            client, loaded, task_queue=queue, workflow_id=args.id, store_url=args.store, start_from=args.start_from
+        )
+    except ForkError as e:
+        raise UsageError(str(e)) from None
     ui = connection(args).web_ui(handle.id)
     if args.json and not args.wait:
         print_json({"workflow_id": handle.id, "status": "running", "task_queue": queue, "web_ui": ui})
@@ -257,6 +324,8 @@ async def cmd_status(args: argparse.Namespace) -> int:
             else "-"
         )
         print(f"{status.workflow_id} ({status.pipeline}): {status.phase}, at {where}")
+        if status.waiting_for:
+            print(f"  {status.waiting_for}")
         print(f"  steps completed   {status.steps_completed}/{status.steps_total}")
         print(f"  rehydrations      {status.rehydrations}")
         if status.sandbox:
@@ -407,7 +476,18 @@ async def cmd_demo(args: argparse.Namespace) -> int:
 async def cmd_worker(args: argparse.Namespace) -> int:
     from tardigrade.worker import serve
 
-    return await serve(connection(args), args.task_queue, None)
+    return await serve(
+        connection(args),
+        args.task_queue,
+        None,
+        policy=args.policy,
+        metrics=args.metrics,
+        tracing=args.tracing,
+        log_format=args.log_format,
+        max_sandboxes=args.max_sandboxes,
+        max_snapshots=args.max_snapshots,
+        shutdown_grace=args.shutdown_grace,
+    )
 
 
 async def cmd_server(args: argparse.Namespace) -> int:
@@ -419,7 +499,7 @@ async def cmd_server(args: argparse.Namespace) -> int:
             raise UsageError(f"no `tardigrade server` is running (none is recorded in {state_file()})")
         print(f"stopped the Temporal dev server on {stopped['address']} (pid {stopped['pid']})")
         return 0
-    server = EmbeddedTemporal(port=args.port, ui_port=args.ui_port)
+    server = EmbeddedTemporal(port=args.port, ui_port=args.ui_port, ui_codec_endpoint=args.codec_endpoint)
     await server.start()
     server.write_state_file()
     print(f"Temporal dev server on {server.address}; Web UI: {server.ui_url}; database: {server.db_file}")
