@@ -15,6 +15,9 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+# Imported now, not by its pytest plugin's end-of-session hook: late in a long session CPython 3.11.7 can fail to
+# compile a module ("AST constructor recursion depth mismatch"), which turned a green run red.
+import hypothesis  # noqa: F401
 import pytest
 from temporalio.client import Client, WorkflowHandle
 from temporalio.worker import Worker
@@ -49,6 +52,22 @@ async def temporal_address(tmp_path_factory: pytest.TempPathFactory) -> AsyncIte
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def test_policy_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A worker policy for the suite: tests keep their stores, mounts and outputs in pytest's temporary folders,
+    and the default policy grants nothing beyond the worker's own store (sandboxes/policy.py)."""
+    path = tmp_path_factory.getbasetemp() / "worker-policy.yaml"
+    path.write_text(f"file_roots: [{str(tmp_path_factory.getbasetemp().resolve())!r}]\n")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def test_policy(test_policy_file: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test's workers and clients (in this process and the worker processes it starts) use that policy."""
+    monkeypatch.setenv("TARDIGRADE_POLICY", str(test_policy_file))
+    return test_policy_file
+
+
 @pytest.fixture
 def tardigrade_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A state folder of the test's own (sandboxes, caches, the default store)."""
@@ -73,8 +92,8 @@ class InProcessWorkers:
         self._stack = contextlib.AsyncExitStack()
         self.plugins: list[TardigradePlugin] = []
 
-    async def start(self, *, fault_injector: FaultInjector | None = None, name: str = "w") -> Client:
-        plugin = TardigradePlugin(state_dir=self.home / name, fault_injector=fault_injector)
+    async def start(self, *, fault_injector: FaultInjector | None = None, name: str = "w", **options: Any) -> Client:
+        plugin = TardigradePlugin(state_dir=self.home / name, fault_injector=fault_injector, **options)
         client = await connect(self.address, plugin=plugin)
         await self._stack.enter_async_context(Worker(client, task_queue=self.task_queue))
         self.plugins.append(plugin)

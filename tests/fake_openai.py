@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -222,3 +223,12 @@ def fake_openai_server() -> Iterator[FakeOpenAI]:
     server = FakeOpenAI()
     yield server
     server.close()
+
+
+@pytest.fixture(name="openai_env")
+def openai_env_for_workers(fake_openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Point the in-process workers at the fake server, with a key of this test's own (returned)."""
+    key = f"sk-test-{uuid.uuid4().hex}"
+    monkeypatch.setenv("OPENAI_BASE_URL", fake_openai.base_url)
+    monkeypatch.setenv("OPENAI_API_KEY", key)
+    return key

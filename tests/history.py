@@ -16,6 +16,7 @@ class ActivityRun:
     input: dict[str, Any]
     worker: str | None  # identity of the worker that started it
     summary: str | None
+    attempts: int = 0  # the attempt that ended it (retries are not events of their own); 0: never started
 
 
 async def run_ids(client: Client, workflow_id: str) -> list[str]:
@@ -66,6 +67,7 @@ async def activity_runs(client: Client, workflow_id: str) -> list[ActivityRun]:
             elif event.HasField("activity_task_started_event_attributes"):
                 attrs2 = event.activity_task_started_event_attributes
                 scheduled[attrs2.scheduled_event_id].worker = attrs2.identity
+                scheduled[attrs2.scheduled_event_id].attempts = attrs2.attempt
     return out
 
 

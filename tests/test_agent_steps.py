@@ -26,7 +26,7 @@ from tardigrade.sandboxes.stores import open_store
 from tardigrade.workflows.pipeline import PipelineWorkflow
 from tardigrade.workflows.state import RunResult, RunStatus
 from tests.conftest import InProcessWorkers, WorkerProcess, fast_timeouts, pipeline_from, wait_for
-from tests.fake_openai import FakeOpenAI, Turn, call, calls, fake_openai_server  # noqa: F401 - the fixture
+from tests.fake_openai import FakeOpenAI, Turn, call, calls, fake_openai_server, openai_env_for_workers  # noqa: F401 - fixtures
 from tests.history import activity_runs, history_json
 
 TASK = "Count the data rows of data/input.csv and write the number to out/result.txt."
@@ -52,15 +52,6 @@ def workspace_of(result: RunResult, into: Path) -> Path:
     return into / "workspace"
 
 
-@pytest.fixture
-def openai_env(fake_openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Point the in-process workers at the fake server, with a key of this test's own."""
-    key = f"sk-test-{uuid.uuid4().hex}"
-    monkeypatch.setenv("OPENAI_BASE_URL", fake_openai.base_url)
-    monkeypatch.setenv("OPENAI_API_KEY", key)
-    return key
-
-
 async def run_to_end(
     workers: InProcessWorkers, loaded: LoadedPipeline, store: str, **start: Any
 ) -> tuple[Client, str, RunResult]:
@@ -82,7 +73,7 @@ def names(runs: list[Any], name: str, turn: int | None = None) -> list[Any]:
         ({"agent": "do it"}, "steps[0]: an agent step needs `model:`"),
         ({"agent": "do it", "model": {"api": "responses"}}, "steps[0].model: name is required for provider openai"),
         ({"agent": "do it", "model": {"name": "m", "temprature": 0}}, "steps[0].model.temprature: unknown key"),
-        ({"agent": "do it", "model": {"name": "m"}, "tools": ["exec", "browse"]}, "steps[0].tools[1]: Input should be"),
+        ({"agent": "do it", "model": {"name": "m"}, "tools": ["exec", "a b"]}, "tools[1]: 'a b' is neither"),
         ({"agent": "do it", "model": {"name": "m"}, "tools": ["exec", "exec"]}, "tools: exec listed more than once"),
         ({"agent": "do it", "run": "true", "model": {"name": "m"}}, "either `run:` (a shell command) or `agent:`"),
         ({"run": "true", "tools": ["exec"]}, "steps[0]: tools only apply to agent steps"),

@@ -107,6 +107,7 @@ def test_the_worker_gets_what_bubblewrap_needs_and_nothing_more(services: dict[s
     worker = services["tardigrade-worker"]
     assert set(worker["security_opt"]) == {"seccomp=unconfined", "apparmor=unconfined", "systempaths=unconfined"}
     assert not worker.get("privileged") and not worker.get("cap_add"), "bubblewrap needs no capability"
+    assert worker["devices"] == ["/dev/net/tun"], "only slirp4netns's TUN device, for `network: true` sandboxes"
     env = worker["environment"]
     assert env["TEMPORAL_ADDRESS"] == "temporal:7233"
     code = "\n".join(p.read_text() for p in (REPO / "tardigrade").rglob("*.py"))

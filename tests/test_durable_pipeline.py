@@ -30,14 +30,20 @@ def restore_final(result: RunResult, into: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-async def reference_run(temporal_address: str, tmp_path_factory: pytest.TempPathFactory) -> RunResult:
-    """The example pipeline, once, with nothing going wrong: the digest every other run must reproduce."""
+async def reference_run(
+    temporal_address: str, tmp_path_factory: pytest.TempPathFactory, test_policy_file: Path
+) -> RunResult:
+    """The example pipeline, once, with nothing going wrong: the digest every other run must reproduce. (Session
+    fixtures start before the autouse policy fixture sets TARDIGRADE_POLICY: the policy is passed here.)"""
     home = tmp_path_factory.mktemp("reference")
-    client = await connect(temporal_address, plugin=TardigradePlugin(state_dir=home))
+    client = await connect(temporal_address, plugin=TardigradePlugin(state_dir=home, policy=test_policy_file))
     task_queue = f"reference-{uuid.uuid4().hex[:8]}"
     async with Worker(client, task_queue=task_queue):
-        handle = await start_pipeline(
-            client, load_pipeline(EXAMPLE), task_queue=task_queue, store_url=(home / "store").as_uri()
+        handle = await start_pipeline(  # the worker policy keeps stores out of the worker's own state folder
+            client,
+            load_pipeline(EXAMPLE),
+            task_queue=task_queue,
+            store_url=tmp_path_factory.mktemp("reference-store").as_uri(),
         )
         return await handle.result()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import socket
 import uuid
 from collections.abc import AsyncIterator
@@ -81,9 +82,10 @@ async def test_network_is_off_unless_the_pipeline_allows_it(provider: LocalSandb
         closed = await provider.create(SandboxSpec(network=False))
         code, out = await sh(closed, probe)
         assert code != 0 and "connected" not in out
-        opened = await provider.create(SandboxSpec(network=True))
-        code, out = await sh(opened, probe)
-        assert code == 0 and "connected" in out
+        if shutil.which("slirp4netns"):  # true: the internet, never the worker (tests/security/test_network.py)
+            opened = await provider.create(SandboxSpec(network=True))
+            code, out = await sh(opened, probe)
+            assert code != 0 and "connected" not in out
     finally:
         listener.close()
 

@@ -47,7 +47,7 @@ steps:
         ),
         (
             "name: x\nmanifest: {secrets: [not-valid]}\nsteps: [{name: a, run: b}]\n",
-            "manifest.secrets[0]: String should match pattern",
+            "manifest.secrets[0].name: String should match pattern",
         ),
         (
             "name: x\nmanifest: {env: {PATH: /evil}}\nsteps: [{name: a, run: b}]\n",

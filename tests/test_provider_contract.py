@@ -215,6 +215,19 @@ async def test_attach_by_id_reaches_the_same_sandbox(harness: Harness, sandbox: 
     assert harness.provider.host_bound == (harness.name == "local")
 
 
+async def test_the_held_position_survives_attach_and_the_sandbox_cannot_forge_it(
+    harness: Harness, sandbox: Sandbox
+) -> None:
+    """What a reset relies on (contract point 5): which checkpoint the files hold, kept out of the sandbox's reach."""
+    assert sandbox.tracks_position and await sandbox.held_position() is None
+    await sandbox.hold_position("snapshot:" + "a" * 64)
+    again = await harness.provider.attach(sandbox.id)
+    assert await again.held_position() == "snapshot:" + "a" * 64
+    forge = "for f in /tmp/.tardigrade/position /workspace/position; do echo forged > $f; done 2>/dev/null; true"
+    await sandbox.exec(forge, env={}, timeout=30)
+    assert await again.held_position() == "snapshot:" + "a" * 64
+
+
 # -- snapshots --------------------------------------------------------------------------------------------------
 
 WORKSPACE_SCRIPT = r"""

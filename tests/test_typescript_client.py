@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -20,7 +21,9 @@ from tests.conftest import REPO
 PACKAGE = REPO / "clients" / "typescript"
 
 
-def test_npm_test_passes_against_a_dev_server_and_a_python_worker(capsys: pytest.CaptureFixture[str]) -> None:
+def test_npm_test_passes_against_a_dev_server_and_a_python_worker(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     npm = shutil.which("npm")
     missing = "npm is not installed" if npm is None else None
     if npm is not None and not (PACKAGE / "node_modules").is_dir():
@@ -30,7 +33,9 @@ def test_npm_test_passes_against_a_dev_server_and_a_python_worker(capsys: pytest
             pytest.fail(f"{missing}; scripts/test.sh installs them")
         pytest.skip(missing)
     assert npm is not None
-    env = {**os.environ, "TARDIGRADE_CLI": os.path.join(os.path.dirname(sys.executable), "tardigrade")}
+    # TMPDIR: the harness's stores are temporary folders, which the suite's worker policy allows under pytest's.
+    cli = os.path.join(os.path.dirname(sys.executable), "tardigrade")
+    env = {**os.environ, "TARDIGRADE_CLI": cli, "TMPDIR": str(tmp_path)}
     done = subprocess.run([npm, "test"], cwd=PACKAGE, env=env, capture_output=True, text=True, timeout=900)
     with capsys.disabled():
         print(f"\n--- npm test (clients/typescript), exit code {done.returncode} ---\n{done.stdout.strip()}")

@@ -45,6 +45,11 @@ ALLOWED_OWN = {
     "tardigrade.sandboxes.selection",
     "tardigrade.sandboxes.layout",
     "tardigrade.sandboxes.store_keys",
+    "tardigrade.sandboxes.network",  # its __init__ is a docstring only
+    "tardigrade.sandboxes.network.rules",  # network: and brokered secrets' host rules (pure parsing)
+    "tardigrade.sandboxes.limits",  # sandbox.limits (the model; enforcement is limit_enforcement.py)
+    "tardigrade.sandboxes.errors",  # exception classes the models raise
+    "tardigrade.sandboxes.provider_options",  # sandbox.options per provider (pure models)
 }
 
 WORKFLOW_MODULES = sorted(m.name for m in pkgutil.iter_modules(tardigrade.workflows.__path__, "tardigrade.workflows."))

@@ -18,8 +18,10 @@ def tool_run(
     sandbox: LocalSandbox,
     tmp_path: Path,
     secrets: dict[str, str] | None = None,
+    secret_values: list[str] | None = None,
 ) -> _ToolRun:
-    """The object an `agent_tool` activity builds for one call: run its `call(name, json_arguments)`."""
+    """The object an `agent_tool` activity builds for one call: run its `call(name, json_arguments)`. ``secrets``
+    are the commands' secret variables; ``secret_values`` the values to mask, when they differ (brokered)."""
     root = AgentRoot(
         run_id="r", index=0, attempt=1, label="agent", instructions="", model=ModelConfig(name="m"),
         tools=["exec", "read_file", "write_file", "list_files", "apply_patch"], done="finish",
@@ -29,4 +31,4 @@ def tool_run(
         sandbox=activities.ref_for(sandbox, provider), store=(tmp_path / "store").as_uri(), root="r", node="n",
         call_id="c", index=0, turn=1,
     )  # fmt: skip
-    return _ToolRun(activities, sandbox, root, call, dict(secrets or {}))
+    return _ToolRun(activities, sandbox, root, call, dict(secrets or {}), secret_values)

@@ -25,6 +25,7 @@ import pytest
 from tardigrade.activities.sandbox import SandboxActivities
 from tardigrade.sandboxes.bubblewrap import LocalSandbox, LocalSandboxProvider
 from tardigrade.sandboxes.errors import SandboxError
+from tardigrade.sandboxes.limits import Limits
 from tardigrade.sandboxes.provider import SandboxSpec
 from tests.security.helpers import tool_run
 
@@ -35,7 +36,8 @@ T = TypeVar("T")
 async def sandbox(tmp_path: Path) -> AsyncIterator[LocalSandbox]:
     provider = LocalSandboxProvider(tmp_path / "sandboxes")
     assert provider.bwrap, "these tests need bubblewrap: apt-get install -y bubblewrap"
-    yield await provider.create(SandboxSpec())
+    # Room for the 200G sparse files these tests plant (a sandbox's default disk limit is 20GiB).
+    yield await provider.create(SandboxSpec(limits=Limits(disk=1 << 40)))
     await provider.close()
 
 
