@@ -25,6 +25,7 @@ import {
   type WorkflowHandle,
   WorkflowFailedError,
 } from "@temporalio/client";
+import { TardigradeCodec } from "./codec.js";
 import type { Pipeline, RunInput, RunResult, RunStatus } from "./generated/types.js";
 import { checkSources, type LoadedPipeline, PipelineError, parsePipeline } from "./pipeline.js";
 import { decodeMessage } from "./schema.js";
@@ -76,9 +77,14 @@ export async function startPipeline(
   return client.workflow.start(WORKFLOW_TYPE, {
     args: [input],
     taskQueue: options.taskQueue ?? (process.env.TARDIGRADE_TASK_QUEUE || DEFAULT_TASK_QUEUE),
-    workflowId: options.workflowId ?? newWorkflowId(input.pipeline.name),
+    // Workflow ids are never encrypted: with encrypted history, the default one does not name the pipeline.
+    workflowId: options.workflowId ?? newWorkflowId(encrypts(client) ? "run" : input.pipeline.name),
     staticSummary: `pipeline ${input.pipeline.name} · ${input.pipeline.steps.length} steps`,
   });
+}
+
+function encrypts(client: Client): boolean {
+  return client.options.loadedDataConverter.payloadCodecs.some((codec) => codec instanceof TardigradeCodec);
 }
 
 /** The handle of a run started elsewhere (by the Python CLI, say). */

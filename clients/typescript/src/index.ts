@@ -29,3 +29,12 @@ export {
   startPipeline,
   WORKFLOW_TYPE,
 } from "./client.js";
+export {
+  CodecError,
+  KeylessCodec,
+  keyId,
+  keysFromEnv,
+  parseKeys,
+  TardigradeCodec,
+  tardigradeDataConverter,
+} from "./codec.js";

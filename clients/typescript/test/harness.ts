@@ -130,7 +130,8 @@ const exitedEarly = (child: ChildProcess, logs: () => string) => () =>
     ? `it exited (${child.exitCode ?? child.signalCode})\n${logs()}`
     : undefined;
 
-export async function startServices(): Promise<Services> {
+/** `extraEnv`: more variables for the worker and CLI calls (e.g. TARDIGRADE_CODEC_KEY). */
+export async function startServices(extraEnv: NodeJS.ProcessEnv = {}): Promise<Services> {
   const dir = mkdtempSync(join(tmpdir(), "tardigrade-ts-"));
   const address = `127.0.0.1:${await freePort()}`;
   const taskQueue = `ts-${randomUUID().slice(0, 8)}`;
@@ -142,6 +143,7 @@ export async function startServices(): Promise<Services> {
     TEMPORAL_ADDRESS: address,
     TARDIGRADE_TASK_QUEUE: taskQueue,
     TARDIGRADE_CLI: CLI,
+    ...extraEnv,
   };
   const serverLog = join(dir, "server.log");
   const workerLog = join(dir, "worker.log");

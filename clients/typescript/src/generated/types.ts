@@ -92,9 +92,9 @@ export interface Manifest {
     [k: string]: string | undefined;
   };
   /**
-   * Names of secrets; their values come from the worker's environment.
+   * Secrets, read from the worker's environment: a name (its value goes into the sandbox's environment) or {name, hosts} (brokered: the sandbox sees a placeholder; the worker adds the value to HTTPS request headers for those hosts only).
    */
-  secrets?: string[];
+  secrets?: (string | SecretForHosts)[];
   /**
    * Commands run at provisioning, and again after every rehydration.
    */
@@ -129,6 +129,24 @@ export interface ManifestFile {
    * Set the exec bits (mode 755).
    */
   executable?: boolean;
+}
+/**
+ * A brokered secret: the sandbox's environment holds an opaque placeholder, never the value; the worker's
+ * egress proxy puts the value into the headers of HTTPS requests to ``hosts`` only (sandboxes/network/broker.py).
+ * A plain name in ``secrets`` is the weaker mode: its value is in the sandbox's environment.
+ *
+ * This interface was referenced by `Pipeline`'s JSON-Schema
+ * via the `definition` "SecretForHosts".
+ */
+export interface SecretForHosts {
+  /**
+   * The secret's name: the worker's environment variable holding its value.
+   */
+  name: string;
+  /**
+   * Hosts whose HTTPS requests get the value (api.github.com, *.example.com); no other host does.
+   */
+  hosts: string[];
 }
 /**
  * Data the worker copies into the sandbox before setup, with the worker's own credentials: none of them enters
@@ -192,19 +210,61 @@ export interface SandboxConfig {
    */
   provider?: ("local" | "e2b" | "modal") | ("local" | "e2b" | "modal")[];
   /**
-   * Whether commands in the sandbox may use the network.
+   * false: no network (the default); true: the internet, never the worker or its private networks; {allow: [pypi.org, '*.github.com']}: only those hosts, through the worker's egress proxy.
    */
-  network?: boolean;
+  network?: boolean | NetworkAllow;
   /**
    * required: refuse to run without bubblewrap; preferred: run unisolated, with a loud warning.
    */
   isolation?: "required" | "preferred";
   /**
-   * Provider-specific settings.
+   * Provider-specific settings (sandboxes/provider_options.py): e2b takes template, lifetime and native_snapshot; modal takes image, cpu, memory, app, lifetime and native_snapshot; local takes none.
    */
   options?: {
     [k: string]: unknown | undefined;
   };
+  limits?: Limits;
+}
+/**
+ * ``network: {allow: [...]}``: the hosts a sandbox may reach (sandboxes/network/rules.py).
+ *
+ * This interface was referenced by `Pipeline`'s JSON-Schema
+ * via the `definition` "NetworkAllow".
+ */
+export interface NetworkAllow {
+  /**
+   * Hosts the sandbox may reach through the worker's egress proxy: names (pypi.org), `*.` suffix rules (*.github.com) or IP addresses.
+   */
+  allow: string[];
+}
+/**
+ * What one sandbox may use. A field left out is None and means its default (`resolved`); the difference
+ * matters under a worker's ceilings, which lower a default but refuse a value the pipeline asked for (`within`).
+ *
+ * This interface was referenced by `Pipeline`'s JSON-Schema
+ * via the `definition` "Limits".
+ */
+export interface Limits {
+  /**
+   * Memory of the step's processes together (default 4GiB).
+   */
+  memory?: (number | string) | null;
+  /**
+   * Processes and threads at once (default 512).
+   */
+  pids?: number | null;
+  /**
+   * Cores, e.g. 0.5 or 2 (default: no cap).
+   */
+  cpu?: number | null;
+  /**
+   * Bytes in /workspace and ~ together (default 20GiB).
+   */
+  disk?: (number | string) | null;
+  /**
+   * Size of the private /tmp, a tmpfs in memory (default 1GiB).
+   */
+  tmp?: (number | string) | null;
 }
 /**
  * How long Tardigrade waits before it presumes something lost, or gives up.
@@ -229,6 +289,10 @@ export interface Timeouts {
    * Taking one snapshot.
    */
   checkpoint?: number | string;
+  /**
+   * How long a run waits out an outage of its snapshot store (unreachable, throttling, full), retrying with backoff, before it fails. The run keeps its sandbox meanwhile.
+   */
+  outage?: number | string;
 }
 /**
  * One unit of work and of atomicity: it completes and is checkpointed, or it never happened. A shell command
@@ -255,9 +319,9 @@ export interface Step {
    */
   model?: ModelConfig | null;
   /**
-   * Agent steps: the tools offered (default: exec, read_file, write_file, list_files).
+   * Agent steps: the tools offered (default: exec, read_file, write_file, list_files), and the names of function tools registered on the workers (TardigradePlugin(tools=[...])).
    */
-  tools?: ("exec" | "read_file" | "write_file" | "list_files" | "apply_patch")[] | null;
+  tools?: (("exec" | "read_file" | "write_file" | "list_files" | "apply_patch") | string)[] | null;
   /**
    * Agent steps: model calls before the step fails (default 50).
    */
@@ -545,6 +609,43 @@ export interface RunInput {
    * The workflow's own, set when it continues as new; clients leave it out.
    */
   state?: null;
+  /**
+   * Fork: start after this snapshot's step, with its files, instead of at step 1.
+   */
+  start?: StartPoint | null;
+  /**
+   * The namespace has Tardigrade's search attributes registered: the run keeps TardigradeStep and TardigradePhase up to date (see workflows/search_attributes.py).
+   */
+  search_attributes?: boolean;
+}
+/**
+ * Where a fork starts: a recorded snapshot (of another run, or any snapshot in the store) and the step it was
+ * taken after. The run restores it into a new sandbox and goes on with the step after that one.
+ *
+ * This interface was referenced by `Pipeline`'s JSON-Schema
+ * via the `definition` "StartPoint".
+ */
+export interface StartPoint {
+  snapshot: SnapshotRef;
+  /**
+   * What the user named: RUN:STEP or a snapshot id, for people reading history.
+   */
+  source: string;
+}
+/**
+ * This interface was referenced by `Pipeline`'s JSON-Schema
+ * via the `definition` "SnapshotRef".
+ */
+export interface SnapshotRef {
+  snapshot_id: string;
+  digest: string;
+  step: number;
+  files: number;
+  bytes: number;
+  bytes_new: number;
+  seconds: number;
+  native: string | null;
+  native_provider: string | null;
 }
 /**
  * What a completed run returns.
@@ -619,7 +720,7 @@ export interface RunStatus {
    */
   pipeline: string;
   /**
-   * starting | provisioning | running | checkpointing | rolling back | rehydrating | publishing outputs | completed | failed | cancelled
+   * starting | provisioning | running | checkpointing | rolling back | rehydrating | waiting for the store | publishing outputs | completed | failed | cancelled
    */
   phase: string;
   /**
@@ -649,6 +750,10 @@ export interface RunStatus {
    * The last loss or failed attempt, if any.
    */
   last_error: string | null;
+  /**
+   * What the run is waiting out right now, e.g. 'waiting for the store: <cause>'; null otherwise.
+   */
+  waiting_for: string | null;
   usage: TokenUsage;
   /**
    * The agent step running now, if any.
@@ -667,19 +772,4 @@ export interface SandboxRef {
   task_queue: string;
   host_bound: boolean;
   worker: string;
-}
-/**
- * This interface was referenced by `Pipeline`'s JSON-Schema
- * via the `definition` "SnapshotRef".
- */
-export interface SnapshotRef {
-  snapshot_id: string;
-  digest: string;
-  step: number;
-  files: number;
-  bytes: number;
-  bytes_new: number;
-  seconds: number;
-  native: string | null;
-  native_provider: string | null;
 }
