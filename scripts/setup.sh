@@ -13,6 +13,13 @@ if ! command -v bwrap >/dev/null; then
     || echo "!! could not install bubblewrap; pipelines that say 'isolation: required' will refuse to run" >&2
 fi
 
+if ! command -v slirp4netns >/dev/null; then
+  echo "==> installing slirp4netns (user-mode networking for sandboxes with network: true)"
+  as_root apt-get install -y -qq slirp4netns >/dev/null 2>&1 \
+    || { as_root apt-get update -qq >/dev/null && as_root apt-get install -y -qq slirp4netns >/dev/null; } \
+    || echo "!! could not install slirp4netns; pipelines with 'network: true' will refuse to run" >&2
+fi
+
 PYTHON="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
   echo "==> creating .venv with $($PYTHON --version)"

@@ -5,13 +5,21 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh test
 
+# Debian packages only the tests need; a missing one fails its tests (TARDIGRADE_REQUIRE_EMULATORS=1), loudly.
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+apt_install() {  # apt_install PACKAGE WHY
+  echo "==> installing $1 ($2)"
+  as_root apt-get install -y -qq --no-install-recommends "$1" >/dev/null 2>&1 \
+    || { as_root apt-get update -qq >/dev/null && as_root apt-get install -y -qq --no-install-recommends "$1" >/dev/null; } \
+    || echo "!! could not install $1: the tests that need it will fail or be skipped" >&2
+}
 # Compose's own validator for docker-compose.temporal.yml (tests/test_deployment.py); no Docker engine is needed.
 if ! command -v docker-compose >/dev/null && ! docker compose version >/dev/null 2>&1; then
-  echo "==> installing docker-compose (validates the compose file)"
-  sudo_if() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
-  sudo_if apt-get install -y -qq docker-compose >/dev/null 2>&1 \
-    || { sudo_if apt-get update -qq >/dev/null && sudo_if apt-get install -y -qq docker-compose >/dev/null; } \
-    || echo "!! could not install docker-compose: the compose file's schema check will be skipped" >&2
+  apt_install docker-compose "validates the compose file"
+fi
+# Headless Chromium renders the Temporal Web UI (tests/test_web_ui.py, tests/security/test_codec.py).
+if ! command -v chromium >/dev/null; then
+  apt_install chromium "renders the Web UI in the tests"
 fi
 
 if [ ! -x node_modules/.bin/azurite-blob ]; then
