@@ -29,6 +29,7 @@ from tardigrade.cli.output import (
     print_json,
     warn,
 )
+from tardigrade.codec import CodecError
 
 #: `--status` values and the visibility-query status each stands for.
 STATUSES = {
@@ -391,8 +392,12 @@ async def cmd_list(args: argparse.Namespace) -> int:
     if args.status:
         query += f" AND ExecutionStatus = '{STATUSES[args.status]}'"
     rows: list[dict[str, Any]] = []
+    unreadable: CodecError | None = None
     async for execution in client.list_workflows(query):
-        memo = await execution.memo()
+        try:
+            memo = await execution.memo()
+        except CodecError as e:  # another team's encrypted runs share the namespace: list them, say so below
+            memo, unreadable = {"pipeline": ENCRYPTED}, e
         pipeline = str(memo.get("pipeline", "?"))  # runs started before the memo existed have none
         if args.pipeline and pipeline != args.pipeline:
             continue
@@ -412,6 +417,9 @@ async def cmd_list(args: argparse.Namespace) -> int:
         )
         if args.limit and len(rows) >= args.limit:
             break
+    if unreadable is not None:
+        hidden = sum(r["pipeline"] == ENCRYPTED for r in rows)
+        print(f"note: {hidden} run(s) listed as {ENCRYPTED}: {unreadable}", file=sys.stderr)
     if args.json:
         print_json(rows)
         return 0
@@ -429,6 +437,10 @@ async def cmd_list(args: argparse.Namespace) -> int:
             f"  {_duration(r['seconds'])}"
         )
     return 0
+
+
+#: What `list` shows for a run whose memo is encrypted with a key this client does not hold.
+ENCRYPTED = "(encrypted)"
 
 
 def _namespace_note(args: argparse.Namespace) -> str:
