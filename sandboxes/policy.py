@@ -40,6 +40,7 @@ from tardigrade.sandboxes.limits import LimitAboveCeiling, Limits
 from tardigrade.sandboxes.network.policy import NetworkPolicy
 from tardigrade.sandboxes.network.rules import NetworkRule, NetworkRuleError
 from tardigrade.sandboxes.provider_choice import KNOWN as KNOWN_PROVIDERS
+from tardigrade.sandboxes.provider_kit import SHIPPED, is_plugin_name
 
 POLICY_ENV = "TARDIGRADE_POLICY"
 #: Where each kind of URL comes from in a pipeline, for messages.
@@ -155,8 +156,11 @@ class WorkerPolicy(BaseModel):
     @classmethod
     def _providers(cls, v: list[str] | None) -> list[str] | None:
         for name in v or []:
-            if name not in KNOWN_PROVIDERS:
-                raise ValueError(f"unknown provider {name!r}; use {', '.join(KNOWN_PROVIDERS)}")
+            if name not in KNOWN_PROVIDERS and not is_plugin_name(name):
+                raise ValueError(
+                    f"unknown provider {name!r}; use {', '.join(KNOWN_PROVIDERS + SHIPPED)} or a qualified"
+                    " entry-point name such as acme.vm"
+                )
         return v
 
 

@@ -8,6 +8,7 @@ path or bwrap flag can be smuggled in through them.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -37,7 +38,45 @@ class ModalOptions(_Options):
     native_snapshot: bool = Field(default=False, description="Also take Modal's filesystem snapshot at checkpoints.")
 
 
-PROVIDER_OPTIONS: dict[str, type[_Options]] = {"local": LocalOptions, "e2b": E2BOptions, "modal": ModalOptions}
+DEFAULT_DAYTONA_AUTO_STOP = 60  # minutes
+
+
+class DaytonaOptions(_Options):
+    """Daytona (sandboxes/daytona.py, registered through the provider kit's entry point)."""
+
+    snapshot: str | None = Field(default=None, min_length=1, description="The Daytona snapshot to boot from.")
+    image: str | None = Field(default=None, min_length=1, description="A registry image to boot from instead.")
+    cpu: float | None = Field(default=None, gt=0, description="CPU cores (with image; rounded up).")
+    memory: int | None = Field(default=None, gt=0, description="Memory in MiB (with image; rounded up to GiB).")
+    disk: int | None = Field(default=None, gt=0, description="Disk in GiB (with image).")
+    auto_stop_interval: int = Field(
+        default=DEFAULT_DAYTONA_AUTO_STOP, ge=0, description="Minutes idle before Daytona stops it (0: never)."
+    )
+    native_snapshot: bool = Field(default=False, description="Also take a Daytona snapshot at every checkpoint.")
+
+
+PROVIDER_OPTIONS: dict[str, type[_Options]] = {
+    "local": LocalOptions,
+    "e2b": E2BOptions,
+    "modal": ModalOptions,
+    "daytona": DaytonaOptions,
+}
+
+
+#: The provider names a pipeline may use unqualified: built in, or shipped here through the provider kit's entry
+#: point (daytona). Third-party providers (sandboxes/provider_kit.py) are named ``vendor.provider``.
+NAMED_PROVIDERS = ("local", "e2b", "modal", "daytona")
+QUALIFIED_PROVIDER = re.compile(r"^[a-z][a-z0-9_-]{0,39}\.[a-z][a-z0-9_.-]{0,79}$")
+
+
+def is_provider_name(name: str) -> bool:
+    """A name ``sandbox.provider`` accepts: named above, or a qualified entry-point name (checked at provision)."""
+    return name in NAMED_PROVIDERS or bool(QUALIFIED_PROVIDER.match(name))
+
+
+def _is_third_party(provider: str) -> bool:
+    """A qualified ``vendor.provider`` name (sandboxes/provider_kit.py): its provider checks its own options."""
+    return provider not in NAMED_PROVIDERS and bool(QUALIFIED_PROVIDER.match(provider))
 
 
 def accepted(provider: str) -> list[str]:
@@ -46,6 +85,9 @@ def accepted(provider: str) -> list[str]:
 
 def check_options(options: Mapping[str, Any], providers: Sequence[str]) -> None:
     """Raise ValueError naming the first key no listed provider accepts, or a value one of them would refuse."""
+    if any(_is_third_party(p) for p in providers):
+        providers = [p for p in providers if p in PROVIDER_OPTIONS]  # unknown keys may be the third party's
+        options = {k: v for k, v in options.items() if any(k in PROVIDER_OPTIONS[p].model_fields for p in providers)}
     for key in options:
         if not any(key in PROVIDER_OPTIONS[p].model_fields for p in providers if p in PROVIDER_OPTIONS):
             takes = "; ".join(

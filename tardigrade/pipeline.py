@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -52,7 +52,13 @@ from tardigrade.sandboxes.manifest import (
     tree_path,
 )
 from tardigrade.sandboxes.network.rules import NetworkRule, NetworkRuleError
-from tardigrade.sandboxes.provider_options import ALL_PROVIDER_OPTIONS, check_options
+from tardigrade.sandboxes.provider_options import (
+    ALL_PROVIDER_OPTIONS,
+    NAMED_PROVIDERS,
+    QUALIFIED_PROVIDER,
+    check_options,
+    is_provider_name,
+)
 
 # Also the JSON Schema's pattern (ECMAScript reads it the same way): hours, minutes, seconds, at least one of them.
 DURATION_PATTERN = r"^(?=.*\d)\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s)?\s*$"
@@ -220,7 +226,19 @@ class Step(_Strict):
         return self.max_turns or DEFAULT_MAX_TURNS
 
 
-ProviderName = Literal["local", "e2b", "modal"]
+# A provider name: built in (or shipped through the provider kit), or a third party's qualified entry-point name,
+# which only the worker can check (sandboxes/provider_kit.py); validated by `SandboxConfig._provider`.
+ProviderName = Annotated[
+    str,
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "enum": list(NAMED_PROVIDERS)},
+                {"type": "string", "pattern": QUALIFIED_PROVIDER.pattern},
+            ]
+        }
+    ),
+]
 # The keys any provider takes (the schema cannot tell which key belongs to which provider; the model does).
 _OPTIONS_SCHEMA: dict[str, Any] = {"propertyNames": {"enum": sorted(ALL_PROVIDER_OPTIONS)}}
 
@@ -249,8 +267,14 @@ class SandboxConfig(_Strict):
 
     provider: ProviderName | list[ProviderName] = Field(
         default="local",
-        description="Where sandboxes run: local (bubblewrap), e2b or modal, or a preference list such as [local, e2b].",
-        json_schema_extra={"uniqueItems": True, "minItems": 1},
+        description="Where sandboxes run: local (bubblewrap), e2b, modal, daytona, an installed provider's entry-point"
+        " name (acme.vm), or a preference list such as [local, e2b].",
+        json_schema_extra={
+            "uniqueItems": True,
+            "minItems": 1,
+            "errorMessage": f"expected one of {', '.join(NAMED_PROVIDERS)}, an installed provider's qualified name"
+            " such as acme.vm, or a list of them",
+        },
     )
     network: bool | NetworkAllow = Field(
         default=False,
@@ -264,7 +288,8 @@ class SandboxConfig(_Strict):
     options: dict[str, Any] = Field(
         default_factory=dict,
         description="Provider-specific settings (sandboxes/provider_options.py): e2b takes template, lifetime and"
-        " native_snapshot; modal takes image, cpu, memory, app, lifetime and native_snapshot; local takes none.",
+        " native_snapshot; modal takes image, cpu, memory, app, lifetime and native_snapshot; daytona takes snapshot,"
+        " image, cpu, memory, disk, auto_stop_interval and native_snapshot; local takes none.",
         json_schema_extra=_OPTIONS_SCHEMA,
     )
     limits: Limits = Field(
@@ -286,10 +311,12 @@ class SandboxConfig(_Strict):
     @field_validator("provider", mode="before")
     @classmethod
     def _provider(cls, v: Any) -> Any:
-        known = get_args(ProviderName)
         names = v if isinstance(v, list) else [v]
-        if not names or any(name not in known for name in names):
-            raise ValueError("Input should be 'local', 'e2b' or 'modal', or a preference list such as [local, e2b]")
+        if not names or any(not isinstance(name, str) or not is_provider_name(name) for name in names):
+            raise ValueError(
+                "Input should be 'local', 'e2b', 'modal' or 'daytona', an installed provider's qualified entry-point"
+                " name such as acme.vm, or a preference list such as [local, e2b]"
+            )
         if len(set(names)) != len(names):
             raise ValueError("each provider may appear once in the list")
         return v

@@ -21,7 +21,16 @@ import pytest
 from tests.conftest import REPO
 
 # What the optional extras bring. The test means nothing if one of them sneaked into the bare install.
-OPTIONAL_PACKAGES = ("cryptography", "boto3", "google.cloud.storage", "azure.storage.blob", "openai", "e2b", "modal")
+OPTIONAL_PACKAGES = (
+    "cryptography",
+    "boto3",
+    "google.cloud.storage",
+    "azure.storage.blob",
+    "openai",
+    "e2b",
+    "modal",
+    "daytona",
+)
 
 
 class BareVenv:

@@ -50,7 +50,7 @@ describe("loadPipeline", () => {
       ["name: p\nsteps:\n  - {name: s}", "steps[0].run: a step needs `run:` (a shell command) or `agent:`"],
       ["name: p\nsteps:\n  - {name: s, agent: do it}", "steps[0].model: an agent step needs `model:`"],
       ["name: p\nsteps:\n  - {name: s, run: x, tools: [exec]}", "steps[0].tools: tools only applies to agent steps"],
-      ["name: p\nsandbox: {provider: docker}\nsteps: [{name: s, run: x}]", "sandbox.provider: 'docker' is not one of"],
+      ["name: p\nsandbox: {provider: docker}\nsteps: [{name: s, run: x}]", "sandbox.provider: 'docker': expected one of local, e2b, modal, daytona"],
       ["name: p\nsteps: []", "steps: must NOT have fewer than 1 items"],
       ["steps: [{name: s, run: x}]", "name: is required"],
       ["name: p\nmanifest: {env: {HOME: /x}}\nsteps: [{name: s, run: x}]", "manifest.env.HOME: variable names are"],

@@ -206,9 +206,9 @@ export interface SnapshotPaths {
  */
 export interface SandboxConfig {
   /**
-   * Where sandboxes run: local (bubblewrap), e2b or modal, or a preference list such as [local, e2b].
+   * Where sandboxes run: local (bubblewrap), e2b, modal, daytona, an installed provider's entry-point name (acme.vm), or a preference list such as [local, e2b].
    */
-  provider?: ("local" | "e2b" | "modal") | ("local" | "e2b" | "modal")[];
+  provider?: ("local" | "e2b" | "modal" | "daytona") | string | (("local" | "e2b" | "modal" | "daytona") | string)[];
   /**
    * false: no network (the default); true: the internet, never the worker or its private networks; {allow: [pypi.org, '*.github.com']}: only those hosts, through the worker's egress proxy.
    */
@@ -218,7 +218,7 @@ export interface SandboxConfig {
    */
   isolation?: "required" | "preferred";
   /**
-   * Provider-specific settings (sandboxes/provider_options.py): e2b takes template, lifetime and native_snapshot; modal takes image, cpu, memory, app, lifetime and native_snapshot; local takes none.
+   * Provider-specific settings (sandboxes/provider_options.py): e2b takes template, lifetime and native_snapshot; modal takes image, cpu, memory, app, lifetime and native_snapshot; daytona takes snapshot, image, cpu, memory, disk, auto_stop_interval and native_snapshot; local takes none.
    */
   options?: {
     [k: string]: unknown | undefined;
