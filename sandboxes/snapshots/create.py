@@ -229,14 +229,18 @@ def _store_walk(
     writer: PackWriter,
     builder: TreeBuilder,
     stats: CreateStats,
+    rewalk: Fingerprint,
 ) -> tuple[str, str]:
     """Feed every walked path to the tree builder, storing the files that changed; returns (snapshot id, digest)
-    once every pack is durably stored and the tree body is complete."""
+    once every pack is durably stored and the tree body is complete. A walk taken here (the first was too large
+    to keep) goes into ``rewalk``: the cache's fingerprint must be of the very stats its lines record."""
     chunker = pyfastcdc.FastCDC(CHUNK_AVG, min_size=CHUNK_MIN, max_size=CHUNK_MAX)
     hardlinks: dict[tuple[int, int], str] = {}
     root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         for path, st, ancestor in walked if walked is not None else Walker(root, selection):
+            if walked is None:
+                rewalk.add(path, st)
             mode = st.st_mode
             if stat.S_ISDIR(mode):
                 # Folders walked only to reach a root keep no mtime: it changes with things we do not cover.
@@ -326,14 +330,19 @@ def create_snapshot(
                 cache_out.gc_seen = max([cursor.gc_seen, *(e.created for e in gc_epochs)])
             builder = TreeBuilder(body, writer, cache_out)
             try:
-                snapshot_id, digest = _store_walk(root, selection, walked, cursor, avoid, known, writer, builder, stats)
+                rewalk = Fingerprint(selection)
+                snapshot_id, digest = _store_walk(
+                    root, selection, walked, cursor, avoid, known, writer, builder, stats, rewalk
+                )
             except BaseException:
                 builder.abort()
                 raise
             stats.tree_written = publish(snapshot_id, body)
             if cache_out is not None:
                 if walked is None:
-                    fingerprint = _scan(root, selection)[0]  # the walk was too large to keep; take it again
+                    # Not a third walk after the tree was built: a file changed since would get the new stat in
+                    # the fingerprint but the old content in the tree, and the next snapshot would reuse it whole.
+                    fingerprint = rewalk.hexdigest()
                 cache_out.commit(snapshot_id, fingerprint, digest, builder.count, stats.bytes)
         except BaseException:
             if cache_out is not None:

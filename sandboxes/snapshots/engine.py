@@ -177,6 +177,11 @@ class SnapshotEngine:
             stale.unlink(missing_ok=True)
         return identity
 
+    def _stat_cache_owner(self, identity: str) -> str:
+        """Whose stat cache a folder's is: this store, and the encryption key, if any. Its lines are reused in new
+        trees as they are, so lines that name blobs encrypted with another key (or none) must never be."""
+        return identity if self.encryption is None else f"{identity}/key-{self.encryption.key_id.hex()}"
+
     def close(self) -> None:
         """Release what the engine holds for its life: the blob index (a SQLite connection), the store's
         connections, and the scratch folder if the engine made it. Call once, when no snapshot is in progress."""
@@ -286,7 +291,7 @@ class SnapshotEngine:
             tree_exists=tree_usable,
             gc_epochs=epochs,
             encryption=self.encryption,
-            store_id=identity,
+            store_id=self._stat_cache_owner(identity),
             avoid_packs=frozenset(known.vanished),
         )
 
@@ -369,25 +374,41 @@ class SnapshotEngine:
         target = self._trees / snapshot_id
         if target.exists():
             return
-        tmp = self._trees / f".{snapshot_id}.{threading.get_ident()}"
+        tmp = self._trees / f".{snapshot_id}.{os.getpid()}.{threading.get_ident()}"  # CLI processes share the folder
         try:
             os.link(body, tmp)  # the body is ours and immutable from here on: share it, do not copy it
         except OSError:
             shutil.copyfile(body, tmp)
         os.replace(tmp, target)
         self._remembered += 1
-        if self._remembered % 16 == 0:
-            cached = sorted(self._trees.iterdir(), key=lambda p: p.stat().st_mtime)
-            for old in cached[:-_TREE_CACHE_LIMIT]:
-                old.unlink(missing_ok=True)
+        # Pruned on the first tree of each process too: a CLI call remembers one tree and exits, and counting to
+        # 16 within one process would let its cache grow by a tree per call for ever.
+        if self._remembered % 16 == 1:
+            self._prune_trees()
+
+    def _prune_trees(self) -> None:
+        """Keep the newest `_TREE_CACHE_LIMIT` cached trees. Other processes (CLI calls) prune the same folder at
+        the same time: a tree gone between the listing and its stat is simply gone."""
+        aged = []
+        for cached in self._trees.iterdir():
+            try:
+                aged.append((cached.stat().st_mtime, cached))
+            except FileNotFoundError:
+                continue
+        aged.sort()
+        for _, old in aged[:-_TREE_CACHE_LIMIT]:
+            old.unlink(missing_ok=True)
 
     @contextmanager
     def open_tree(self, snapshot_id: str) -> Iterator[Path]:
         """A verified, uncompressed copy of the snapshot's tree. Raises `SnapshotMissing` / `SnapshotCorrupt`."""
         check_snapshot_id(snapshot_id)
         cached = self._trees / snapshot_id
-        if cached.exists():
-            os.utime(cached)
+        try:
+            os.utime(cached)  # now the newest: pruning, here or in another process, takes older trees first
+        except FileNotFoundError:
+            pass
+        else:
             yield cached
             return
         key = tree_key(snapshot_id)
@@ -459,7 +480,7 @@ class SnapshotEngine:
                 cache_path=cache_path,
                 scratch=self.scratch,
                 encryption=self.encryption,
-                store_id=identity,
+                store_id=self._stat_cache_owner(identity),
             )
 
     # -- inspection -------------------------------------------------------------------------------------------

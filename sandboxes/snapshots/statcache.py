@@ -15,8 +15,12 @@ assembled from the raw fields. Losing the cache costs a full read on the next sn
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import json
 import os
+import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +29,7 @@ from typing import IO
 from tardigrade.sandboxes.snapshots.tree import json_str, sort_key
 
 FORMAT = "tardigrade-statcache/2"
+_STRAY_SECONDS = 86400.0
 
 
 def stat_key(st: os.stat_result) -> str:
@@ -139,8 +144,10 @@ class StatCacheWriter:
         self.path = path
         self.store_url = store_url
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = path.with_name(path.name + ".new")
-        self._file = open(self._tmp, "wb")  # noqa: SIM115 - closed in commit()/abort()
+        # A name of its own: two snapshots of one folder at once (two CLI calls) must not write into one file.
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".new")
+        self._tmp = Path(tmp)
+        self._file = os.fdopen(fd, "wb")
         self.gc_seen = 0.0
         self._file.write(self._header("0" * 64, "0" * 64, "0" * 64, 0, 0))  # rewritten in place by commit()
 
@@ -170,6 +177,11 @@ class StatCacheWriter:
         self._file.write(self._header(snapshot_id, fingerprint, digest, entries, total))
         self._file.close()
         os.replace(self._tmp, self.path)
+        # Writers killed mid-snapshot leave their file behind; one a day old belongs to no live snapshot.
+        for stray in self.path.parent.glob(f".{glob.escape(self.path.name)}.*.new"):
+            with contextlib.suppress(OSError):
+                if stray.stat().st_mtime < time.time() - _STRAY_SECONDS:
+                    stray.unlink()
 
     def abort(self) -> None:
         self._file.close()
