@@ -44,7 +44,6 @@ from tardigrade.sandboxes.provider_options import DEFAULT_DAYTONA_AUTO_STOP as D
 from tardigrade.sandboxes.provider_options import DaytonaOptions
 from tardigrade.sandboxes.remote import HELPER_DIR, RemoteProcess, RemoteProvider, RemoteSandbox
 
-_IO_DIR = "/tmp/.tardigrade-io"  # root-owned, 0711: files handed to uid 1000 by unguessable name
 _GONE_STATES = {"destroyed", "destroying", "error", "build_failed"}
 _RESUMABLE_STATES = {"stopped", "stopping", "archived"}
 _SETUP = (
@@ -216,23 +215,8 @@ class DaytonaSandbox(RemoteSandbox):
         finally:
             await self._run_root(f"rm -f {drop}", "removing a helper file")
 
-    async def write_file(self, path: str, data: bytes, *, mode: int = 0o644) -> None:
-        """Hand the bytes over through a root-owned drop folder, then let uid 1000 write the file itself, so the
-        sandbox's permissions apply (a symlink cannot make root write into a read-only mount)."""
-        target = sandbox_path(path)
-        drop = f"{_IO_DIR}/{uuid.uuid4().hex}"
-        await self._run_root(f"mkdir -p {_IO_DIR} && chmod 711 {_IO_DIR}", "preparing a file transfer")
-        async with self._sdk(f"writing {target}"):
-            await self._sb.fs.upload_file(bytes(data), drop)
-        try:
-            await self._run_root(f"chmod 644 {drop}", "preparing a file transfer")
-            quoted = shlex.quote(target)
-            await self._user_shell(
-                f'mkdir -p -- "$(dirname -- {quoted})" && cat {drop} > {quoted} && chmod {mode:o} -- {quoted}',
-                f"writing {target}",
-            )
-        finally:
-            await self._run_root(f"rm -f {drop}", "removing a transferred file")
+    async def _put_bytes(self, data: bytes, remote_path: str) -> None:
+        await self._sb.fs.upload_file(data, remote_path)
 
     async def _native_snapshot(self) -> str | None:
         name = f"tardigrade-{uuid.uuid4().hex[:16]}"

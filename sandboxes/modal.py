@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shlex
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,6 @@ from tardigrade.sandboxes.remote import RemoteProcess, RemoteProvider, RemoteSan
 
 DEFAULT_APP = "tardigrade"
 DEFAULT_LIFETIME = 24 * 3600
-_IO_DIR = "/tmp/.tardigrade-io"  # root-owned, 0711: files handed to uid 1000 by unguessable name
 
 
 def modal_resources(limits: Limits, options: Mapping[str, Any]) -> dict[str, Any]:
@@ -153,23 +151,8 @@ class ModalSandbox(RemoteSandbox):
         ]
         return _ModalProcess(process, pumps)
 
-    async def write_file(self, path: str, data: bytes, *, mode: int = 0o644) -> None:
-        """Hand the bytes over through a root-owned drop folder, then let uid 1000 write the file itself, so the
-        sandbox's permissions apply (a symlink cannot make root write into a read-only mount)."""
-        target = sandbox_path(path)
-        drop = f"{_IO_DIR}/{uuid.uuid4().hex}"
-        await self._run_root(f"mkdir -p {_IO_DIR} && chmod 711 {_IO_DIR}", "preparing a file transfer")
-        async with self._sdk(f"writing {target}"):
-            await self._sb.filesystem.write_bytes.aio(data, drop)
-        try:
-            await self._run_root(f"chmod 644 {drop}", "preparing a file transfer")
-            quoted = shlex.quote(target)
-            await self._user_shell(
-                f'mkdir -p -- "$(dirname -- {quoted})" && cat {drop} > {quoted} && chmod {mode:o} -- {quoted}',
-                f"writing {target}",
-            )
-        finally:
-            await self._run_root(f"rm -f {drop}", "removing a transferred file")
+    async def _put_bytes(self, data: bytes, remote_path: str) -> None:
+        await self._sb.filesystem.write_bytes.aio(data, remote_path)
 
     async def _native_snapshot(self) -> str | None:
         async with self._sdk("taking a Modal filesystem snapshot"):

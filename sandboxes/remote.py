@@ -57,6 +57,7 @@ from tardigrade.sandboxes.stores import ObjectStore
 log = logging.getLogger(__name__)
 
 HELPER_DIR = "/tmp/.tardigrade"  # root-only; never in a snapshot's roots
+IO_DIR = "/tmp/.tardigrade-io"  # root-owned, 0711: files handed to uid 1000 by unguessable name
 MAX_LISTING_BYTES = 1 << 30  # a listing of millions of files is ~150 bytes each; more is not a listing
 MARKER = "TARDIGRADE_EXEC"
 
@@ -280,6 +281,33 @@ class RemoteSandbox(Sandbox):
     async def make_dirs(self, path: str) -> None:
         target = sandbox_path(path)
         await self._user_shell(f"mkdir -p -- {shlex.quote(target)}", f"creating {target}")
+
+    async def write_file(self, path: str, data: bytes, *, mode: int = 0o644) -> None:
+        """Hand the bytes over through a root-owned drop folder, then let uid 1000 write the file itself, so the
+        sandbox's permissions apply (a symlink cannot make root write into a read-only mount)."""
+        target = sandbox_path(path)
+        drop = f"{IO_DIR}/{uuid.uuid4().hex}"
+        await self._run_root(f"mkdir -p {IO_DIR} && chmod 711 {IO_DIR}", "preparing a file transfer")
+        async with self._sdk(f"writing {target}"):
+            await self._put_bytes(bytes(data), drop)
+        try:
+            await self._run_root(f"chmod 644 {drop}", "preparing a file transfer")
+            quoted = shlex.quote(target)
+            await self._user_shell(
+                f'mkdir -p -- "$(dirname -- {quoted})" && cat {drop} > {quoted} && chmod {mode:o} -- {quoted}',
+                f"writing {target}",
+            )
+        finally:
+            await self._run_root(f"rm -f {drop}", "removing a transferred file")
+
+    async def _put_bytes(self, data: bytes, remote_path: str) -> None:
+        """Write ``data`` to ``remote_path`` as root; SDKs that take bytes directly override this."""
+        local = self.state / f"put-{uuid.uuid4().hex[:12]}"
+        local.write_bytes(data)
+        try:
+            await self._upload(local, remote_path)
+        finally:
+            local.unlink(missing_ok=True)
 
     @staticmethod
     def _refuse_special(target: str) -> str:
