@@ -27,6 +27,9 @@ from tardigrade.devserver import EmbeddedTemporal
 from tardigrade.pipeline import LoadedPipeline, load_pipeline, parse_pipeline
 from tardigrade.plugin import TardigradePlugin
 from tardigrade.sandboxes.provider import FaultInjector
+from tardigrade.sandboxes.snapshots import SnapshotEngine
+from tardigrade.sandboxes.stores import open_store
+from tardigrade.workflows.state import RunResult
 
 pytest_plugins = ["tests.emulators"]
 
@@ -177,6 +180,17 @@ def pipeline_from(data: dict[str, Any], tmp_path: Path) -> LoadedPipeline:
     path.write_text(yaml.safe_dump(data))
     parse_pipeline(data)
     return load_pipeline(path)
+
+
+def final_workspace(result: RunResult, into: Path) -> Path:
+    """Restore a finished run's final snapshot into ``into``; its /workspace."""
+    assert result.final_snapshot is not None
+    engine = SnapshotEngine(open_store(result.store))
+    try:
+        engine.restore(result.final_snapshot, into)
+    finally:
+        engine.close()
+    return into / "workspace"
 
 
 def fast_timeouts() -> dict[str, str]:

@@ -21,11 +21,10 @@ from tardigrade.activities.patch import PatchError, apply_hunks, parse_patch
 from tardigrade.client import connect, start_pipeline
 from tardigrade.pipeline import LoadedPipeline, PipelineError, parse_pipeline
 from tardigrade.sandboxes.faults import DestroySandboxDuringStep
-from tardigrade.sandboxes.snapshots import SnapshotEngine
 from tardigrade.sandboxes.stores import open_store
 from tardigrade.workflows.pipeline import PipelineWorkflow
 from tardigrade.workflows.state import RunResult, RunStatus
-from tests.conftest import InProcessWorkers, WorkerProcess, fast_timeouts, pipeline_from, wait_for
+from tests.conftest import InProcessWorkers, WorkerProcess, fast_timeouts, final_workspace, pipeline_from, wait_for
 from tests.fake_openai import FakeOpenAI, Turn, call, calls, fake_openai_server, openai_env_for_workers  # noqa: F401 - fixtures
 from tests.history import activity_runs, history_json
 
@@ -44,12 +43,6 @@ def agent_pipeline(
     return pipeline_from(
         {"name": name, "timeouts": fast_timeouts(), "manifest": manifest or {}, "steps": steps}, tmp_path
     )
-
-
-def workspace_of(result: RunResult, into: Path) -> Path:
-    assert result.final_snapshot is not None
-    SnapshotEngine(open_store(result.store)).restore(result.final_snapshot, into)
-    return into / "workspace"
 
 
 async def run_to_end(
@@ -172,7 +165,7 @@ async def test_agent_step_over_the_responses_api(
     [report] = result.agents
     assert (report.step, report.turns, report.tool_calls, report.finished) == (1, 8, 7, True)
     assert report.summary == "wrote out/result.txt" and report.usage == result.usage
-    workspace = workspace_of(result, tmp_path / "final")
+    workspace = final_workspace(result, tmp_path / "final")
     assert (workspace / "out" / "result.txt").read_text() == "3\n"
     assert (workspace / "log.txt").read_text() == "ran\n" and (workspace / "ready.txt").exists()
 
@@ -231,7 +224,7 @@ async def test_agent_step_over_chat_completions_ending_without_tool_calls(
     assert last[6]["content"] == "error: there is no tool 'browse' in this step; the tools are: exec, read_file"
     assert {t["function"]["name"] for t in requests[0].body["tools"]} == {"exec", "read_file"}, "no finish tool"
     assert result.agents[0].summary == "Wrote notes.txt with two lines." and result.agents[0].finished
-    assert (workspace_of(result, tmp_path / "final") / "notes.txt").read_text() == "a\nb\n"
+    assert (final_workspace(result, tmp_path / "final") / "notes.txt").read_text() == "a\nb\n"
 
 
 async def test_five_megabytes_of_tool_output_are_cut_for_the_model_and_kept_whole_in_the_store(
@@ -321,7 +314,7 @@ async def test_scripted_model_runs_offline_and_max_turns_fails_the_step(
     tools = ["exec", "read_file", "write_file", "list_files", "apply_patch"]
     loaded = agent_pipeline(tmp_path, "scripted", {"model": model, "tools": tools})
     client, _, result = await run_to_end(workers, loaded, local_store)
-    assert (workspace_of(result, tmp_path / "final") / "app.txt").read_text() == "name = demo\ncolour = blue\n"
+    assert (final_workspace(result, tmp_path / "final") / "app.txt").read_text() == "name = demo\ncolour = blue\n"
     assert result.usage == TokenUsage(model_calls=4) and result.agents[0].summary == "recoloured"
 
     short = agent_pipeline(tmp_path, "too-few-turns", {"model": model, "tools": tools, "max_turns": 2})
@@ -361,7 +354,7 @@ async def test_sandbox_destroyed_mid_agent_step_restarts_it_on_the_pre_step_snap
     client, workflow_id, result = await run_to_end(workers, loaded, local_store, fault_injector=injector)
 
     assert injector.fired() == 1 and result.rehydrations == 1  # type: ignore[attr-defined]
-    assert (workspace_of(result, tmp_path / "final") / "log.txt").read_text() == "a\nb\n", "each append once"
+    assert (final_workspace(result, tmp_path / "final") / "log.txt").read_text() == "a\nb\n", "each append once"
     runs = await activity_runs(client, workflow_id)
     provisions = names(runs, "tardigrade.provision")
     assert provisions[1].input["restore"]["step"] == -1, "the step starts over on the snapshot taken before it"
@@ -382,7 +375,7 @@ async def test_sandbox_destroyed_mid_agent_step_resumes_at_its_turn_with_every_t
     client, workflow_id, result = await run_to_end(workers, loaded, local_store, fault_injector=injector)
 
     assert result.rehydrations == 1
-    assert (workspace_of(result, tmp_path / "final") / "log.txt").read_text() == "a\nb\n"
+    assert (final_workspace(result, tmp_path / "final") / "log.txt").read_text() == "a\nb\n"
     runs = await activity_runs(client, workflow_id)
     provisions = names(runs, "tardigrade.provision")
     assert provisions[1].summary == "rehydrate: new sandbox from the last snapshot in step 1, agent resumes at turn 2"
@@ -429,7 +422,7 @@ async def test_worker_killed_mid_agent_step_repeats_no_completed_model_call(
     result: RunResult = await asyncio.wait_for(handle.result(), 90)
 
     assert requests_before_kill == 2 and result.rehydrations >= 1
-    assert (workspace_of(result, tmp_path / "final") / "log.txt").read_text() == "a\nb\n"
+    assert (final_workspace(result, tmp_path / "final") / "log.txt").read_text() == "a\nb\n"
     requests = fake_openai.requests_for(model)
     assert len(requests) == 3, "turns 1 and 2 were answered before the crash and are not asked again"
     assert len({r.raw for r in requests}) == 3

@@ -15,18 +15,9 @@ from tardigrade.client import connect, start_pipeline
 from tardigrade.pipeline import load_pipeline
 from tardigrade.plugin import TardigradePlugin
 from tardigrade.sandboxes.faults import DestroySandboxDuringStep
-from tardigrade.sandboxes.snapshots import SnapshotEngine
-from tardigrade.sandboxes.stores import open_store
 from tardigrade.workflows.state import RunResult
-from tests.conftest import EXAMPLE, InProcessWorkers, fast_timeouts, pipeline_from
+from tests.conftest import EXAMPLE, InProcessWorkers, fast_timeouts, final_workspace, pipeline_from
 from tests.history import activity_runs, history_json, run_ids, step_runs
-
-
-def restore_final(result: RunResult, into: Path) -> Path:
-    engine = SnapshotEngine(open_store(result.store))
-    assert result.final_snapshot is not None
-    engine.restore(result.final_snapshot, into)
-    return into / "workspace"
 
 
 @pytest.fixture(scope="session")
@@ -58,7 +49,7 @@ async def test_forty_step_pipeline_completes_with_a_reproducible_digest(
     assert result.status == "completed"
     assert (result.steps_completed, result.steps_total, result.step_runs, result.rehydrations) == (40, 40, 40, 0)
     assert result.workspace_digest == reference_run.workspace_digest
-    workspace = restore_final(result, tmp_path / "final")
+    workspace = final_workspace(result, tmp_path / "final")
     assert (workspace / "reports" / "audit.txt").read_text() == "40 steps, each exactly once\n"
     assert len((workspace / "log" / "steps.log").read_text().splitlines()) == 40
     # One checkpoint after setup and one after every step, each recorded in the result.
@@ -84,7 +75,7 @@ async def test_sandbox_destroyed_during_step_22_resumes_there(
     assert provisions[0].input["restore"] is None
     assert provisions[1].input["restore"]["step"] == 20, "rehydrated from the snapshot taken after step 21"
     assert provisions[1].summary == "rehydrate: new sandbox from the snapshot after step 21"
-    workspace = restore_final(result, tmp_path / "final")
+    workspace = final_workspace(result, tmp_path / "final")
     assert (workspace / "reports" / "audit.txt").read_text() == "40 steps, each exactly once\n"
 
 
@@ -149,7 +140,7 @@ async def test_history_holds_no_file_contents_and_no_secret_values(
     # The step really saw the secret.
     import hashlib
 
-    workspace = restore_final(result, tmp_path / "final")
+    workspace = final_workspace(result, tmp_path / "final")
     assert (workspace / "token.sha").read_text().split()[0] == hashlib.sha256(secret.encode()).hexdigest()
 
 
@@ -175,7 +166,7 @@ async def test_failed_attempt_is_rolled_back_before_the_retry(
     client = await workers.start()
     handle = await start_pipeline(client, loaded, task_queue=workers.task_queue, store_url=local_store)
     result = await handle.result()
-    workspace = restore_final(result, tmp_path / "final")
+    workspace = final_workspace(result, tmp_path / "final")
     assert (workspace / "log.txt").read_text() == "one\ntwo\n", "the failed attempt's append was rolled back"
     assert sorted(p.name for p in workspace.glob("debris-*")) == ["debris-2"]
     runs = await activity_runs(client, handle.id)
@@ -262,7 +253,7 @@ async def test_long_pipelines_continue_as_new_and_keep_their_sandbox(
     assert len(await run_ids(client, handle.id)) == 3
     runs = await activity_runs(client, handle.id)
     assert [r.name for r in runs].count("tardigrade.provision") == 1, "the sandbox lives across continue-as-new"
-    workspace = restore_final(result, tmp_path / "final")
+    workspace = final_workspace(result, tmp_path / "final")
     assert (workspace / "log.txt").read_text() == "".join(f"{i}\n" for i in range(8))
 
 

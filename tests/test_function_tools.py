@@ -17,10 +17,10 @@ from tardigrade import function_tool
 from tardigrade.client import start_pipeline
 from tardigrade.function_tools import FunctionToolError, function_tools
 from tardigrade.pipeline import PipelineError
-from tests.conftest import InProcessWorkers, pipeline_from
+from tests.conftest import InProcessWorkers, final_workspace, pipeline_from
 from tests.fake_openai import FakeOpenAI, call, fake_openai_server, openai_env_for_workers  # noqa: F401 - fixtures
 from tests.history import activity_runs, history_json
-from tests.test_agent_steps import agent_pipeline, model_name, run_to_end, workspace_of
+from tests.test_agent_steps import agent_pipeline, model_name, run_to_end
 
 
 class Address(BaseModel):
@@ -163,7 +163,7 @@ async def test_an_agent_step_calls_function_tools_on_the_worker_with_retries_and
     assert len(CALLS) == 1 and CALLS[0]["pid"] == os.getpid(), "it ran on the worker, not in the sandbox"
     assert CALLS[0]["token"] == token
 
-    workspace = workspace_of(result, tmp_path / "final")
+    workspace = final_workspace(result, tmp_path / "final")
     assert (workspace / "seen.txt").read_text() == "token=[]\n", "the worker's credential never reached the sandbox"
     history = await history_json(client, workflow_id)
     assert token not in history and password not in history, "the failure messages in history are redacted"

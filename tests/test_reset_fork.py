@@ -24,11 +24,9 @@ from tardigrade.client import connect, start_pipeline
 from tardigrade.fork import ForkError
 from tardigrade.pipeline import load_pipeline
 from tardigrade.plugin import TardigradePlugin
-from tardigrade.sandboxes.snapshots import SnapshotEngine
-from tardigrade.sandboxes.stores import open_store
 from tardigrade.workflows.pipeline import PipelineWorkflow
 from tardigrade.workflows.state import RunResult, RunStatus
-from tests.conftest import EXAMPLE, Cli, InProcessWorkers, pipeline_from, wait_for
+from tests.conftest import EXAMPLE, Cli, InProcessWorkers, final_workspace, pipeline_from, wait_for
 from tests.history import ActivityRun, activity_runs, step_runs
 
 AUDIT = "40 steps, each exactly once\n"
@@ -58,16 +56,6 @@ async def clean(temporal_address: str, tmp_path_factory: pytest.TempPathFactory)
 @pytest.fixture
 def clean_run(clean: CleanRun) -> RunResult:
     return clean.result
-
-
-def final_files(result: RunResult, into: Path) -> Path:
-    assert result.final_snapshot is not None
-    engine = SnapshotEngine(open_store(result.store))
-    try:
-        engine.restore(result.final_snapshot, into)
-    finally:
-        engine.close()
-    return into / "workspace"
 
 
 async def workflow_task_after_checkpoint(client: Client, workflow_id: str, run_id: str, index: int) -> int:
@@ -138,7 +126,7 @@ async def test_reset_of_a_running_run_from_step_30_to_step_10_rolls_the_live_san
 
     assert result.status == "completed"
     assert result.workspace_digest == clean_run.workspace_digest, "the reset run's files equal a clean run's"
-    assert (final_files(result, tmp_path / "final") / "reports" / "audit.txt").read_text() == AUDIT
+    assert (final_workspace(result, tmp_path / "final") / "reports" / "audit.txt").read_text() == AUDIT
     assert result.rehydrations == 0, "the live sandbox was rolled back, not replaced"
 
     old_history, new_history = await runs_of(client, handle.id, old_run), await runs_of(client, handle.id, new_run)
@@ -164,7 +152,7 @@ async def test_reset_of_a_finished_run_rehydrates_the_snapshot_its_history_names
 
     assert result.workspace_digest == clean_run.workspace_digest
     assert result.rehydrations == 1, "the destroyed sandbox was replaced from the snapshot after step 35"
-    assert (final_files(result, tmp_path / "final") / "reports" / "audit.txt").read_text() == AUDIT
+    assert (final_workspace(result, tmp_path / "final") / "reports" / "audit.txt").read_text() == AUDIT
 
 
 async def test_fork_from_step_20_of_another_run(
@@ -177,7 +165,7 @@ async def test_fork_from_step_20_of_another_run(
 
     assert result.workspace_digest == clean_run.workspace_digest
     assert result.store == clean_run.store, "a fork restores from, and writes to, its source's store"
-    assert (final_files(result, tmp_path / "final") / "reports" / "audit.txt").read_text() == AUDIT
+    assert (final_workspace(result, tmp_path / "final") / "reports" / "audit.txt").read_text() == AUDIT
     runs = await activity_runs(client, fork.id)
     assert step_runs(runs) == {step: 1 for step in range(21, 41)}, "only steps 21-40 run in the fork"
     [provision] = [r for r in runs if r.name == "tardigrade.provision"]
@@ -205,7 +193,7 @@ async def test_fork_from_a_snapshot_id_with_a_changed_last_step(
         store_url=local_store, start_from=after_two,
     )  # fmt: skip
     result = await fork.result()
-    assert (final_files(result, tmp_path / "fork") / "log.txt").read_text() == "1\n2\nthree\n4\n"
+    assert (final_workspace(result, tmp_path / "fork") / "log.txt").read_text() == "1\n2\nthree\n4\n"
     assert step_runs(await activity_runs(client, fork.id)) == {3: 1, 4: 1}
 
 

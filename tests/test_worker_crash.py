@@ -12,11 +12,9 @@ import psutil
 import pytest
 
 from tardigrade.client import connect, start_pipeline
-from tardigrade.sandboxes.snapshots import SnapshotEngine
-from tardigrade.sandboxes.stores import open_store
 from tardigrade.workflows.pipeline import PipelineWorkflow
 from tardigrade.workflows.state import RunResult, RunStatus
-from tests.conftest import WorkerProcess, fast_timeouts, pipeline_from, wait_for
+from tests.conftest import WorkerProcess, fast_timeouts, final_workspace, pipeline_from, wait_for
 from tests.history import activity_runs, step_runs
 
 SLEEP_MARK = "7.77"  # a sleep length no other process on the machine uses, to find orphans by
@@ -41,12 +39,6 @@ def appending_pipeline(tmp_path: Path, name: str) -> Any:
         },
         tmp_path,
     )
-
-
-def workspace_of(result: RunResult, into: Path) -> Path:
-    assert result.final_snapshot
-    SnapshotEngine(open_store(result.store)).restore(result.final_snapshot, into)
-    return into / "workspace"
 
 
 def orphans() -> list[psutil.Process]:
@@ -102,7 +94,7 @@ async def test_worker_killed_mid_step_is_replaced_and_the_step_takes_effect_once
 
     assert result.status == "completed" and result.rehydrations >= 1
     assert result.workspace_digest == reference.workspace_digest
-    workspace = workspace_of(result, tmp_path / "final")
+    workspace = final_workspace(result, tmp_path / "final")
     assert (workspace / "out" / "log.txt").read_text() == "one\ntwo\nthree\nfour\n", "step three took effect once"
     counts = step_runs(await activity_runs(client, handle.id))
     assert counts[1] == counts[2] == 1, "completed steps are not run again"

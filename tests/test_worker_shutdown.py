@@ -23,11 +23,9 @@ from temporalio.worker import Worker
 
 from tardigrade.client import connect, start_pipeline
 from tardigrade.plugin import TardigradePlugin
-from tardigrade.sandboxes.snapshots import SnapshotEngine
-from tardigrade.sandboxes.stores import open_store
 from tardigrade.workflows.pipeline import PipelineWorkflow
 from tardigrade.workflows.state import RunResult, RunStatus
-from tests.conftest import REPO, fast_timeouts, pipeline_from, wait_for
+from tests.conftest import REPO, fast_timeouts, final_workspace, pipeline_from, wait_for
 
 
 def start_worker(address: str, queue: str, home: Path, *extra: str) -> subprocess.Popen[bytes]:
@@ -65,16 +63,6 @@ async def run_step_outcomes(client: Client, workflow_id: str, index: int) -> lis
         if kind in ("completed", "failed", "timed_out") and getattr(event, field).scheduled_event_id in scheduled:
             ends.append(kind)
     return ends
-
-
-def workspace_log(result: RunResult, into: Path) -> str:
-    assert result.final_snapshot is not None
-    engine = SnapshotEngine(open_store(result.store))
-    try:
-        engine.restore(result.final_snapshot, into)
-    finally:
-        engine.close()
-    return (into / "workspace" / "log.txt").read_text()
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:
@@ -121,7 +109,7 @@ async def test_sigterm_lets_the_step_in_flight_finish_then_the_run_goes_on_elsew
         # The slow step finished on the stopping worker and reported it; the run went on elsewhere.
         outcomes = await run_step_outcomes(client, handle.id, index=1)
         assert outcomes[0] == "completed", f"the step in flight was cut instead of finishing: {outcomes}"
-        assert workspace_log(result, tmp_path / "final") == "one\ntwo\nthree\n"
+        assert (final_workspace(result, tmp_path / "final") / "log.txt").read_text() == "one\ntwo\nthree\n"
     finally:
         stop(first)
         if second is not None:
@@ -159,7 +147,9 @@ async def test_a_step_longer_than_the_grace_is_cut_at_the_bound_and_rehydrates(
         second = start_worker(temporal_address, queue, tmp_path / "b")
         result: RunResult = await handle.result()
         assert result.status == "completed" and result.rehydrations >= 1, "the cut step ran again from a checkpoint"
-        assert workspace_log(result, tmp_path / "final") == "one\nstarted\ntwo\n", "the cut attempt left nothing"
+        assert (final_workspace(result, tmp_path / "final") / "log.txt").read_text() == "one\nstarted\ntwo\n", (
+            "the cut attempt left nothing"
+        )
     finally:
         stop(first)
         if second is not None:
