@@ -48,7 +48,9 @@ async def main() -> None:
                 "steps": [{"name": f"step {i}", "run": f"echo {i} >> log.txt"} for i in range(args.steps)],
             }
         )
-        client = await connect(server.address, plugin=TardigradePlugin(state_dir=base / "worker"))
+        policy = base / "policy.yaml"  # the worker policy grants the bench's own store folder
+        policy.write_text(f"file_roots: [{base / 'store'}]\n")
+        client = await connect(server.address, plugin=TardigradePlugin(state_dir=base / "worker", policy=policy))
         queue = f"long-{uuid.uuid4().hex[:6]}"
         store = (base / "store").as_uri()
         async with Worker(client, task_queue=queue):

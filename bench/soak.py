@@ -93,7 +93,10 @@ async def run_worker(address: str, task_queue: str, state_dir: Path) -> None:
 
     from tardigrade.plugin import TardigradePlugin
 
-    plugin = TardigradePlugin(state_dir=state_dir, fault_injector=LoseMarkedRuns())
+    # The worker policy grants the soak's own store folder (beside the state folder), as an operator's would.
+    plugin = TardigradePlugin(
+        state_dir=state_dir, fault_injector=LoseMarkedRuns(), policy=policy_file(state_dir.parent)
+    )
     client = await connect(address, plugin=plugin)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     print(f"worker {os.getpid()} ready: RLIMIT_NOFILE {soft}/{hard}", flush=True)
@@ -114,6 +117,14 @@ async def report_threads(path: Path) -> None:
         path.with_suffix(".tmp").write_text(json.dumps({"pools": pools, "names": dict(sorted(names.items()))}))
         path.with_suffix(".tmp").replace(path)
         await asyncio.sleep(1)
+
+
+def policy_file(base: Path) -> Path:
+    """The worker policy of the soak: its store folder is the one file root."""
+    policy = base / "policy.yaml"
+    if not policy.exists():
+        policy.write_text(f"file_roots: [{base / 'store'}]\n")
+    return policy
 
 
 def start_worker_process(
@@ -296,7 +307,12 @@ async def drive(args: argparse.Namespace) -> int:
     failures: list[str] = []
     samples: list[Sample] = []
     try:
-        client = await connect(server.address)
+        from tardigrade.plugin import TardigradePlugin
+
+        # The client checks pipelines against the worker's policy before starting them.
+        client = await connect(
+            server.address, plugin=TardigradePlugin(state_dir=base / "client", policy=policy_file(base))
+        )
         started = time.monotonic()
         deadline = started + args.minutes * 60 if args.minutes else None
         runs = checkpoints = launched = 0
@@ -339,6 +355,9 @@ async def drive(args: argparse.Namespace) -> int:
                 if runs % args.report_every == 0:
                     samples.append(sample(worker, state_dir, store, runs, checkpoints, started))
                     print(row(samples[-1]), flush=True)
+            if failures and checkpoints == 0 and runs >= args.concurrency:
+                print(f"every run so far failed, stopping: {failures[0]}")  # nothing to measure
+                break
         for task in in_flight:
             task.cancel()
         idle = process.poll() is None and not in_flight

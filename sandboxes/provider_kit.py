@@ -11,10 +11,11 @@ The entry point names a callable ``factory(name, state_dir, *, worker_id, fault_
 carry an ``options`` attribute: a pydantic model of the ``sandbox.options`` keys it takes, which the worker checks
 before the first sandbox. Pipelines name such a provider by its entry-point name.
 
-Names: the names this repository ships (``daytona``) are plain; a third-party provider's name is qualified, as
-``<vendor>.<provider>`` (``acme.vm``), so it can never collide with a future built-in and a typo in a built-in
-name (``e2d``) is still refused when the pipeline is read. Entry points are read on the worker, at provision: a
-pipeline is validated (also inside the deterministic workflow) by the name's shape alone.
+Names: the names this repository ships (``daytona``, ``runloop``, ``vercel``, ``blaxel``, ``cloudflare``) are plain;
+a third-party provider's name is qualified, as ``<vendor>.<provider>`` (``acme.vm``), so it can never collide with a
+future built-in and a typo in a built-in name (``e2d``) is still refused when the pipeline is read. Entry points are
+read on the worker, at provision: a pipeline is validated (also inside the deterministic workflow) by the name's
+shape alone.
 """
 
 from __future__ import annotations
@@ -31,9 +32,9 @@ from tardigrade.sandboxes.provider_options import QUALIFIED_PROVIDER
 
 GROUP = "tardigrade.providers"
 #: Providers this repository ships through the entry-point group (so a pipeline may name them unqualified).
-SHIPPED = ("daytona",)
+SHIPPED = ("daytona", "runloop", "vercel", "blaxel", "cloudflare")
 #: The extra that installs each shipped provider's SDK.
-SHIPPED_EXTRAS = {"daytona": "daytona"}
+SHIPPED_EXTRAS = {name: name for name in SHIPPED}
 
 
 class ProviderFactory(Protocol):

@@ -55,17 +55,38 @@ class DaytonaOptions(_Options):
     native_snapshot: bool = Field(default=False, description="Also take a Daytona snapshot at every checkpoint.")
 
 
+class RunloopOptions(_Options):
+    """Runloop devboxes (sandboxes/runloop.py)."""
+
+
+class VercelOptions(_Options):
+    """Vercel sandboxes (sandboxes/vercel.py)."""
+
+
+class BlaxelOptions(_Options):
+    """Blaxel sandboxes (sandboxes/blaxel.py)."""
+
+
+class CloudflareOptions(_Options):
+    """Cloudflare sandboxes behind the bridge Worker (sandboxes/cloudflare.py, clients/cloudflare-bridge/)."""
+
+
 PROVIDER_OPTIONS: dict[str, type[_Options]] = {
     "local": LocalOptions,
     "e2b": E2BOptions,
     "modal": ModalOptions,
     "daytona": DaytonaOptions,
+    "runloop": RunloopOptions,
+    "vercel": VercelOptions,
+    "blaxel": BlaxelOptions,
+    "cloudflare": CloudflareOptions,
 }
 
 
 #: The provider names a pipeline may use unqualified: built in, or shipped here through the provider kit's entry
-#: point (daytona). Third-party providers (sandboxes/provider_kit.py) are named ``vendor.provider``.
-NAMED_PROVIDERS = ("local", "e2b", "modal", "daytona")
+#: point (daytona and the others after it). Third-party providers (sandboxes/provider_kit.py) are named
+#: ``vendor.provider``.
+NAMED_PROVIDERS = ("local", "e2b", "modal", "daytona", "runloop", "vercel", "blaxel", "cloudflare")
 QUALIFIED_PROVIDER = re.compile(r"^[a-z][a-z0-9_-]{0,39}\.[a-z][a-z0-9_.-]{0,79}$")
 
 
@@ -108,6 +129,11 @@ def check_options(options: Mapping[str, Any], providers: Sequence[str]) -> None:
             first = e.errors()[0]
             key = ".".join(str(part) for part in first["loc"])
             raise ValueError(f"{key}: {first['msg']} ({p} option)") from None
+
+
+def describe_options() -> str:
+    """Which keys each provider takes, in words (for the pipeline schema's description)."""
+    return "; ".join(f"{p} takes {', '.join(accepted(p)) or 'none'}" for p in PROVIDER_OPTIONS)
 
 
 #: Every key some provider takes, for the JSON Schema (which cannot tell which provider a key belongs to).

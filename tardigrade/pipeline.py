@@ -57,6 +57,7 @@ from tardigrade.sandboxes.provider_options import (
     NAMED_PROVIDERS,
     QUALIFIED_PROVIDER,
     check_options,
+    describe_options,
     is_provider_name,
 )
 
@@ -267,8 +268,8 @@ class SandboxConfig(_Strict):
 
     provider: ProviderName | list[ProviderName] = Field(
         default="local",
-        description="Where sandboxes run: local (bubblewrap), e2b, modal, daytona, an installed provider's entry-point"
-        " name (acme.vm), or a preference list such as [local, e2b].",
+        description=f"Where sandboxes run: {', '.join(NAMED_PROVIDERS)} (local is bubblewrap on the worker), an"
+        " installed provider's entry-point name (acme.vm), or a preference list such as [local, e2b].",
         json_schema_extra={
             "uniqueItems": True,
             "minItems": 1,
@@ -287,9 +288,7 @@ class SandboxConfig(_Strict):
     )
     options: dict[str, Any] = Field(
         default_factory=dict,
-        description="Provider-specific settings (sandboxes/provider_options.py): e2b takes template, lifetime and"
-        " native_snapshot; modal takes image, cpu, memory, app, lifetime and native_snapshot; daytona takes snapshot,"
-        " image, cpu, memory, disk, auto_stop_interval and native_snapshot; local takes none.",
+        description=f"Provider-specific settings (sandboxes/provider_options.py): {describe_options()}.",
         json_schema_extra=_OPTIONS_SCHEMA,
     )
     limits: Limits = Field(
@@ -314,7 +313,7 @@ class SandboxConfig(_Strict):
         names = v if isinstance(v, list) else [v]
         if not names or any(not isinstance(name, str) or not is_provider_name(name) for name in names):
             raise ValueError(
-                "Input should be 'local', 'e2b', 'modal' or 'daytona', an installed provider's qualified entry-point"
+                f"Input should be one of {', '.join(NAMED_PROVIDERS)}, an installed provider's qualified entry-point"
                 " name such as acme.vm, or a preference list such as [local, e2b]"
             )
         if len(set(names)) != len(names):

@@ -303,7 +303,7 @@ def test_a_provider_no_package_registers_is_named_with_what_to_install(tmp_path:
     with pytest.raises(ProviderUnavailable) as missing:
         build_provider("other.vm", tmp_path, worker_id="w")
     assert "'other.vm'" in str(missing.value) and "tardigrade.providers" in str(missing.value)
-    assert "registered: daytona" in str(missing.value)
+    assert "registered: blaxel, cloudflare, daytona, runloop, vercel" in str(missing.value)
     with pytest.raises(ProviderUnavailable, match="unknown sandbox provider 'docker'"):
         build_provider("docker", tmp_path, worker_id="w")
 

@@ -120,7 +120,9 @@ class PipelineWorkflow:
                 await self._attempt(state.next_step)
         except workflow.ContinueAsNewError:
             raise  # the sandbox lives on into the next run
-        except BaseException as e:  # cancelled, or failed: do not leave a sandbox running
+        except (Exception, asyncio.CancelledError) as e:  # cancelled, or failed: do not leave a sandbox running
+            # Not BaseException: a workflow evicted from the worker's cache is closed with GeneratorExit, and that
+            # is no reason to destroy its sandbox (nor can it run workflow code any more).
             # Cancel means stop: the step's activity was cancelled (its processes killed), and now the sandbox goes.
             # The last snapshot stays in the store, recorded in history, for `tardigrade run --from` or a reset.
             cancelled = is_cancelled_exception(e)

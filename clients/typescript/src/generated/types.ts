@@ -206,9 +206,12 @@ export interface SnapshotPaths {
  */
 export interface SandboxConfig {
   /**
-   * Where sandboxes run: local (bubblewrap), e2b, modal, daytona, an installed provider's entry-point name (acme.vm), or a preference list such as [local, e2b].
+   * Where sandboxes run: local, e2b, modal, daytona, runloop, vercel, blaxel, cloudflare (local is bubblewrap on the worker), an installed provider's entry-point name (acme.vm), or a preference list such as [local, e2b].
    */
-  provider?: ("local" | "e2b" | "modal" | "daytona") | string | (("local" | "e2b" | "modal" | "daytona") | string)[];
+  provider?:
+    | ("local" | "e2b" | "modal" | "daytona" | "runloop" | "vercel" | "blaxel" | "cloudflare")
+    | string
+    | (("local" | "e2b" | "modal" | "daytona" | "runloop" | "vercel" | "blaxel" | "cloudflare") | string)[];
   /**
    * false: no network (the default); true: the internet, never the worker or its private networks; {allow: [pypi.org, '*.github.com']}: only those hosts, through the worker's egress proxy.
    */
@@ -218,7 +221,7 @@ export interface SandboxConfig {
    */
   isolation?: "required" | "preferred";
   /**
-   * Provider-specific settings (sandboxes/provider_options.py): e2b takes template, lifetime and native_snapshot; modal takes image, cpu, memory, app, lifetime and native_snapshot; daytona takes snapshot, image, cpu, memory, disk, auto_stop_interval and native_snapshot; local takes none.
+   * Provider-specific settings (sandboxes/provider_options.py): local takes none; e2b takes template, lifetime, native_snapshot; modal takes image, cpu, memory, app, lifetime, native_snapshot; daytona takes snapshot, image, cpu, memory, disk, auto_stop_interval, native_snapshot; runloop takes none; vercel takes none; blaxel takes none; cloudflare takes none.
    */
   options?: {
     [k: string]: unknown | undefined;
