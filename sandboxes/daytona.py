@@ -34,15 +34,14 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from tardigrade.sandboxes.errors import ProviderUnavailable, SandboxError, SandboxLost, UnsafePath
-from tardigrade.sandboxes.layout import SANDBOX_UID, WORKSPACE
-from tardigrade.sandboxes.manifest import sandbox_path
+from tardigrade.sandboxes.errors import ProviderUnavailable, SandboxError, SandboxLost
+from tardigrade.sandboxes.layout import SANDBOX_UID
 from tardigrade.sandboxes.network.providers import _split
 from tardigrade.sandboxes.network.rules import NetworkRule
 from tardigrade.sandboxes.provider import FaultInjector, SandboxSpec
 from tardigrade.sandboxes.provider_options import DEFAULT_DAYTONA_AUTO_STOP as DEFAULT_AUTO_STOP
 from tardigrade.sandboxes.provider_options import DaytonaOptions
-from tardigrade.sandboxes.remote import HELPER_DIR, RemoteProcess, RemoteProvider, RemoteSandbox
+from tardigrade.sandboxes.remote import RemoteProcess, RemoteProvider, RemoteSandbox
 
 _GONE_STATES = {"destroyed", "destroying", "error", "build_failed"}
 _RESUMABLE_STATES = {"stopped", "stopping", "archived"}
@@ -182,38 +181,6 @@ class DaytonaSandbox(RemoteSandbox):
         if isinstance(error, daytona.DaytonaSessionEndedError):
             return False
         return isinstance(error, daytona.DaytonaGoneError | daytona.DaytonaSpotEvictedError)
-
-    async def read_file(self, path: str, *, limit: int | None = None) -> bytes:
-        """``cat`` as uid 1000 (so the sandbox's permissions apply) into a root-only file, downloaded byte-exact."""
-        target = sandbox_path(path)
-        head = f"head -c {limit}" if limit is not None else "cat"
-        drop = f"{HELPER_DIR}/read-{uuid.uuid4().hex[:12]}"
-        quoted = shlex.quote(target)
-        errors = bytearray()
-        script = (
-            f"{self._refuse_special(target)}; mkdir -p {HELPER_DIR} && chmod 700 {HELPER_DIR} &&"
-            f" setpriv --reuid={SANDBOX_UID} --regid={SANDBOX_UID} --clear-groups -- {head} -- {quoted} > {drop}"
-        )
-        async with self._sdk(f"reading {target}"):
-            process = await self._spawn(script, env={}, cwd=WORKSPACE, root=True, on_output=errors.extend)
-            code = await process.wait()
-        try:
-            if code != 0:
-                message = errors.decode(errors="replace").strip()
-                if "No such file" in message:
-                    raise FileNotFoundError(target)
-                if code == 3 and "refusing to read it" in message:
-                    raise UnsafePath(message[-500:])
-                raise SandboxError(f"reading {target} failed: {message[-500:]}")
-            local = self.state / f"read-{uuid.uuid4().hex[:12]}"
-            try:
-                async with self._sdk(f"reading {target}"):
-                    await self._download(drop, local)
-                return local.read_bytes()
-            finally:
-                local.unlink(missing_ok=True)
-        finally:
-            await self._run_root(f"rm -f {drop}", "removing a helper file")
 
     async def _put_bytes(self, data: bytes, remote_path: str) -> None:
         await self._sb.fs.upload_file(data, remote_path)

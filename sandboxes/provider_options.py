@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -58,17 +58,67 @@ class DaytonaOptions(_Options):
 class RunloopOptions(_Options):
     """Runloop devboxes (sandboxes/runloop.py)."""
 
+    blueprint: str | None = Field(default=None, min_length=1, description="The Runloop blueprint (name) to boot from.")
+    resource_size: Literal["X_SMALL", "SMALL", "MEDIUM", "LARGE", "X_LARGE", "XX_LARGE"] | None = Field(
+        default=None, description="Runloop's resource size (SMALL: 1 CPU, 2 GiB; MEDIUM: 2 CPU, 4 GiB; ...)."
+    )
+    keep_alive: int = Field(
+        default=86400, gt=0, le=172800, description="Seconds idle before Runloop shuts it down (at most 48 h)."
+    )
+    idle_suspend: int | None = Field(
+        default=None, gt=0, description="Seconds idle before Runloop suspends the devbox (its disk is kept)."
+    )
+    native_snapshot: bool = Field(default=False, description="Also take a Runloop disk snapshot at checkpoints.")
+
+
+DEFAULT_VERCEL_LIFETIME = 2700  # seconds: Vercel's Hobby maximum (45 min); Pro/Enterprise allow more
+
 
 class VercelOptions(_Options):
     """Vercel sandboxes (sandboxes/vercel.py)."""
+
+    image: str | None = Field(default=None, min_length=1, description="A Vercel Container Registry image to boot.")
+    vcpus: int | None = Field(default=None, gt=0, description="vCPUs (Vercel gives 2 GB of memory per vCPU).")
+    memory: int | None = Field(default=None, gt=0, description="Memory in MB.")
+    region: str | None = Field(default=None, min_length=1, description="The Vercel region (default: the SDK's).")
+    lifetime: int = Field(
+        default=DEFAULT_VERCEL_LIFETIME,
+        gt=0,
+        description="Seconds a sandbox session may run (plan maximum: 45 min Hobby, more on Pro); past it the"
+        " sandbox is lost and the run rehydrates on a new one.",
+    )
+    native_snapshot: bool = Field(
+        default=False, description="Also take a Vercel snapshot at every checkpoint (it restarts the session)."
+    )
 
 
 class BlaxelOptions(_Options):
     """Blaxel sandboxes (sandboxes/blaxel.py)."""
 
+    image: str | None = Field(
+        default=None,
+        min_length=1,
+        description="A Debian/Ubuntu-based image to boot (default: the worker's BLAXEL_IMAGE; Blaxel's own is Alpine).",
+    )
+    memory: int | None = Field(default=None, gt=0, description="Memory in MiB (CPU follows it; Blaxel default 4096).")
+    region: str | None = Field(default=None, min_length=1, description="Region, such as us-pdx-1 (or BL_REGION).")
+    idle_ttl: str | None = Field(
+        default="24h",
+        pattern=r"^[0-9]+[smhdw]$",
+        description="Delete the sandbox after this long unused, such as 30m or 7d (at least 60s; null: never).",
+    )
+    native_snapshot: bool = Field(default=False, description="Also take a Blaxel snapshot at every checkpoint.")
+
 
 class CloudflareOptions(_Options):
     """Cloudflare sandboxes behind the bridge Worker (sandboxes/cloudflare.py, clients/cloudflare-bridge/)."""
+
+    native_snapshot: bool = Field(
+        default=False, description="Also take Cloudflare backups (R2) of /workspace and /home/sandbox at checkpoints."
+    )
+    backup_ttl: int = Field(
+        default=259200, gt=0, description="Seconds Cloudflare keeps a native backup (its default: 3 days)."
+    )
 
 
 PROVIDER_OPTIONS: dict[str, type[_Options]] = {

@@ -38,6 +38,11 @@ if [ ! -f "$ts_stamp" ] && command -v npm >/dev/null; then
   (cd clients/typescript && npm ci --no-audit --no-fund --loglevel=error >/dev/null) && touch "$ts_stamp"
 fi
 
+# The Cloudflare bridge Worker must type-check against @cloudflare/sandbox's types (its own node_modules).
+if command -v npm >/dev/null; then
+  scripts/check-cloudflare-bridge.sh
+fi
+
 # Emulators are started by the tests' own fixtures; a missing one is a failure here, not a skip.
 export TARDIGRADE_REQUIRE_EMULATORS=1
 set +e

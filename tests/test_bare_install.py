@@ -30,6 +30,10 @@ OPTIONAL_PACKAGES = (
     "e2b",
     "modal",
     "daytona",
+    "runloop_api_client",
+    "vercel",
+    "blaxel",
+    "httpx",
 )
 
 

@@ -221,7 +221,7 @@ export interface SandboxConfig {
    */
   isolation?: "required" | "preferred";
   /**
-   * Provider-specific settings (sandboxes/provider_options.py): local takes none; e2b takes template, lifetime, native_snapshot; modal takes image, cpu, memory, app, lifetime, native_snapshot; daytona takes snapshot, image, cpu, memory, disk, auto_stop_interval, native_snapshot; runloop takes none; vercel takes none; blaxel takes none; cloudflare takes none.
+   * Provider-specific settings (sandboxes/provider_options.py): local takes none; e2b takes template, lifetime, native_snapshot; modal takes image, cpu, memory, app, lifetime, native_snapshot; daytona takes snapshot, image, cpu, memory, disk, auto_stop_interval, native_snapshot; runloop takes blueprint, resource_size, keep_alive, idle_suspend, native_snapshot; vercel takes image, vcpus, memory, region, lifetime, native_snapshot; blaxel takes image, memory, region, idle_ttl, native_snapshot; cloudflare takes native_snapshot, backup_ttl.
    */
   options?: {
     [k: string]: unknown | undefined;
