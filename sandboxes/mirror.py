@@ -11,6 +11,9 @@ for ``asyncio.to_thread``:
 * `unpack` writes the fetched files from the tar stream the sandbox sent; `settle` sets modes and mtimes exactly;
 * `plan_push` and `build_tar` go the other way, after a restore into the mirror.
 
+Large changed files that both sides hold a version of skip the tar: sandboxes/block_delta.py moves only their
+differing blocks (`SyncStats.patched` counts them), and sends them whole whenever anything about that is off.
+
 Trust: the listing and the tar come out of the sandbox, and root inside it can rewrite both. So every name is
 checked (relative, no ``..``; `read_listing` refuses the whole listing otherwise), every write goes through
 `SafeFolders` (no symlink on the way is ever followed), the tar may only hold regular files and hard links that
@@ -62,8 +65,9 @@ class RemoteEntry:
 @dataclass
 class SyncStats:
     listed: int = 0
-    transferred: int = 0
-    bytes: int = 0
+    transferred: int = 0  # files brought over, whole or as block deltas
+    bytes: int = 0  # their bytes that crossed (for a block delta, the blocks sent)
+    patched: int = 0  # of those, files sent as block deltas (sandboxes/block_delta.py)
     deleted: int = 0
     seconds: float = 0.0
 

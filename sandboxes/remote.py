@@ -17,6 +17,8 @@ module builds the provider-neutral `Sandbox` on top of them:
   one tar stream through the SDK; it applies deletions and sets modes and mtimes exactly (from the listing, in
   nanoseconds). Then `SnapshotEngine.create` runs on the mirror, whose stat cache makes it incremental. `restore`
   runs `SnapshotEngine.restore` into the mirror and `push`es the differences back (deletions first, then one tar).
+  A changed file of 1 MiB or more that both sides hold a version of moves as its differing 1 MiB blocks instead
+  (sandboxes/block_delta.py: hashed on both sides, patched into a new file, checked, renamed; whole on any doubt).
   The listing and the tar come out of a hostile sandbox: sandboxes/mirror.py checks every name and writes only
   through sandboxes/safe_folders.py, and its blocking file work runs in threads, off the event loop.
 * Mounts are materialized on the worker (sandboxes/mounts.py) and pushed the same way to the mount path, owned by
@@ -36,6 +38,7 @@ import logging
 import os
 import shlex
 import shutil
+import stat
 import tempfile
 import time
 import uuid
@@ -43,8 +46,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Protocol
 
-from tardigrade.sandboxes import mirror
-from tardigrade.sandboxes.errors import SandboxError, SandboxLost, WorkspaceChanged
+from tardigrade.sandboxes import block_delta, mirror
+from tardigrade.sandboxes.errors import SandboxError, SandboxLost, UnsafePath, WorkspaceChanged
 from tardigrade.sandboxes.exec_log import ExecLog, OutputMask
 from tardigrade.sandboxes.layout import BASE_ENV, HOME, SANDBOX_UID, WORKSPACE
 from tardigrade.sandboxes.manifest import Mount, sandbox_path
@@ -300,6 +303,43 @@ class RemoteSandbox(Sandbox):
         finally:
             await self._run_root(f"rm -f {drop}", "removing a transferred file")
 
+    async def read_file(self, path: str, *, limit: int | None = None) -> bytes:
+        """``cat`` as uid 1000 (so the sandbox's permissions apply) into a root-only file, fetched byte-exact (command
+        output arrives as text on some SDKs). E2B and Modal read through their own file APIs instead."""
+        target = sandbox_path(path)
+        head = f"head -c {limit}" if limit is not None else "cat"
+        drop = f"{HELPER_DIR}/read-{uuid.uuid4().hex[:12]}"
+        errors = bytearray()
+        script = (
+            f"{self._refuse_special(target)}; mkdir -p {HELPER_DIR} && chmod 700 {HELPER_DIR} &&"
+            f" setpriv --reuid={SANDBOX_UID} --regid={SANDBOX_UID} --clear-groups -- {head} -- {shlex.quote(target)}"
+            f" > {drop}"
+        )
+        async with self._sdk(f"reading {target}"):
+            process = await self._spawn(script, env={}, cwd=WORKSPACE, root=True, on_output=errors.extend)
+            code = await process.wait()
+        try:
+            if code != 0:
+                message = errors.decode(errors="replace").strip()
+                if "No such file" in message:
+                    raise FileNotFoundError(target)
+                if code == 3 and "refusing to read it" in message:
+                    raise UnsafePath(message[-500:])
+                raise SandboxError(f"reading {target} failed: {message[-500:]}")
+            async with self._sdk(f"reading {target}"):
+                return await self._get_bytes(drop)
+        finally:
+            await self._run_root(f"rm -f {drop}", "removing a helper file")
+
+    async def _get_bytes(self, remote_path: str) -> bytes:
+        """The bytes of ``remote_path``, read as root; SDKs that return bytes directly override this."""
+        local = self.state / f"read-{uuid.uuid4().hex[:12]}"
+        try:
+            await self._download(remote_path, local)
+            return await asyncio.to_thread(local.read_bytes)
+        finally:
+            local.unlink(missing_ok=True)
+
     async def _put_bytes(self, data: bytes, remote_path: str) -> None:
         """Write ``data`` to ``remote_path`` as root; SDKs that take bytes directly override this."""
         local = self.state / f"put-{uuid.uuid4().hex[:12]}"
@@ -328,6 +368,8 @@ class RemoteSandbox(Sandbox):
             raise SandboxError(f"{doing} failed: {out.decode(errors='replace').strip()[-500:]}")
 
     # -- mirror sync --------------------------------------------------------------------------------------------
+
+    block_deltas = True  # move only the differing blocks of large changed files (False: whole files, as a baseline)
 
     async def _list(self, remote_root: str, selection: Selection, into: Path) -> dict[str, RemoteEntry]:
         """The sandbox's view of the selected paths below ``remote_root`` (relative paths, "" for the root)."""
@@ -363,8 +405,12 @@ class RemoteSandbox(Sandbox):
             remote = await self._list(remote_root, selection, scratch / "listing")
             stats.listed = len(remote)
             fetch = await asyncio.to_thread(mirror.apply_listing, local_root, remote, selection, index, stats)
+            if fetch:  # large files the mirror has an older copy of: only the blocks that differ
+                fetch = await self._fetch_deltas(local_root, remote_root, fetch, remote, scratch, stats)
             if fetch:
-                stats.transferred, stats.bytes = await self._fetch(local_root, remote_root, fetch, remote, scratch)
+                whole, size = await self._fetch(local_root, remote_root, fetch, remote, scratch)
+                stats.transferred += whole
+                stats.bytes += size
             new_index = await asyncio.to_thread(mirror.settle, local_root, remote)
             index.save(new_index)
         finally:
@@ -394,6 +440,105 @@ class RemoteSandbox(Sandbox):
         finally:
             await self._run_root(f"rm -f {remote_list} {remote_tar}", "removing helper files")
         return await asyncio.to_thread(mirror.unpack, local_root, local_tar, paths, remote)
+
+    async def _delta_script(self, body: str, arguments: list[str], remote_root: str, scratch: Path, doing: str) -> str:
+        """Run a block-delta script (sandboxes/block_delta.py) as root in ``remote_root``; its output goes to a
+        root-only file whose path is returned (the caller downloads it, bounded, and removes it)."""
+        token = uuid.uuid4().hex[:8]
+        local = scratch / f"delta-{token}.sh"
+        local.write_bytes(block_delta.script(body, arguments))
+        remote_script, remote_out = f"{HELPER_DIR}/delta-{token}.sh", f"{HELPER_DIR}/delta-{token}.out"
+        async with self._sdk(f"sending the script for {doing}"):
+            await self._upload(local, remote_script)
+        try:
+            await self._run_root(
+                f"cd {shlex.quote(remote_root)} && sh {remote_script} > {remote_out}; code=$?; rm -f {remote_script};"
+                " exit $code",
+                doing,
+            )
+        except SandboxError:
+            await self._run_root(f"rm -f {remote_out}", "removing helper files")
+            raise
+        return remote_out
+
+    async def _fetch_deltas(
+        self,
+        local_root: Path,
+        remote_root: str,
+        paths: list[str],
+        remote: dict[str, RemoteEntry],
+        scratch: Path,
+        stats: SyncStats,
+    ) -> list[str]:
+        """Bring changed large files the mirror holds an older copy of as the blocks that differ, patching a new
+        copy beside the old one; return the paths still to fetch whole (every one of them if anything about the
+        sandbox's answer is off)."""
+        if not self.block_deltas:
+            return paths
+        listed = [p for p in paths if remote[p].nlink == 1 and block_delta.worth_it(remote[p].size)]
+        candidates = (await asyncio.to_thread(block_delta.regular_candidates, local_root, listed))[
+            : block_delta.MAX_FILES
+        ]
+        if not candidates:
+            return paths
+        patched: set[str] = set()
+        outputs: list[str] = []
+        # The mirror's copies are hashed while the sandbox hashes its files.
+        ours = asyncio.ensure_future(asyncio.to_thread(block_delta.all_local_blocks, local_root, candidates))
+        try:
+            sizes = [remote[p].size for p in candidates]
+            outputs.append(
+                await self._delta_script(
+                    block_delta.HASH_SCRIPT, ["./" + p for p in candidates], remote_root, scratch, "hashing blocks"
+                )
+            )
+            await self._bounded_download(
+                outputs[-1], scratch / "blocks", block_delta.manifest_limit(sizes), "the block list"
+            )
+            claimed = block_delta.parse_manifest((scratch / "blocks").read_bytes(), sizes)
+            plan: list[tuple[str, list[str], list[int], list[str]]] = []  # path, claimed, blocks to fetch, ours
+            for rel, hashes, have in zip(candidates, claimed, await ours, strict=True):
+                if hashes is None or have is None:
+                    continue
+                wanted = block_delta.differing(hashes, have.hashes)
+                if len(wanted) <= block_delta.MAX_SHARE * len(hashes):
+                    plan.append((rel, hashes, wanted, have.hashes))
+            offsets: list[dict[int, int]] = []
+            total = 0
+            for rel, _, wanted, _ in plan:
+                placed = {}
+                for i in wanted:
+                    placed[i] = total
+                    total += block_delta.block_length(remote[rel].size, i)
+                offsets.append(placed)
+            blob = scratch / "blocks.bin"
+            blob.write_bytes(b"")
+            if total:
+                arguments = [
+                    a for rel, _, wanted, _ in plan if wanted for a in ("./" + rel, " ".join(map(str, wanted)))
+                ]
+                outputs.append(
+                    await self._delta_script(
+                        block_delta.EXTRACT_SCRIPT, arguments, remote_root, scratch, "extracting changed blocks"
+                    )
+                )
+                await self._bounded_download(outputs[-1], blob, total, "the changed blocks")
+            for (rel, hashes, _, have_hashes), placed in zip(plan, offsets, strict=True):
+                if await asyncio.to_thread(
+                    block_delta.patch, local_root, rel, remote[rel].size, hashes, placed, blob, have_hashes
+                ):
+                    patched.add(rel)
+            stats.patched = len(patched)
+            stats.transferred += len(patched)
+            stats.bytes += total
+        except (SandboxError, block_delta.ManifestInvalid) as e:
+            log.warning("%s sandbox %s: block deltas failed, fetching whole files: %s", self.provider, self.id, e)
+        finally:
+            with contextlib.suppress(Exception):
+                await ours  # a thread cannot be cancelled: let it end before the scratch folder goes
+            if outputs:
+                await self._run_root("rm -f " + " ".join(outputs), "removing helper files")
+        return [p for p in paths if p not in patched]
 
     async def _push(
         self,
@@ -427,11 +572,15 @@ class RemoteSandbox(Sandbox):
                     "deleting files",
                 )
                 stats.deleted = len(plan.delete)
+            if plan.send:  # large files the sandbox holds another version of: only the blocks that differ
+                plan.send = await self._push_deltas(local_root, remote_root, plan, remote, owner, scratch, stats)
             if plan.send:
                 archive_path = scratch / "push.tar"
-                stats.transferred, stats.bytes = await asyncio.to_thread(
+                whole, size = await asyncio.to_thread(
                     mirror.build_tar, local_root, plan.send, archive_path, owner, root_mode
                 )
+                stats.transferred += whole
+                stats.bytes += size
                 remote_tar = f"{HELPER_DIR}/push-{uuid.uuid4().hex[:8]}.tar"
                 async with self._sdk("uploading files"):
                     await self._upload(archive_path, remote_tar)
@@ -447,6 +596,91 @@ class RemoteSandbox(Sandbox):
             shutil.rmtree(scratch, ignore_errors=True)
         stats.seconds = round(time.monotonic() - started, 3)
         return stats
+
+    async def _push_deltas(
+        self,
+        local_root: Path,
+        remote_root: str,
+        plan: mirror.PushPlan,
+        remote: dict[str, RemoteEntry],
+        owner: int,
+        scratch: Path,
+        stats: SyncStats,
+    ) -> list[str]:
+        """Send large files the sandbox holds another version of (a rollback's or a rehydration's usual case) as the
+        blocks that differ; the sandbox builds each new file beside the old one and renames it over only if its
+        hash is the worker's. Returns what is still to send whole."""
+        if not self.block_deltas:
+            return plan.send
+        listed = []
+        for rel in plan.send:
+            if not rel:  # the root itself (a mount's), never a file
+                continue
+            st, have = plan.local[rel], remote.get(rel)
+            if (
+                stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and block_delta.worth_it(st.st_size)
+                and have is not None and have.kind == "f" and have.nlink == 1 and block_delta.worth_it(have.size)
+            ):  # fmt: skip
+                listed.append(rel)
+        candidates = listed[: block_delta.MAX_FILES]
+        if not candidates:
+            return plan.send
+        patched: set[str] = set()
+        outputs: list[str] = []
+        remote_blob = f"{HELPER_DIR}/delta-{uuid.uuid4().hex[:8]}.blob"
+        ours_all = asyncio.ensure_future(asyncio.to_thread(block_delta.all_local_blocks, local_root, candidates))
+        try:
+            sizes = [remote[p].size for p in candidates]
+            outputs.append(
+                await self._delta_script(
+                    block_delta.HASH_SCRIPT, ["./" + p for p in candidates], remote_root, scratch, "hashing blocks"
+                )
+            )
+            await self._bounded_download(
+                outputs[-1], scratch / "blocks", block_delta.manifest_limit(sizes), "the block list"
+            )
+            claimed = block_delta.parse_manifest((scratch / "blocks").read_bytes(), sizes)
+            blob = scratch / "blocks.bin"
+            blob.write_bytes(b"")
+            arguments: list[str] = [remote_blob]
+            chosen: list[str] = []
+            total = 0
+            for rel, theirs, ours in zip(candidates, claimed, await ours_all, strict=True):
+                if theirs is None or ours is None:
+                    continue
+                wanted = block_delta.differing(ours.hashes, theirs)
+                if len(wanted) > block_delta.MAX_SHARE * len(ours.hashes):
+                    continue
+                offset = total
+                total += await asyncio.to_thread(block_delta.append_blocks, local_root, rel, ours.size, wanted, blob)
+                st = plan.local[rel]
+                seconds, nanos = divmod(st.st_mtime_ns, 1_000_000_000)
+                arguments += [
+                    str(len(chosen)), "./" + rel, str(ours.size), str(offset), " ".join(map(str, wanted)),
+                    ours.sha256, str(owner), f"{stat.S_IMODE(st.st_mode):o}", f"{seconds}.{nanos:09d}",
+                ]  # fmt: skip
+                chosen.append(rel)
+            if chosen:
+                async with self._sdk("uploading changed blocks"):
+                    await self._upload(blob, remote_blob)
+                stats.bytes += total
+                outputs.append(
+                    await self._delta_script(
+                        block_delta.PATCH_SCRIPT, arguments, remote_root, scratch, "patching changed blocks in"
+                    )
+                )
+                await self._bounded_download(outputs[-1], scratch / "patched", 16 * len(chosen), "the patch report")
+                done = block_delta.patched_indexes((scratch / "patched").read_bytes(), len(chosen))
+                patched = {chosen[i] for i in done}
+                stats.patched = len(patched)
+                stats.transferred += len(patched)
+        except (SandboxError, block_delta.ManifestInvalid) as e:
+            log.warning("%s sandbox %s: block deltas failed, sending whole files: %s", self.provider, self.id, e)
+        finally:
+            with contextlib.suppress(Exception):
+                await ours_all
+            await self._run_root(f"rm -f {remote_blob} " + " ".join(outputs), "removing helper files")
+        return [p for p in plan.send if p not in patched]
 
     # -- snapshots ----------------------------------------------------------------------------------------------
 

@@ -82,6 +82,8 @@ class FakeMachine:
         self.socket_dir = Path(tempfile.mkdtemp(prefix="fe-", dir="/tmp"))  # short: sun_path holds 108 bytes
         self.process: subprocess.Popen[bytes] | None = None
         self.exit_code: int | None = None
+        # Bytes that crossed the SDK layer: file contents read out / written in, and command output streamed back.
+        self.traffic = {"download": 0, "upload": 0, "output": 0}
 
     async def start(self) -> None:
         for link in ("lib", "lib64", "bin", "sbin"):  # bubblewrap makes these; a disk copied from an image has them
@@ -183,6 +185,7 @@ class FakeMachine:
             while True:
                 kind, payload = await self._frame(reader)
                 if kind == b"O":
+                    self.traffic["download"] += len(payload)
                     yield payload
                     continue
                 status = json.loads(payload)
@@ -199,6 +202,7 @@ class FakeMachine:
             async for chunk in chunks:
                 for start in range(0, len(chunk), 1 << 20):
                     piece = chunk[start : start + (1 << 20)]
+                    self.traffic["upload"] += len(piece)
                     writer.write(b"D" + struct.pack(">I", len(piece)) + piece)
                     await writer.drain()
             writer.write(b"Z" + struct.pack(">I", 0))
@@ -231,6 +235,7 @@ class MachineProcess:
                 if kind == b"X":
                     status: dict[str, Any] = json.loads(payload)
                     return status
+                self.machine.traffic["output"] += len(payload)
                 result = self._on[kind](payload)
                 if asyncio.iscoroutine(result):
                     await result
