@@ -66,17 +66,18 @@ from tardigrade.sandboxes.errors import (
     SnapshotError,
 )
 from tardigrade.sandboxes.limits import LimitExceeded
-from tardigrade.sandboxes.manifest import SEED_SELECTION
-from tardigrade.sandboxes.mounts import MountError, open_source
+from tardigrade.sandboxes.mounts import MountError
 from tardigrade.sandboxes.network.policy import NetworkPolicy
 from tardigrade.sandboxes.network.rules import NetworkRule
 from tardigrade.sandboxes.outputs import OutputError, open_destination, upload_output
 from tardigrade.sandboxes.policy import AppliedPolicy, PolicyViolation, resolve_policy
 from tardigrade.sandboxes.provider import FaultInjector, Sandbox, SandboxProvider, SandboxSpec
 from tardigrade.sandboxes.provider_choice import build_provider, choose
+from tardigrade.sandboxes.provisioning import ProvisionRequest, RestorePoint, SetupFailed, apply_mounts
+from tardigrade.sandboxes.provisioning import provision as provision_sandbox
 from tardigrade.sandboxes.snapshots import SnapshotEngine
 from tardigrade.sandboxes.store_keys import log_key
-from tardigrade.sandboxes.stores import ObjectStore, open_store
+from tardigrade.sandboxes.stores import open_store
 
 #: How much of a failed step's output tail its failure message shows (the whole tail is in the outcome).
 STEP_FAILED_TAIL = 400
@@ -106,6 +107,7 @@ def maps_sandbox_errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[
             ProviderUnavailable,
             PolicyViolation,
             LimitExceeded,
+            SetupFailed,
         ) as e:
             raise _failure(e) from e
 
@@ -114,14 +116,18 @@ def maps_sandbox_errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[
 
 @contextlib.asynccontextmanager
 async def heartbeating(details: Callable[[], Any] = lambda: None) -> AsyncIterator[None]:
-    """Heartbeat in the background for as long as the block runs."""
+    """Heartbeat in the background for as long as the block runs.
+
+    The first beat comes after one interval, not at once: the server counts the heartbeat timeout from the
+    activity's start, so a beat at once detects nothing sooner, yet it costs every short activity (a no-op step's
+    run and checkpoint) a server write and delays its completion behind that RPC (bench/step_overhead.py)."""
     timeout = activity.info().heartbeat_timeout
     interval = max(0.5, timeout.total_seconds() / 4) if timeout else 5.0
 
     async def beat() -> None:
         while True:
-            activity.heartbeat(details())
             await asyncio.sleep(interval)
+            activity.heartbeat(details())
 
     task = asyncio.create_task(beat())
     try:
@@ -263,21 +269,7 @@ class SandboxActivities:
 
     async def _apply_mounts(self, sandbox: Sandbox, plan: SandboxPlan, phase: dict[str, Any]) -> None:
         """Copy the Manifest's data mounts in (or bring them up to date), with this worker's credentials."""
-        mounts = plan.manifest.mounts
-        sources: list[ObjectStore] = []
-        try:
-            for i, mount in enumerate(mounts):
-                self.policy.check_url(mount.source, f"manifest.mounts[{i}].source", "mount")
-                sources.append(await asyncio.to_thread(open_source, mount, i))
-            for i, (mount, source) in enumerate(zip(mounts, sources, strict=True)):
-                phase["phase"] = f"data mount {i + 1}/{len(mounts)} at {mount.path}"
-                stats = await sandbox.mount(i, mount, source)
-                phase[f"mount {i + 1}"] = (
-                    f"{stats.objects} objects, {stats.downloaded} copied, {stats.skipped} unchanged, {stats.seconds}s"
-                )
-        finally:
-            for source in sources:
-                source.close()
+        await apply_mounts(sandbox, plan.manifest.mounts, self.policy, phase)
 
     def check_plan(self, plan: SandboxPlan, store: str, run_id: str) -> None:
         """Everything the run names against the worker's policy: raises one `PolicyViolation` naming the field."""
@@ -335,61 +327,26 @@ class SandboxActivities:
         except ProviderUnavailable as e:
             raise _failure(e) from None
         engine = self.engine(input.store)
+        restore = input.restore
+        restored = restore.snapshot_id if restore is not None else None
+        request = ProvisionRequest(
+            manifest=plan.manifest,
+            spec=sandbox_spec(plan, self.policy),
+            setup_timeout=plan.timeouts.provision,
+            seed_snapshot=input.seed_snapshot,
+            restore=None
+            if restore is None
+            else RestorePoint(restore.snapshot_id, restore.step, restore.native, restore.native_provider),
+            mask=redactor,
+            secret_env=secrets.env_for,
+            output_tail_bytes=OUTPUT_TAIL_BYTES,
+            ready_position=lambda sandbox_id: snapshot_position(restored) if restored else setup_position(sandbox_id),
+        )
         phase: dict[str, Any] = {"phase": "checking data mounts"}
-        async with heartbeating(lambda: phase):
-            for i, mount in enumerate(plan.manifest.mounts):  # a bad mount fails before a sandbox exists
-                (await asyncio.to_thread(open_source, mount, i)).close()
-            phase["phase"] = f"creating a {provider.name} sandbox"
-            restore = input.restore
-            native = restore.native if restore is not None and restore.native_provider == provider.name else None
-            await self.capacity.reserve(phase)  # a full worker queues the provision rather than failing it
-            try:
-                sandbox, from_native = await provider.create_from(sandbox_spec(plan, self.policy), native)
-            except BaseException:
-                self.capacity.unreserve()
-                raise
-            try:
-                if from_native:
-                    assert restore is not None
-                    # The provider's own snapshot already holds setup's results and the files; the portable
-                    # snapshot is restored over it below, rewriting only what differs.
-                    phase["phase"] = "resuming from the provider's snapshot"
-                    selection = plan.manifest.snapshot.selection()
-                    await sandbox.adopt_native(engine, restore.snapshot_id, selection=selection)
-                elif input.seed_snapshot:
-                    phase["phase"] = "placing manifest files"
-                    await sandbox.restore(engine, input.seed_snapshot, selection=SEED_SELECTION)
-                await self._apply_mounts(sandbox, plan, phase)
-                env = {**plan.manifest.env, **await secrets.env_for(sandbox)}
-                for i, command in enumerate(plan.manifest.setup if not from_native else []):
-                    phase["phase"] = f"setup command {i + 1}/{len(plan.manifest.setup)}"
-                    result = await sandbox.exec(
-                        command, env=env, timeout=plan.timeouts.provision, labels={"setup": str(i + 1)}, mask=redactor
-                    )
-                    _discard_log(result.log_path)  # the tail below is all a failed setup reports
-                    if result.exit_code != 0 or result.timed_out:
-                        why = "timed out" if result.timed_out else f"exited with code {result.exit_code}"
-                        whole = result.output_bytes <= len(result.output_tail)
-                        ending = redactor.tail(result.output_tail, OUTPUT_TAIL_BYTES, whole=whole)
-                        tail = ending.decode(errors="replace")
-                        raise ApplicationError(
-                            f"setup command {i + 1} ({redactor.text(command)!r}) {why}. Its output ends with:\n{tail}",
-                            type="SetupFailed",
-                            non_retryable=True,
-                        )
-                if input.restore is not None:
-                    phase["phase"] = f"restoring the snapshot of step {input.restore.step + 1}"
-                    selection = plan.manifest.snapshot.selection()
-                    async with self.capacity.snapshot_slot():
-                        await sandbox.restore(engine, input.restore.snapshot_id, selection=selection)
-                if sandbox.tracks_position:
-                    restored = input.restore.snapshot_id if input.restore is not None else None
-                    await sandbox.hold_position(snapshot_position(restored) if restored else setup_position(sandbox.id))
-            except BaseException:
-                self.capacity.unreserve()
-                with contextlib.suppress(Exception):
-                    await sandbox.destroy()
-                raise
+        async with heartbeating(lambda: phase):  # the recipe itself is provider-neutral: sandboxes/provisioning.py
+            sandbox = await provision_sandbox(
+                provider, request, engine, policy=self.policy, capacity=self.capacity, phase=phase
+            )
         if provider.host_bound:
             self.capacity.created(sandbox.id)
         else:  # lives elsewhere, and may be destroyed through another worker: not this worker's to count
