@@ -20,7 +20,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -31,9 +31,11 @@ import zstandard
 from tardigrade.sandboxes.errors import SnapshotCorrupt, SnapshotError, SnapshotMissing
 from tardigrade.sandboxes.selection import Selection
 from tardigrade.sandboxes.snapshots import tree as t
+from tardigrade.sandboxes.snapshots.changes import ChangeSet
 from tardigrade.sandboxes.snapshots.create import CreateResult, CreateStats, create_snapshot
 from tardigrade.sandboxes.snapshots.crypto import EncryptedStore, Encryption, EncryptionError, require_no_encryption
 from tardigrade.sandboxes.snapshots.gc import Epoch, GcPolicy, GcReport, collect_garbage, load_epochs
+from tardigrade.sandboxes.snapshots.hinted import check_changes
 from tardigrade.sandboxes.snapshots.index import BlobIndex
 from tardigrade.sandboxes.snapshots.packs import MAX_WINDOW, BlobUndecodable, blob_hash, decode_blob
 from tardigrade.sandboxes.snapshots.restore import RestoreStats, read_footer, restore_tree, tree_entries
@@ -202,18 +204,26 @@ class SnapshotEngine:
         parent: str | None = None,
         cache_path: Path | None = None,
         labels: dict[str, str] | None = None,
+        changes: ChangeSet | None = None,
     ) -> SnapshotInfo:
         """Snapshot ``root``. With a ``cache_path`` from the previous snapshot or restore, unchanged files are
         not read again. Returns the new snapshot (which may equal ``parent`` if nothing changed).
+
+        With ``parent`` and ``changes`` (what the sandbox knows it changed since ``parent``, see changes.py), only
+        the listed paths are looked at; everything else is taken from the parent's tree without a walk.
 
         The tree is published only when every pack it references was written by this snapshot or confirmed to be in
         the store since this snapshot began (after its identity check): packs that vanished - a deleted prefix, a
         lifecycle rule, an operator - are forgotten and their content uploaded again, so a snapshot reported as
         created can always be restored."""
         selection = selection or Selection.everything()
+        if changes is not None:
+            check_changes(changes)  # bad input is refused before anything is read
         for _ in range(_CREATE_ATTEMPTS):
             try:
-                result = self._create_once(str(root), selection, cache_path)
+                with self._parent_tree(parent if changes is not None else None) as parent_tree:
+                    hint = (changes, parent_tree) if changes is not None and parent_tree is not None else None
+                    result = self._create_once(str(root), selection, cache_path, hint)
                 break
             except _PacksVanished as e:
                 if not e.packs:
@@ -247,7 +257,27 @@ class SnapshotEngine:
         self.store.flush()  # the tree, then the record, each durable before it is visible
         return info
 
-    def _create_once(self, root: str, selection: Selection, cache_path: Path | None) -> CreateResult:
+    @contextmanager
+    def _parent_tree(self, parent: str | None) -> Iterator[tuple[str, Path] | None]:
+        """The parent's verified tree, for a hinted snapshot; None (a full walk) if it cannot be had."""
+        if parent is None:
+            yield None
+            return
+        with ExitStack() as stack:
+            try:
+                path: Path | None = stack.enter_context(self.open_tree(parent))
+            except (SnapshotMissing, SnapshotCorrupt) as e:
+                log.warning("the parent of a hinted snapshot cannot be read, so the folder is walked whole: %s", e)
+                path = None
+            yield (parent, path) if path is not None else None
+
+    def _create_once(
+        self,
+        root: str,
+        selection: Selection,
+        cache_path: Path | None,
+        hint: tuple[ChangeSet, tuple[str, Path]] | None = None,
+    ) -> CreateResult:
         since = time.monotonic()  # packs confirmed before this are checked again
         identity = self.check_identity()
         known = self.known
@@ -293,6 +323,8 @@ class SnapshotEngine:
             encryption=self.encryption,
             store_id=self._stat_cache_owner(identity),
             avoid_packs=frozenset(known.vanished),
+            changes=hint[0] if hint else None,
+            parent=hint[1] if hint else None,
         )
 
     def _require_packs(self, known: BlobIndex, packs: set[str] | frozenset[str], since: float) -> None:

@@ -32,7 +32,7 @@ from tardigrade.sandboxes.snapshots import tree as t
 from tardigrade.sandboxes.snapshots.create import MODE_MASK, Fingerprint
 from tardigrade.sandboxes.snapshots.crypto import Encryption
 from tardigrade.sandboxes.snapshots.packs import BlobFetcher
-from tardigrade.sandboxes.snapshots.statcache import StatCacheCursor, StatCacheWriter, stat_key
+from tardigrade.sandboxes.snapshots.statcache import StatCacheCursor, StatCacheWriter, cache_key, stat_key
 from tardigrade.sandboxes.snapshots.walk import Walker
 from tardigrade.sandboxes.stores.base import ObjectStore
 
@@ -194,6 +194,22 @@ def _validate(snapshot_id: str, tree_path: Path) -> None:
         raise UnsafeTree(snapshot_id, "", f"tree lists {count} entries but its footer says {footer.get('entries')}")
 
 
+def _covered(entries: Generator[t.Entry, None, None], selection: Selection) -> Generator[t.Entry, None, None]:
+    """The tree entries inside ``selection``'s roots, and the folders leading to them."""
+    roots = set(selection.roots)
+    try:
+        if "" in roots:
+            yield from entries
+            return
+        above = {root.rsplit("/", i)[0] for root in roots for i in range(1, root.count("/") + 1)}
+        for entry in entries:
+            parts = entry.path.split("/")
+            if entry.path in above or any("/".join(parts[:i]) in roots for i in range(1, len(parts) + 1)):
+                yield entry
+    finally:
+        entries.close()
+
+
 def _merge(
     store: ObjectStore,
     snapshot_id: str,
@@ -209,7 +225,9 @@ def _merge(
 ) -> None:
     walker = Walker(root, selection)
     cursor = StatCacheCursor(cache_path, store_id or store.url)
-    target = tree_entries(tree_path)  # holds the tree file open: closed below, even if the merge stops early
+    # Holds the tree file open: closed below, even if the merge stops early. A selection narrower than the tree's
+    # (a rollback of only the paths an attempt changed, bubblewrap.py) restores only what it covers.
+    target = _covered(tree_entries(tree_path), selection)
     try:
         have = next(walker, None)
         want = next(target, None)
@@ -344,6 +362,9 @@ def _rebuild_cache(
     """Record the stat of every restored file so the next snapshot or rollback need not read it."""
     writer = StatCacheWriter(cache_path, store_id)
     fingerprint = Fingerprint(selection)
+    # A restored file's mtime is the tree's, so a later rewrite moves it unless it was that fresh already: the
+    # mtime alone tells which files are racy here (ctime is the restore's own, and would mark all of them).
+    since_ns = time.time_ns()
     try:
         with contextlib.closing(tree_entries(tree_path)) as entries:  # the walk may end before the tree does
             files = (e for e in entries if e.kind == t.FILE)
@@ -353,7 +374,7 @@ def _rebuild_cache(
                 while want is not None and t.sort_key(want.path) < t.sort_key(path):
                     want = next(files, None)
                 if want is not None and want.path == path and stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
-                    writer.add(path, stat_key(st), want.hash, want.mode, t.encode_entry(want))
+                    writer.add(path, cache_key(st, since_ns, ctime=False), want.hash, want.mode, t.encode_entry(want))
     except BaseException:
         writer.abort()
         raise

@@ -11,6 +11,12 @@ One line per regular file, in canonical tree order, made so an unchanged file co
 
 The line is copied as-is into the next cache, its tree line into the next tree, and its digest record is
 assembled from the raw fields. Losing the cache costs a full read on the next snapshot, never correctness.
+
+Racy files (as git calls them): a file rewritten with the same size within one timestamp tick of the moment its
+stat was taken keeps an identical stat. So a file whose mtime or ctime lies within `RACY_NS` of the start of the
+snapshot or restore that records it is written with its stat key marked ``racy:``: the next snapshot hashes it
+again (without storing anything if it did not change) instead of trusting the stat, and the cache then carries
+no fingerprint, so the shortcut for an untouched folder is not taken either.
 """
 
 from __future__ import annotations
@@ -30,10 +36,27 @@ from tardigrade.sandboxes.snapshots.tree import json_str, sort_key
 
 FORMAT = "tardigrade-statcache/2"
 _STRAY_SECONDS = 86400.0
+# Kernel timestamps come from a coarse clock (a jiffy, up to 10 ms) and some filesystems keep whole seconds or
+# two: a second covers the usual ones, and costs one re-hash of the files that fresh.
+RACY_NS = 1_000_000_000
+RACY_PREFIX = "racy:"
+NO_FINGERPRINT = "racy" * 16  # never a walk's fingerprint (those are hex): the untouched-folder shortcut is off
 
 
 def stat_key(st: os.stat_result) -> str:
     return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}:{st.st_mode}"
+
+
+def is_racy(st: os.stat_result, since_ns: int, *, ctime: bool = True) -> bool:
+    """Whether a same-size rewrite after this stat was taken (at ``since_ns`` or later) could leave it unchanged."""
+    newest = max(st.st_mtime_ns, st.st_ctime_ns) if ctime else st.st_mtime_ns
+    return newest >= since_ns - RACY_NS
+
+
+def cache_key(st: os.stat_result, since_ns: int, *, ctime: bool = True) -> str:
+    """The stat key to record for a file stat-ed at ``since_ns`` or later: marked racy if it is too fresh."""
+    key = stat_key(st)
+    return RACY_PREFIX + key if is_racy(st, since_ns, ctime=ctime) else key
 
 
 @dataclass(slots=True)
@@ -47,6 +70,15 @@ class CachedFile:
     @property
     def tree_line(self) -> bytes:
         return self.fields[4]
+
+    @property
+    def racy(self) -> bool:
+        """Recorded too close to its snapshot for the stat to vouch for the content: hash it again."""
+        return self.stat_key.startswith(RACY_PREFIX)
+
+    def matches(self, key: str) -> bool:
+        """The stat is what was recorded (racy or not)."""
+        return self.stat_key == key or (self.racy and self.stat_key[len(RACY_PREFIX) :] == key)
 
     def digest_record(self) -> bytes:
         f = self.fields
@@ -149,6 +181,7 @@ class StatCacheWriter:
         self._tmp = Path(tmp)
         self._file = os.fdopen(fd, "wb")
         self.gc_seen = 0.0
+        self.racy = False  # some line was recorded racy: the fingerprint must not vouch for the folder
         self._file.write(self._header("0" * 64, "0" * 64, "0" * 64, 0, 0))  # rewritten in place by commit()
 
     def _header(self, snapshot_id: str, fingerprint: str, digest: str, entries: int, total: int) -> bytes:
@@ -166,14 +199,20 @@ class StatCacheWriter:
         return json.dumps(header).encode() + b"\n"
 
     def add(self, path: str, key: str, content_hash: str, mode: int, tree_line: bytes) -> None:
+        """``key`` is `stat_key`, or `racy_key` for a file too fresh for its stat to vouch for it."""
+        if key.startswith(RACY_PREFIX):
+            self.racy = True
         self._file.write(cache_line(path, key, content_hash, mode, tree_line))
 
     def add_line(self, line: bytes) -> None:
+        """A line of the old cache, as it was (never a racy one: those are hashed again and written anew)."""
         self._file.write(line)
 
     def commit(self, snapshot_id: str, fingerprint: str, digest: str, entries: int, total: int) -> None:
         """Seal the cache as describing ``snapshot_id``, whose walk had this stat ``fingerprint``."""
         self._file.seek(0)
+        if self.racy:
+            fingerprint = NO_FINGERPRINT
         self._file.write(self._header(snapshot_id, fingerprint, digest, entries, total))
         self._file.close()
         os.replace(self._tmp, self.path)

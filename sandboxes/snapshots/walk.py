@@ -17,12 +17,13 @@ from tardigrade.sandboxes.selection import Selection
 class Walker(Iterator[tuple[str, os.stat_result, bool]]):
     """Yields ``(path, lstat, is_ancestor)``; ``is_ancestor`` marks folders walked only to reach a selected root."""
 
-    def __init__(self, root: str, selection: Selection) -> None:
+    def __init__(self, root: str, selection: Selection, start: str = "") -> None:
+        """``start``: walk only beneath this folder (relative to ``root``, already known to be walked into)."""
         self.root = root.rstrip("/") or "/"
         self.selection = selection
         self._stack: list[tuple[str, list[str], bool]] = []  # (folder, names left, folder is covered)
         self._descend_into: tuple[str, bool] | None = None
-        self._push("", selection.covers(""))
+        self._push(start, selection.covers(start))
 
     def _push(self, rel: str, covered: bool) -> None:
         wanted = None if covered else self.selection.wanted_children(rel)
@@ -65,3 +66,21 @@ class Walker(Iterator[tuple[str, os.stat_result, bool]]):
                 self._descend_into = (path, covered)
             return path, st, not covered
         raise StopIteration
+
+
+def walks_to(selection: Selection, path: str) -> bool:
+    """Whether a `Walker` over the whole root would yield ``path`` (if it exists): each folder on the way is wanted
+    and nothing on the way is excluded."""
+    covered = selection.covers("")
+    parent = ""
+    for name in path.split("/"):
+        if not covered:
+            wanted = selection.wanted_children(parent)
+            if wanted is not None and name not in wanted:
+                return False
+        current = f"{parent}/{name}" if parent else name
+        covered = covered or selection.covers(current)
+        if selection.excludes and covered and selection.excluded(current):
+            return False
+        parent = current
+    return True
