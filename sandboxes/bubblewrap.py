@@ -14,9 +14,17 @@ created it. Layout on the worker::
     <root>/<sandbox id>/fs/workspace       -> /workspace
     <root>/<sandbox id>/fs/home/sandbox    -> /home/sandbox
     <root>/<sandbox id>/state/             stat cache, command logs (outside the sandbox)
+    <root>/<sandbox id>/overlay/           the step's overlay upper layers (sandboxes/overlay.py), when in use
     <root>/<sandbox id>/mounts/<N>/        data mount N, bound at its path (read-only for ``ro``): never in fs/,
                                            so never in a snapshot, and ro is enforced by the kernel
     <root>/<sandbox id>/sandbox.json       owner worker and spec; its absence means the sandbox is gone
+
+With overlays (the default where the kernel allows unprivileged overlayfs), a command sees ``fs/`` as the lower
+layer of an overlay whose upper layer collects the step's changes: a checkpoint merges the upper layer into fs/ by
+renames and hands the snapshot engine the changed paths instead of a walk, and a rollback of an attempt drops the
+upper layer. Host-side file access (the file tools, snapshots, restores) merges first, so it sees and writes what
+the commands see. Commands with a network namespace, the unisolated fallback, and any overlay failure use fs/
+directly (the walk does the rest).
 """
 
 from __future__ import annotations
@@ -24,11 +32,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import inspect
 import json
 import logging
 import os
 import shutil
 import signal
+import threading
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -56,6 +66,7 @@ from tardigrade.sandboxes.network.broker import HostSecret, SandboxBrokering
 from tardigrade.sandboxes.network.namespace import CommandNetwork, require_tools
 from tardigrade.sandboxes.network.proxy import BrokerHook, EgressProxy
 from tardigrade.sandboxes.network.rules import NetworkRule
+from tardigrade.sandboxes.overlay import OverlayError, OverlayLayers, paths_usable, probe
 from tardigrade.sandboxes.provider import (
     ExecResult,
     FaultInjector,
@@ -66,6 +77,7 @@ from tardigrade.sandboxes.provider import (
 )
 from tardigrade.sandboxes.safe_folders import SafeFolders
 from tardigrade.sandboxes.snapshots import RestoreStats, Selection, SnapshotEngine, SnapshotInfo
+from tardigrade.sandboxes.snapshots.changes import ChangeSet
 from tardigrade.sandboxes.stores import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -101,6 +113,15 @@ class LocalSandbox(Sandbox):
         self._brokering = SandboxBrokering(
             self.state / "broker", open_upstream=self.open_egress, upstream_ca_file=provider.broker_upstream_ca
         )
+        # Overlay upper layers (sandboxes/overlay.py), and what fs/ holds relative to a snapshot: the snapshot id
+        # and selection it was checkpointed or restored as (`_base`), and the paths merged or written since
+        # (`_pending`; None: unknown, so the next checkpoint walks).
+        use_overlay = provider.overlay and paths_usable(self.dir, self.fs)
+        self.overlay: OverlayLayers | None = OverlayLayers(self.dir, self.fs) if use_overlay else None
+        self._base: tuple[str, Selection] | None = None
+        self._pending: set[str] | None = None
+        self._merging = threading.Lock()  # a merge, a drop and the bookkeeping above, one at a time
+        self._on_overlay = 0  # commands running on the overlay now: its upper layer is live, never merged then
 
     # -- paths ------------------------------------------------------------------------------------------------
 
@@ -124,10 +145,20 @@ class LocalSandbox(Sandbox):
     # -- commands ---------------------------------------------------------------------------------------------
 
     def _argv(
-        self, command: str, cwd: str, env_fd: int, *, cgroup: bool = False, network: CommandNetwork | None = None
+        self,
+        command: str,
+        cwd: str,
+        env_fd: int,
+        *,
+        cgroup: bool = False,
+        network: CommandNetwork | None = None,
+        overlay: OverlayLayers | None = None,
     ) -> list[str]:
         bwrap = self._provider.bwrap
         assert bwrap is not None
+        workspace, home = self.fs / "workspace", self.fs / HOME.lstrip("/")
+        if overlay is not None:  # the overlays' mount points, in the command's own mount namespace
+            workspace, home = overlay.view_of(workspace), overlay.view_of(home)
         argv = [
             bwrap, "--unshare-user", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
             "--die-with-parent", "--new-session", "--cap-drop", "ALL", "--hostname", "sandbox",
@@ -136,8 +167,8 @@ class LocalSandbox(Sandbox):
             "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64",
             "--symlink", "usr/bin", "/bin", "--symlink", "usr/sbin", "/sbin",
             "--proc", "/proc", "--dev", "/dev", "--size", str(self.limits.tmp), "--tmpfs", "/tmp",
-            "--bind", str(self.fs / "workspace"), WORKSPACE,
-            "--bind", str(self.fs / HOME.lstrip("/")), HOME,
+            "--bind", str(workspace), WORKSPACE,
+            "--bind", str(home), HOME,
         ]  # fmt: skip
         for path, folder, read_only in sorted(self._mounts.values()):  # parents before children
             argv += ["--ro-bind" if read_only else "--bind", str(folder), path]
@@ -152,7 +183,8 @@ class LocalSandbox(Sandbox):
             argv += network.bwrap_args()
         # The environment - secrets included - is read from a memory file (see `_env_file`), never the command line.
         argv += ["--args", str(env_fd)]
-        return [*argv, *rlimit_prefix(self.limits, cgroup=cgroup), "/bin/sh", "-c", command]
+        argv = [*argv, *rlimit_prefix(self.limits, cgroup=cgroup), "/bin/sh", "-c", command]
+        return overlay.wrap(argv) if overlay is not None else argv
 
     def _env(self, env: Mapping[str, str]) -> dict[str, str]:
         full = dict(BASE_ENV)
@@ -183,6 +215,12 @@ class LocalSandbox(Sandbox):
         network = self._command_network()
         if network is not None:
             full_env.update(network.env())
+        # A command with a network namespace of its own stays on fs/ (its set-up expects bubblewrap's own user
+        # namespace); it must then see the step's earlier changes there.
+        # One command at a time on the upper layer: one that starts while another runs stays on fs/ too.
+        if self.overlay is not None and not (isolated and network is None and not self._on_overlay):
+            await asyncio.to_thread(self._settle)
+        overlay: OverlayLayers | None = None
         env_fd = _env_file(full_env) if isolated else None
         host_cwd = self.dir if isolated else self.host_path(cwd)
         log_path = self.state / f"exec-{uuid.uuid4().hex[:12]}.log"
@@ -190,7 +228,8 @@ class LocalSandbox(Sandbox):
         cgroup = await self._command_cgroup() if isolated else None
         try:
             if env_fd is not None:
-                argv = self._argv(command, cwd, env_fd, cgroup=cgroup is not None, network=network)
+                overlay = self._claim_overlay(network)  # no await between the check and the count
+                argv = self._argv(command, cwd, env_fd, cgroup=cgroup is not None, network=network, overlay=overlay)
                 argv = [*cgroup.join_prefix(), *argv] if cgroup is not None else argv
             else:  # unisolated: no user namespace, so no RLIMIT_NPROC (it would count the worker's own threads)
                 argv = [PRLIMIT, f"--fsize={self.limits.disk}", f"--data={self.limits.memory}", "--"]
@@ -206,6 +245,8 @@ class LocalSandbox(Sandbox):
                 pass_fds=(() if env_fd is None else (env_fd,)) + (network.pass_fds if network is not None else ()),
             )
         except BaseException:
+            if overlay is not None:
+                self._on_overlay -= 1
             if cgroup is not None:
                 await asyncio.to_thread(cgroup.remove)
             if network is not None:
@@ -260,6 +301,9 @@ class LocalSandbox(Sandbox):
             limit = await self._end_watch(watcher, cgroup)
             if network is not None:
                 await network.close()  # the proxy and slirp4netns end with the command
+            if overlay is not None:  # fs/ holds what the commands see whenever none runs (file tools, providers' fakes)
+                self._on_overlay -= 1
+                await asyncio.to_thread(self._settle)
             if fault is not None:
                 await fault
         await self._require_alive("a command was running")
@@ -326,6 +370,8 @@ class LocalSandbox(Sandbox):
     def _watch(self, proc: asyncio.subprocess.Process, cgroup: CommandCgroup | None) -> asyncio.Future[LimitBreach]:
         """Watch the running command's limits (sandboxes/limits.py `watch`); a breach kills the command at once."""
         roots = [self.fs] + [folder for _, folder, read_only in self._mounts.values() if not read_only]
+        if self.overlay is not None:  # what the step wrote (a modified file counts twice: an upper bound)
+            roots += self.overlay.uppers()
         isolated = self._provider.bwrap is not None
         watcher = asyncio.ensure_future(
             watch(proc.pid, self.limits, cgroup=cgroup, disk_roots=roots, count_tasks=isolated and cgroup is None)
@@ -385,6 +431,7 @@ class LocalSandbox(Sandbox):
         rel = sandbox_path(path).lstrip("/")
 
         def read() -> bytes:
+            self._settle()  # what the commands wrote is in the upper layer until merged
             with self._folders() as folders:
                 return folders.read_file(rel, limit=limit)
 
@@ -395,6 +442,8 @@ class LocalSandbox(Sandbox):
         rel = sandbox_path(path).lstrip("/")
 
         def write() -> None:
+            self._settle()
+            self._note_written(rel)
             with self._folders() as folders:
                 folders.write_file(rel, data, mode=mode)
 
@@ -405,10 +454,74 @@ class LocalSandbox(Sandbox):
         rel = sandbox_path(path).lstrip("/")
 
         def make() -> None:
+            self._settle()
+            self._note_written(rel)
             with self._folders() as folders:
                 folders.make_dirs(rel)
 
         await asyncio.to_thread(make)
+
+    # -- the overlay (sandboxes/overlay.py) ---------------------------------------------------------------------
+
+    def _claim_overlay(self, network: CommandNetwork | None) -> OverlayLayers | None:
+        """The overlay for the command about to start, counted as running on it; None if it runs on fs/ (then
+        its writes are not tracked, and the next checkpoint walks)."""
+        if self.overlay is None:
+            return None
+        if network is not None or self._on_overlay:
+            self._pending = None
+            return None
+        self._on_overlay += 1
+        return self.overlay
+
+    def _settle(self) -> None:
+        """Merge the upper layers into fs/, so the worker's own file access sees what the commands see; the
+        changed paths join `_pending`. A merge that fails is loud: fs/ alone no longer holds the sandbox's files."""
+        if self.overlay is None:
+            return
+        if self._on_overlay:  # another command is still running on the upper layer: it merges when it ends
+            self._pending = None  # and what the worker writes meanwhile goes to fs/ beneath a live overlay
+            return
+        try:
+            with self._merging:
+                changed = self.overlay.merge()
+        except OverlayError as e:
+            self._pending = None
+            if not (self.dir / "sandbox.json").exists():
+                return  # the sandbox is gone (destroyed, or lost mid-command): `_require_alive` says so
+            raise SandboxError(
+                f"sandbox {self.id}: {e}; the step's changes could not be moved out of its overlay layer."
+                " Report this with the step's commands; LocalSandboxProvider(overlay=False) avoids overlays"
+            ) from None
+        if self._pending is not None:
+            self._pending |= changed
+
+    def _note_written(self, rel: str) -> None:
+        """A path the worker writes into fs/ itself (the file tools): the next checkpoint examines it too."""
+        if self._pending is not None:
+            self._pending.add(rel)
+            parent = rel.rpartition("/")[0]
+            while parent and parent not in ("workspace", "home", "home/sandbox"):
+                self._pending.add(parent)  # folders make_dirs/write_file may have created on the way
+                parent = parent.rpartition("/")[0]
+
+    def _changes_since(self, parent: str | None, selection: Selection) -> ChangeSet | None:
+        """What changed since ``parent``, when fs/ is known to hold ``parent`` plus `_pending`."""
+        if self.overlay is None or parent is None or self._pending is None or self._base != (parent, selection):
+            return None
+        return ChangeSet(frozenset(self._pending))
+
+    def _rollback_paths(self, snapshot_id: str, selection: Selection) -> list[str] | None:
+        """Drop the upper layer (what a killed command left unmerged); then, if fs/ is known to hold
+        ``snapshot_id`` plus `_pending`, the paths that may differ from it within ``selection`` (none: fs/ holds
+        it already), else None: a full restore."""
+        assert self.overlay is not None
+        with self._merging:
+            self.overlay.drop()
+            if self._base != (snapshot_id, selection) or self._pending is None:
+                return None
+            paths = sorted(p for p in self._pending if selection.covers(p))
+            return paths if len(paths) <= _MAX_ROLLBACK_PATHS else None
 
     # -- snapshots --------------------------------------------------------------------------------------------
 
@@ -416,6 +529,8 @@ class LocalSandbox(Sandbox):
         self, engine: SnapshotEngine, *, selection: Selection, parent: str | None, labels: Mapping[str, str]
     ) -> SnapshotInfo:
         await self._require_alive("taking a snapshot")
+        await asyncio.to_thread(self._settle)
+        changes = self._changes_since(parent, selection)
         used, disk = await asyncio.to_thread(disk_usage, self.fs), self.limits.disk
         assert disk is not None  # resolved
         if used > disk:  # files a command left behind, or an agent's tools wrote: never stored
@@ -424,26 +539,55 @@ class LocalSandbox(Sandbox):
                 f" {format_size(disk)}; not checkpointing. Raise sandbox.limits.disk in the pipeline,"
                 " or have the step delete what it does not need"
             )
+        extra: dict[str, ChangeSet] = {}
+        if changes is not None and _engine_takes_changes(engine):
+            extra["changes"] = changes
         info = await asyncio.to_thread(
-            engine.create, self.fs, selection=selection, parent=parent, cache_path=self.cache_path, labels=dict(labels)
+            engine.create,
+            self.fs,
+            selection=selection,
+            parent=parent,
+            cache_path=self.cache_path,
+            labels=dict(labels),
+            **extra,
         )
         # A sandbox that vanished mid-walk yields a partial tree: never hand that out as a checkpoint.
         await self._require_alive("taking a snapshot")
+        if self.overlay is not None:
+            self._base, self._pending = (info.id, selection), set()
         return info
 
     async def restore(self, engine: SnapshotEngine, snapshot_id: str, *, selection: Selection) -> RestoreStats:
         await self._require_alive("restoring a snapshot")
         await self.kill_processes()
+        if self.overlay is not None:
+            started = time.monotonic()
+            paths = await asyncio.to_thread(self._rollback_paths, snapshot_id, selection)
+            self._base, self._pending = None, None  # a restore that fails half-way leaves fs/ unknown
+            if paths is not None:  # back to the last checkpoint: only what the attempt changed is restored
+                stats = RestoreStats()
+                if paths:  # without the stat cache, which still describes the checkpoint (and covers all of it)
+                    only = Selection(roots=tuple(paths), excludes=selection.excludes)
+                    stats = await asyncio.to_thread(engine.restore, snapshot_id, self.fs, selection=only)
+                await self._require_alive("restoring a snapshot")
+                self._base, self._pending = (snapshot_id, selection), set()
+                self._make_mount_points()
+                stats.seconds = time.monotonic() - started
+                return stats
         stats = await asyncio.to_thread(
             engine.restore, snapshot_id, self.fs, selection=selection, cache_path=self.cache_path
         )
         await self._require_alive("restoring a snapshot")
+        if self.overlay is not None:
+            self._base, self._pending = (snapshot_id, selection), set()
         self._make_mount_points()  # a tree that lacks one must not leave bubblewrap without a bind source
         return stats
 
     def _make_mount_points(self) -> None:
         for folder in (self.fs / "workspace", self.fs / HOME.lstrip("/")):
             folder.mkdir(parents=True, exist_ok=True)
+        if self.overlay is not None:
+            self.overlay.prepare()
 
     # -- mounts -----------------------------------------------------------------------------------------------
 
@@ -497,6 +641,15 @@ class LocalSandbox(Sandbox):
         await self.kill_processes()
         await asyncio.to_thread(_remove_sandbox_dir, self.dir)
         self._provider._forget(self.id)
+
+
+#: Beyond this many changed paths, a rollback restores by walking (with the stat cache) instead of path by path.
+_MAX_ROLLBACK_PATHS = 4096
+
+
+def _engine_takes_changes(engine: SnapshotEngine) -> bool:
+    """Whether this engine's create accepts a ChangeSet (sandboxes/snapshots/changes.py) in place of a walk."""
+    return "changes" in inspect.signature(engine.create).parameters
 
 
 def _close_pipes(proc: asyncio.subprocess.Process) -> None:
@@ -573,11 +726,13 @@ class LocalSandboxProvider(SandboxProvider):
         fault_injector: FaultInjector | None = None,
         cgroups: bool = True,
         broker_upstream_ca: str | Path | None = None,
+        overlay: bool = True,
     ) -> None:
         """``bwrap=True`` finds bubblewrap on PATH; ``False`` forces the unisolated fallback (tests only).
         ``cgroups=False`` enforces limits with rlimits and the watcher even where the worker may create cgroups.
         ``broker_upstream_ca``: a CA file the credential broker trusts for real hosts, beside the system's roots
-        (an internal CA; also taken from the worker's SSL_CERT_FILE)."""
+        (an internal CA; also taken from the worker's SSL_CERT_FILE). ``overlay``: run commands on an overlay upper
+        layer per step where this machine allows it (sandboxes/overlay.py); ``False`` walks at every checkpoint."""
         self.broker_upstream_ca = broker_upstream_ca
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
@@ -585,6 +740,12 @@ class LocalSandboxProvider(SandboxProvider):
         self.worker_id = worker_id or f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.bwrap: str | None = find_bwrap() if bwrap is True else (bwrap or None)
         self.fault_injector = fault_injector
+        self.overlay = False
+        if overlay and self.bwrap is not None:
+            why_not = probe(self.bwrap)
+            if why_not is not None:
+                log.warning("overlay upper layers are unavailable, checkpoints walk the sandbox: %s", why_not)
+            self.overlay = why_not is None
         self.cgroups = find_cgroup_base() if cgroups and self.bwrap is not None else None
         if self.cgroups is not None:
             sweep_cgroups(self.cgroups)  # cgroups of commands whose worker was killed

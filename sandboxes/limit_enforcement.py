@@ -236,12 +236,17 @@ _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 def pid_namespace_of_child(parent: int) -> str | None:
-    """The pid namespace of ``parent``'s first child (bubblewrap's init), or None while it has none yet."""
+    """The pid namespace of ``parent``'s first child in a pid namespace of its own (bubblewrap's init), or None
+    while it has none yet. A child in ``parent``'s own namespace is a helper that runs first (the overlay's mount,
+    sandboxes/overlay.py), never the sandbox: counting that namespace would count the worker's host."""
     with contextlib.suppress(OSError):
+        own = os.readlink(f"/proc/{parent}/ns/pid")
         for task in os.listdir(f"/proc/{parent}/task"):
             for child in Path(f"/proc/{parent}/task/{task}/children").read_text().split():
                 with contextlib.suppress(OSError):
-                    return os.readlink(f"/proc/{child}/ns/pid")
+                    namespace = os.readlink(f"/proc/{child}/ns/pid")
+                    if namespace != own:
+                        return namespace
     return None
 
 
