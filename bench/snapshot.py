@@ -57,6 +57,15 @@ def child(op: str, store_url: str, root: str, cache: str, arg: str) -> None:
             "bytes_stored": info.stats.bytes_stored,
             "packs": info.stats.packs,
         }
+    elif op == "create-hinted":  # arg: "<parent id>:<changed path>", the ChangeSet an overlay would give
+        from tardigrade.sandboxes.snapshots.changes import ChangeSet
+
+        parent, _, changed = arg.partition(":")
+        info = engine.create(
+            root, cache_path=Path(cache) / "statcache", parent=parent, changes=ChangeSet(frozenset({changed}))
+        )
+        assert info.stats is not None
+        extra = {"id": info.id, "files_read": info.stats.files_read, "bytes_stored": info.stats.bytes_stored}
     elif op == "restore":
         stats = engine.restore(arg, root, cache_path=Path(cache) / "statcache")
         extra = {"files_written": stats.files_written, "bytes_written": stats.bytes_written}
@@ -243,6 +252,81 @@ def bench_local_ops(base: Path, ws: Path, args: argparse.Namespace, rows: list[R
     }
 
 
+def bench_hinted(base: Path, ws: Path, args: argparse.Namespace, rows: list[Row]) -> dict[str, float]:
+    """Issue 12: one small file changed, snapshot in-process with the ChangeSet an overlay gives (only that path
+    looked at, the rest taken from the parent's tree) beside the walking snapshot, interleaved."""
+    store_url, cache = (base / f"store{args.repeat - 1}").as_uri(), base / f"cache{args.repeat - 1}"
+    parent = str(ours("create", store_url, ws, cache)["id"])
+    hinted, walking, read = [], [], -1
+    for _ in range(max(args.repeat, 5)):
+        (ws / "small" / "f00009.bin").write_bytes(os.urandom(10 << 10))
+        out = ours("create-hinted", store_url, ws, cache, f"{parent}:small/f00009.bin")
+        hinted.append(out["seconds"])
+        read = out["files_read"]
+        (ws / "small" / "f00009.bin").write_bytes(os.urandom(10 << 10))
+        walked = ours("create", store_url, ws, cache)
+        walking.append(walked["seconds"])
+        parent = str(walked["id"])
+    rows.append(
+        (
+            "snapshot, one small file changed, ChangeSet hint",
+            median(hinted),
+            f"{read} file read; walking, interleaved: {median(walking):.3f} s",
+        )
+    )
+    return {"one_hinted": median(hinted)}
+
+
+def bench_many_files(base: Path, args: argparse.Namespace, rows: list[Row]) -> dict[str, float]:
+    """Issue 12: a workspace of --many-files small files (1,000 per folder), one changed: what a snapshot with the
+    parent writes (tree objects and their bytes) and costs, walking and with a ChangeSet, against tar -cf of the
+    same folder. The folder is generated here and removed at the end."""
+    from tardigrade.sandboxes.stores import FileStore
+
+    count = args.many_files
+    root, store, cache = base / "many-files", base / "many-store", base / "many-cache"
+    for old in (root, store, cache):
+        shutil.rmtree(old, ignore_errors=True)
+    started = time.perf_counter()
+    payload = b"x" * 64
+    for d in range((count + 999) // 1000):
+        folder = root / f"d{d // 100:02}" / f"d{d % 100:02}"
+        folder.mkdir(parents=True)
+        for f in range(min(1000, count - d * 1000)):
+            with open(folder / f"f{f:03}.txt", "wb") as out:
+                out.write(payload)
+    generated = time.perf_counter() - started
+    label = f"{count:,} files"
+
+    def trees() -> dict[str, int]:  # flat trees, or a Merkle tree's root and folder objects
+        return {o.key: o.size for prefix in ("trees/", "folders/") for o in FileStore(store).list(prefix)}
+
+    try:
+        tar = median([timed(lambda: shell("tar -cf - . | cat > /dev/null", root)) for _ in range(args.repeat)])
+        rows.append((f"[{label}] generate (not timed against tar)", generated, ""))
+        rows.append((f"[{label}] tar -cf - . | cat >/dev/null", tar, ""))
+        first = ours("create", store.as_uri(), root, cache)
+        rows.append((f"[{label}] first snapshot", first["seconds"], f"peak RSS {first['peak_rss_mib']:.0f} MiB"))
+        time.sleep(1.1)  # past the stat cache's racy window (statcache.RACY_NS) for the files just generated
+        changed = "d00/d00/f000.txt"
+        (root / changed).write_bytes(b"y" * 64)
+        before = trees()
+        walked = ours("create", store.as_uri(), root, cache)
+        new = {k: v for k, v in trees().items() if k not in before}
+        note = f"{walked['files_read']} read, {len(new)} tree object(s) written, {mib(sum(new.values()))}"
+        rows.append((f"[{label}] one changed, walking snapshot", walked["seconds"], note))
+        (root / changed).write_bytes(b"z" * 64)
+        before = trees()
+        hinted = ours("create-hinted", store.as_uri(), root, cache, f"{walked['id']}:{changed}")
+        new = {k: v for k, v in trees().items() if k not in before}
+        note = f"{len(new)} tree object(s) written, {mib(sum(new.values()))}; {hinted['seconds'] / tar:.3f}x its tar"
+        rows.append((f"[{label}] one changed, ChangeSet hint", hinted["seconds"], note))
+    finally:
+        for done in (root, store, cache):
+            shutil.rmtree(done, ignore_errors=True)
+    return {"many_hinted": hinted["seconds"], "many_tar": tar}
+
+
 def cli(home: Path, *args: str) -> tuple[float, dict[str, Any]]:
     """One `tardigrade` call as a user makes it (a fresh process); returns its wall time and its JSON output."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TEMPORAL_", "TARDIGRADE_"))}
@@ -363,13 +447,175 @@ def bench_store(kind: str, store_url: str, base: Path, ws: Path, many: Path, arg
     return rows
 
 
+def bench_overlay(base: Path, args: argparse.Namespace, rows: list[Row]) -> dict[str, float]:
+    """Issue 12 item 1: a step on the local provider with an overlay upper layer per step against the walking
+    provider, on the same workspace inside a real bubblewrap sandbox: the command (bubblewrap start, plus the
+    overlay mount and the merge), the checkpoint, and the rollback of a failed attempt."""
+    import asyncio
+
+    from tardigrade.sandboxes.bubblewrap import LocalSandboxProvider
+    from tardigrade.sandboxes.provider import SandboxSpec
+    from tardigrade.sandboxes.selection import Selection
+    from tardigrade.sandboxes.snapshots import SnapshotEngine
+    from tardigrade.sandboxes.stores import FileStore
+
+    selection = Selection(roots=("workspace", "home/sandbox"))
+    results: dict[str, float] = {}
+
+    async def one_mode(overlay: bool) -> dict[str, float]:
+        label = "overlay" if overlay else "walk"
+        provider = LocalSandboxProvider(base / f"sandboxes-{label}", worker_id=f"bench-{label}", overlay=overlay)
+        if overlay and not provider.overlay:
+            raise SystemExit("overlay unavailable on this machine (see the warning above)")
+        engine = SnapshotEngine(
+            FileStore(base / f"store-{label}"), scratch_dir=base / f"scratch-{label}", encryption=None
+        )
+        try:
+            sandbox = await provider.create(SandboxSpec())
+            ws = sandbox.fs / "workspace"
+            shutil.rmtree(ws)
+            make_workspace(ws, args.small_files, args.big_mib)
+            if overlay:  # the tar reference, on the same files, in this run
+                cmd = "tar -cf - . | cat > /dev/null"
+                results["tar"] = median([timed(lambda: shell(cmd, ws)) for _ in range(args.repeat)])
+            parent = (await sandbox.snapshot(engine, selection=selection, parent=None, labels={})).id
+            run: list[float] = []
+            check: list[float] = []
+            noop: list[float] = []
+            back_one: list[float] = []
+            back_none: list[float] = []
+            for i in range(args.repeat):
+                started = time.perf_counter()
+                await sandbox.exec("true", env={}, timeout=60)
+                noop.append(time.perf_counter() - started)
+                started = time.perf_counter()
+                await sandbox.exec(f"echo {i} > small/f00001.bin", env={}, timeout=60)
+                run.append(time.perf_counter() - started)
+                started = time.perf_counter()
+                parent = (await sandbox.snapshot(engine, selection=selection, parent=parent, labels={})).id
+                check.append(time.perf_counter() - started)
+                for attempt, into in ((f"echo failed{i} > small/f00002.bin", back_one), ("true", back_none)):
+                    await sandbox.exec(attempt, env={}, timeout=60)
+                    started = time.perf_counter()
+                    await sandbox.restore(engine, parent, selection=selection)
+                    into.append(time.perf_counter() - started)
+            return {
+                "noop": median(noop), "run": median(run), "check": median(check),
+                "back_one": median(back_one), "back_none": median(back_none),
+            }  # fmt: skip
+        finally:
+            await provider.close()
+            engine.close()
+
+    over = asyncio.run(one_mode(True))
+    walk = asyncio.run(one_mode(False))
+    for key, name in (
+        ("noop", "a no-op command (bwrap start)"),
+        ("run", "a command changing one file"),
+        ("check", "checkpoint, one small file changed"),
+        ("back_one", "rollback, attempt changed one file"),
+        ("back_none", "rollback, attempt changed nothing"),
+    ):
+        rows.append((f"[overlay] {name}", over[key], f"walking provider: {walk[key]:.3f} s"))
+    step = over["run"] + over["check"]
+    walk_step = walk["run"] + walk["check"]
+    rows.append(("[overlay] step = command + checkpoint", step, f"walking provider: {walk_step:.3f} s"))
+    return {
+        "overlay_tar": results["tar"],
+        "overlay_step": step,
+        "overlay_back_one": over["back_one"],
+        "overlay_back_none": over["back_none"],
+    }
+
+
+def bench_remote(base: Path, args: argparse.Namespace, rows: list[Row]) -> dict[str, float]:
+    """Issue 12, remote row: a 1-byte change in a large file of a remote sandbox, through the E2B fake (a real
+    bubblewrap machine behind the SDK objects). Bytes that cross the SDK layer (file reads and writes, command
+    output) and sync seconds, for the snapshot's pull and the rollback's push, with block deltas and without."""
+    import asyncio
+
+    try:
+        from tests.provider_fakes import FakeCloud, bind_e2b, fakes_unavailable
+    except ImportError as e:
+        print(f"remote rows skipped: the provider fakes need the e2b and modal SDKs ({e})")
+        return {}
+    reason = fakes_unavailable()
+    if reason:
+        print(f"remote rows skipped: {reason}")
+        return {}
+    from tardigrade.sandboxes.e2b import E2BProvider
+    from tardigrade.sandboxes.manifest import SnapshotPaths
+    from tardigrade.sandboxes.provider import SandboxSpec
+    from tardigrade.sandboxes.remote import RemoteSandbox
+    from tardigrade.sandboxes.snapshots import SnapshotEngine
+    from tardigrade.sandboxes.stores import open_store
+
+    size = args.remote_mb * 1000 * 1000
+    selection = SnapshotPaths(include=["/workspace"]).selection()
+
+    async def measure() -> dict[str, list[tuple[int, float]]]:
+        shutil.rmtree(base / "remote", ignore_errors=True)
+        cloud = FakeCloud(base / "remote" / "cloud")
+        provider = E2BProvider(base / "remote" / "e2b", sdk=bind_e2b(cloud))
+        engine = SnapshotEngine(open_store((base / "remote" / "store").as_uri()))
+        results: dict[str, list[tuple[int, float]]] = {}
+        try:
+            sandbox = await provider.create(SandboxSpec())
+            assert isinstance(sandbox, RemoteSandbox)
+            machine = cloud.machines[sandbox.id]
+            await sandbox.exec(f"head -c {size} /dev/urandom > big", env={}, timeout=600)
+            first = await sandbox.snapshot(engine, selection=selection, parent=None, labels={})
+            for n in range(args.repeat):
+                for deltas in (False, True):
+                    sandbox.block_deltas = deltas
+                    flip = f"printf {n % 10} | dd of=big bs=1 seek={size // 2 + n} conv=notrunc 2>/dev/null"
+                    for what in ("pull", "push"):
+                        await sandbox.exec(flip, env={}, timeout=60)
+                        before = sum(machine.traffic.values())
+                        if what == "pull":
+                            await sandbox.snapshot(engine, selection=selection, parent=None, labels={})
+                            stats = sandbox.last_pull
+                        else:
+                            await sandbox.restore(engine, first.id, selection=selection)
+                            stats = sandbox.last_push
+                        assert stats is not None and stats.patched == int(deltas), stats
+                        moved = sum(machine.traffic.values()) - before
+                        results.setdefault(f"{what}-{deltas}", []).append((moved, stats.seconds))
+        finally:
+            cloud.close()
+            await provider.close()
+        return results
+
+    results = asyncio.run(measure())
+    targets: dict[str, float] = {}
+    label = f"{args.remote_mb} MB"
+    for what, doing in (("pull", "snapshot pull"), ("push", "rollback push")):
+        for deltas, how in ((False, "whole file"), (True, "block delta")):
+            samples = results[f"{what}-{deltas}"]
+            moved = median([float(m) for m, _ in samples])
+            seconds = median([t for _, t in samples])
+            name = f"remote (E2B fake) 1 byte of {label}: {doing}, {how}"
+            rows.append((name, seconds, f"{moved / 1e6:.2f} MB moved (SDK over loopback: no network time)"))
+            if deltas:
+                targets[f"remote_{what}_bytes"] = moved
+    return targets
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small-files", type=int, default=2000)
     parser.add_argument("--big-mib", type=int, default=200)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--stores", default="", help="also run the object-store scenarios: file,s3")
-    parser.add_argument("--only", choices=["cli"], help="measure tar -cf and the CLI rows alone")
+    parser.add_argument(
+        "--only",
+        choices=["cli", "overlay", "remote", "many"],
+        help="measure tar -cf and the CLI rows, or the overlay rows, or the remote rows, alone",
+    )
+    parser.add_argument("--remote-mb", type=int, default=100, help="size of the large file in the remote rows")
+    parser.add_argument(
+        "--many-files", type=int, default=100_000, help="files in the many-files rows (1000000 for the issue's row)"
+    )
     parser.add_argument("--workdir", help="where to build the workspaces (default: a temporary folder)")
     args = parser.parse_args()
 
@@ -382,13 +628,28 @@ def main() -> None:
     shell("cat small/* big.bin > /dev/null", ws)  # warm the page cache
 
     rows: list[Row] = []
-    if args.only == "cli":
+    if args.only == "overlay":
+        targets = bench_overlay(base, args, rows)
+        targets |= {"tar": targets["overlay_tar"], "tar_zstd": float("nan")}
+    elif args.only == "remote":
+        targets = {"tar": float("nan"), "tar_zstd": float("nan")}
+    elif args.only == "many":
+        targets = bench_many_files(base, args, rows)
+        targets |= {"tar": targets["many_tar"], "tar_zstd": float("nan")}
+    elif args.only == "cli":
         tar_alone = median([timed(lambda: shell("tar -cf - . | cat > /dev/null", ws)) for _ in range(args.repeat)])
         rows.append(("tar -cf - . | cat >/dev/null", tar_alone, ""))
         targets = {"tar": tar_alone, "tar_zstd": float("nan")}
     else:
         targets = bench_local_ops(base, ws, args, rows)
-    targets["cli_one"] = bench_cli(base, ws, args, rows)
+        targets |= bench_hinted(base, ws, args, rows)
+        targets |= bench_many_files(base, args, rows)
+    if args.only not in ("overlay", "remote", "many"):
+        targets["cli_one"] = bench_cli(base, ws, args, rows)
+    if args.only is None:
+        targets |= bench_overlay(base, args, rows)
+    if args.only in (None, "remote"):
+        targets |= bench_remote(base, args, rows)
     if args.stores:
         many = base / "many"
         shutil.rmtree(many, ignore_errors=True)
@@ -414,13 +675,25 @@ def main() -> None:
     for name, key, goal in (
         ("no-change snapshot (issue 2)", "no_change", 0.10),
         ("one small file changed, in-process (issue 12)", "one", 0.05),
+        ("one small file changed, ChangeSet hint, in-process", "one_hinted", 0.05),
         ("one small file changed, end to end CLI (issue 12)", "cli_one", 0.10),
         ("rollback of one changed file (issue 12)", "rollback", 0.05),
+        ("overlay: step (command + checkpoint), one file changed", "overlay_step", 0.10),
+        ("overlay: rollback, attempt changed one file (issue 12)", "overlay_back_one", 0.05),
+        ("overlay: rollback, attempt changed nothing (O(1))", "overlay_back_none", 0.01),
     ):
         if key not in targets:
             continue
         ratio = targets[key] / tar_plain
         print(f"  {name:<52} {ratio:6.3f}x  goal <= {goal:.2f}x  {verdict(ratio <= goal)}")
+    if "many_hinted" in targets:  # against tar of the many-files folder, not the main workspace
+        ratio = targets["many_hinted"] / targets["many_tar"]
+        print(f"  {f'{args.many_files:,} files, one changed, ChangeSet (x its tar)':<52} {ratio:6.3f}x  goal <= 0.05x"
+              f"  {verdict(ratio <= 0.05)}")  # fmt: skip
+    for name, key in (("remote: 1-byte change, snapshot pull (issue 12)", "remote_pull_bytes"),
+                      ("remote: 1-byte change, rollback push (issue 12)", "remote_push_bytes")):  # fmt: skip
+        if key in targets:
+            print(f"  {name:<52} {targets[key] / 1e6:6.2f} MB  goal < 2 MB moved  {verdict(targets[key] < 2e6)}")
     if "first" in targets:
         ratio = targets["first"] / tar_zstd
         print(
