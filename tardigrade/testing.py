@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import os
 import shutil
 import socket
@@ -47,6 +48,7 @@ import pytest_asyncio
 from tardigrade.sandboxes.errors import SandboxLost
 from tardigrade.sandboxes.manifest import SnapshotPaths
 from tardigrade.sandboxes.provider import Sandbox, SandboxProvider, SandboxSpec
+from tardigrade.sandboxes.remote import RemoteSandbox
 from tardigrade.sandboxes.snapshots import SnapshotEngine
 from tardigrade.sandboxes.stores import open_store
 
@@ -98,6 +100,59 @@ def listing(tree: Path) -> dict[str, tuple[str, int, str]]:
         else:
             out[rel] = ("f", stat.S_IMODE(st.st_mode), path.read_bytes().hex()[:64] + str(st.st_size))
     return out
+
+
+def signature_drift(pairs: list[tuple[str, Any, Any]]) -> list[str]:
+    """For a fake of a provider's SDK: the faked methods, as ``(name, fake, real)``, whose parameters (names, kinds,
+    defaults) or async-ness differ from the installed SDK's - so an SDK upgrade that breaks the provider fails."""
+
+    def params(function: Any) -> list[tuple[str, Any, Any, bool]]:
+        found = list(inspect.signature(function).parameters.values())
+        if found and found[0].name in ("self", "cls"):
+            found = found[1:]
+        is_async = inspect.iscoroutinefunction(inspect.unwrap(function)) or inspect.iscoroutinefunction(function)
+        return [(p.name, p.kind, p.default, is_async) for p in found]
+
+    return [
+        f"{name}: fake {params(fake)} != sdk {params(real)}"
+        for name, fake, real in pairs
+        if params(fake) != params(real)
+    ]
+
+
+async def native_snapshot_round_trip(
+    provider: SandboxProvider,
+    engine: SnapshotEngine,
+    *,
+    spec: SandboxSpec,
+    lose: Callable[[str], object],
+    unusable: Callable[[str], str],
+    after_native: Callable[[Sandbox, str], Awaitable[None]] | None = None,
+) -> tuple[RemoteSandbox, str]:
+    """What ``native_snapshot: true`` promises, checked the same way for every provider that has one: a sandbox
+    made from the native snapshot after the first is lost needs (almost) nothing pushed to match the portable
+    snapshot, and when the native snapshot cannot be used (``unusable(native)`` deletes or expires it and returns
+    the id to try) the sandbox is rebuilt from the portable one with the same digest. ``lose(sandbox_id)`` ends a
+    sandbox behind the provider's back. Returns the sandbox made from the native snapshot, and its id."""
+    first = await provider.create(spec)
+    assert (await sh(first, WORKSPACE_SCRIPT))[0] == 0
+    snap = await first.snapshot(engine, selection=SELECTION, parent=None, labels={})
+    native = await first.native_snapshot()
+    assert native
+    if after_native is not None:
+        await after_native(first, native)
+    lose(first.id)
+    second, from_native = await provider.create_from(spec, native)
+    assert from_native and isinstance(second, RemoteSandbox)
+    await second.adopt_native(engine, snap.id, selection=SELECTION)
+    await second.restore(engine, snap.id, selection=SELECTION)
+    assert second.last_push is not None and second.last_push.bytes < 100 and second.last_push.deleted == 0
+    assert (await second.snapshot(engine, selection=SELECTION, parent=None, labels={})).digest == snap.digest
+    third, from_native = await provider.create_from(spec, unusable(native))
+    assert not from_native
+    await third.restore(engine, snap.id, selection=SELECTION)
+    assert (await third.snapshot(engine, selection=SELECTION, parent=None, labels={})).digest == snap.digest
+    return second, native
 
 
 class ProviderContract:

@@ -27,7 +27,13 @@ from tardigrade.sandboxes.provider import Sandbox, SandboxSpec
 from tardigrade.sandboxes.provider_choice import build_provider
 from tardigrade.sandboxes.snapshots import SnapshotEngine
 from tardigrade.sandboxes.stores import open_store
-from tardigrade.testing import SELECTION, WORKSPACE_SCRIPT, Harness, ProviderContract, sh
+from tardigrade.testing import (
+    Harness,
+    ProviderContract,
+    native_snapshot_round_trip,
+    sh,
+    signature_drift,
+)
 from tests.fake_blaxel import FakeBlaxel, FakeBlaxelWorld, fake_blaxel
 from tests.provider_fakes import fakes_unavailable
 
@@ -196,34 +202,14 @@ async def test_native_snapshot_forks_and_falls_back_when_it_is_gone(
 ) -> None:
     world, _, provider = fake
     engine = SnapshotEngine(open_store((tmp_path / "store").as_uri()))
-    first = await provider.create(SandboxSpec())
-    assert (await sh(first, WORKSPACE_SCRIPT))[0] == 0
-    snap = await first.snapshot(engine, selection=SELECTION, parent=None, labels={})
-    native = await first.native_snapshot()
-    assert native and native in world.snapshots
-    world.cloud.lose(first.id)
-    second, from_native = await provider.create_from(SandboxSpec(), native)
-    assert from_native and isinstance(second, BlaxelSandbox) and second.id != first.id
+    second, native = await native_snapshot_round_trip(
+        provider, engine, spec=SandboxSpec(), lose=world.cloud.lose, unusable=lambda _: "snap_deleted"
+    )
+    assert native in world.snapshots and isinstance(second, BlaxelSandbox)
     assert world.network_updates and world.network_updates[-1][0] == second.id, "the fork's network is re-applied"
-    await second.adopt_native(engine, snap.id, selection=SELECTION)
-    await second.restore(engine, snap.id, selection=SELECTION)
-    assert second.last_push is not None and second.last_push.bytes < 100 and second.last_push.deleted == 0
-    assert (await second.snapshot(engine, selection=SELECTION, parent=None, labels={})).digest == snap.digest
-    third, from_native = await provider.create_from(SandboxSpec(), "snap_deleted")
-    assert not from_native
-    await third.restore(engine, snap.id, selection=SELECTION)
-    assert (await third.snapshot(engine, selection=SELECTION, parent=None, labels={})).digest == snap.digest
 
 
 # -- the fake against the installed SDK -----------------------------------------------------------------------------
-
-
-def _params(function: Any) -> list[tuple[str, Any, Any, bool]]:
-    params = list(inspect.signature(function).parameters.values())
-    if params and params[0].name in ("self", "cls"):
-        params = params[1:]
-    is_async = inspect.iscoroutinefunction(inspect.unwrap(function)) or inspect.iscoroutinefunction(function)
-    return [(p.name, p.kind, p.default, is_async) for p in params]
 
 
 def test_the_fake_matches_the_installed_sdk() -> None:
@@ -256,8 +242,7 @@ def test_the_fake_matches_the_installed_sdk() -> None:
         ("Snapshot.get", f.FakeSnapshot.get, real.Snapshot.get),
         ("Snapshot.fork", f.FakeSnapshot.fork, real.Snapshot.fork),
     ]  # fmt: skip
-    drift = [f"{name}: fake {_params(fake)} != sdk {_params(sdk)}" for name, fake, sdk in pairs
-             if _params(fake) != _params(sdk)]  # fmt: skip
+    drift = signature_drift(pairs)
     assert not drift, "\n".join(drift)
     # What the provider reads and builds is where the fake says it is (constructing these makes no request).
     instance = real.SandboxInstance(SandboxModel(metadata=Metadata(name="x"), spec=BlaxelSandboxSpec()))

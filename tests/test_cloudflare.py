@@ -36,7 +36,12 @@ from tardigrade.sandboxes.provider import Sandbox, SandboxSpec
 from tardigrade.sandboxes.provider_choice import build_provider
 from tardigrade.sandboxes.snapshots import SnapshotEngine
 from tardigrade.sandboxes.stores import open_store
-from tardigrade.testing import SELECTION, WORKSPACE_SCRIPT, Harness, ProviderContract, sh
+from tardigrade.testing import (
+    Harness,
+    ProviderContract,
+    native_snapshot_round_trip,
+    sh,
+)
 from tests.fake_cloudflare_bridge import FakeCloudflareBridge
 from tests.provider_fakes import FakeCloud, fakes_unavailable
 
@@ -217,26 +222,17 @@ async def test_native_backups_resume_and_their_fallback(
 ) -> None:
     cloud, bridge, provider = fake
     engine = SnapshotEngine(open_store((tmp_path / "store").as_uri()))
+
+    def expire(native: str) -> str:
+        for backup in bridge.backups.values():
+            backup.expires = 0  # past its ttl
+        return native
+
     spec = SandboxSpec(options={"native_snapshot": True, "backup_ttl": 600})
-    first = await provider.create(spec)
-    assert (await sh(first, WORKSPACE_SCRIPT))[0] == 0
-    snap = await first.snapshot(engine, selection=SELECTION, parent=None, labels={})
-    native = await first.native_snapshot()
-    assert native and [b["dir"] for b in json.loads(native)] == ["/workspace", "/home/sandbox"]
+    second, native = await native_snapshot_round_trip(provider, engine, spec=spec, lose=cloud.lose, unusable=expire)
+    assert isinstance(second, CloudflareSandbox)
+    assert [b["dir"] for b in json.loads(native)] == ["/workspace", "/home/sandbox"]
     assert {b["ttl"] for m, p, b in bridge.requests if p.endswith("/backups")} == {600}
-    cloud.lose(first.id)
-    second, from_native = await provider.create_from(spec, native)
-    assert from_native and isinstance(second, CloudflareSandbox)
-    await second.adopt_native(engine, snap.id, selection=SELECTION)
-    await second.restore(engine, snap.id, selection=SELECTION)
-    assert second.last_push is not None and second.last_push.bytes < 100 and second.last_push.deleted == 0
-    assert (await second.snapshot(engine, selection=SELECTION, parent=None, labels={})).digest == snap.digest
-    for backup in bridge.backups.values():
-        backup.expires = 0  # past its ttl
-    third, from_native = await provider.create_from(spec, native)
-    assert not from_native
-    await third.restore(engine, snap.id, selection=SELECTION)
-    assert (await third.snapshot(engine, selection=SELECTION, parent=None, labels={})).digest == snap.digest
 
 
 def test_cloudflare_is_built_through_the_entry_point_and_says_what_is_missing(

@@ -10,7 +10,6 @@ tests install a third-party provider as a real distribution (a dist-info with an
 from __future__ import annotations
 
 import asyncio
-import inspect
 import os
 import sys
 import textwrap
@@ -30,7 +29,13 @@ from tardigrade.sandboxes.provider import Sandbox, SandboxSpec
 from tardigrade.sandboxes.provider_choice import build_provider
 from tardigrade.sandboxes.snapshots import SnapshotEngine
 from tardigrade.sandboxes.stores import open_store
-from tardigrade.testing import SELECTION, WORKSPACE_SCRIPT, Harness, ProviderContract, sh
+from tardigrade.testing import (
+    Harness,
+    ProviderContract,
+    native_snapshot_round_trip,
+    sh,
+    signature_drift,
+)
 from tests.fake_daytona import FakeAsyncDaytona, fake_daytona
 from tests.provider_fakes import fakes_unavailable
 
@@ -152,33 +157,13 @@ async def test_native_snapshot_resume_and_its_fallback(
 ) -> None:
     cloud, _, provider = fake
     engine = SnapshotEngine(open_store((tmp_path / "store").as_uri()))
-    first = await provider.create(SandboxSpec())
-    assert (await sh(first, WORKSPACE_SCRIPT))[0] == 0
-    snap = await first.snapshot(engine, selection=SELECTION, parent=None, labels={})
-    native = await first.native_snapshot()
-    assert native
-    cloud.lose(first.id)
-    second, from_native = await provider.create_from(SandboxSpec(), native)
-    assert from_native and isinstance(second, DaytonaSandbox)
-    await second.adopt_native(engine, snap.id, selection=SELECTION)
-    await second.restore(engine, snap.id, selection=SELECTION)
-    assert second.last_push is not None and second.last_push.bytes < 100 and second.last_push.deleted == 0
-    assert (await second.snapshot(engine, selection=SELECTION, parent=None, labels={})).digest == snap.digest
-    third, from_native = await provider.create_from(SandboxSpec(), "tardigrade-deleted-snapshot")
-    assert not from_native
-    await third.restore(engine, snap.id, selection=SELECTION)
-    assert (await third.snapshot(engine, selection=SELECTION, parent=None, labels={})).digest == snap.digest
+    second, _ = await native_snapshot_round_trip(
+        provider, engine, spec=SandboxSpec(), lose=cloud.lose, unusable=lambda _: "tardigrade-deleted-snapshot"
+    )
+    assert isinstance(second, DaytonaSandbox)
 
 
 # -- the fake against the installed SDK -----------------------------------------------------------------------------
-
-
-def _params(function: Any) -> list[tuple[str, Any, Any, bool]]:
-    params = list(inspect.signature(function).parameters.values())
-    if params and params[0].name in ("self", "cls"):
-        params = params[1:]
-    is_async = inspect.iscoroutinefunction(inspect.unwrap(function)) or inspect.iscoroutinefunction(function)
-    return [(p.name, p.kind, p.default, is_async) for p in params]
 
 
 def test_the_fake_matches_the_installed_sdk() -> None:
@@ -208,8 +193,7 @@ def test_the_fake_matches_the_installed_sdk() -> None:
         ("AsyncFileSystem.upload_file", f.FakeDaytonaFileSystem.upload_file, AsyncFileSystem.upload_file),
         ("AsyncFileSystem.download_file", f.FakeDaytonaFileSystem.download_file, AsyncFileSystem.download_file),
     ]  # fmt: skip
-    drift = [f"{name}: fake {_params(fake)} != sdk {_params(real)}" for name, fake, real in pairs
-             if _params(fake) != _params(real)]  # fmt: skip
+    drift = signature_drift(pairs)
     assert not drift, "\n".join(drift)
     # The objects, models and errors the provider uses are where the fake says they are.
     assert {"process", "fs", "id", "state"} <= set(dir(daytona.AsyncSandbox)) | set(daytona.AsyncSandbox.model_fields)

@@ -31,7 +31,12 @@ from tardigrade.sandboxes.provider_choice import build_provider
 from tardigrade.sandboxes.runloop import RunloopProvider, RunloopSandbox, runloop_network_policy
 from tardigrade.sandboxes.snapshots import SnapshotEngine
 from tardigrade.sandboxes.stores import open_store
-from tardigrade.testing import SELECTION, WORKSPACE_SCRIPT, Harness, ProviderContract, sh
+from tardigrade.testing import (
+    Harness,
+    ProviderContract,
+    native_snapshot_round_trip,
+    sh,
+)
 from tests.fake_runloop import FakeRunloopTransport, fake_runloop
 from tests.provider_fakes import FakeCloud, fakes_unavailable
 
@@ -160,23 +165,11 @@ async def test_secrets_in_the_environment_never_reach_a_command_line(fake: Fake)
 async def test_native_snapshot_resume_and_its_fallback(fake: Fake, tmp_path: Path) -> None:
     cloud, transport, provider = fake
     engine = SnapshotEngine(open_store((tmp_path / "store").as_uri()))
-    first = await provider.create(SandboxSpec())
-    assert (await sh(first, WORKSPACE_SCRIPT))[0] == 0
-    snap = await first.snapshot(engine, selection=SELECTION, parent=None, labels={})
-    native = await first.native_snapshot()
-    assert native and native in transport.snapshots
-    cloud.lose(first.id)
-    second, from_native = await provider.create_from(SandboxSpec(), native)
-    assert from_native and isinstance(second, RunloopSandbox)
+    second, native = await native_snapshot_round_trip(
+        provider, engine, spec=SandboxSpec(), lose=cloud.lose, unusable=lambda _: "snp_deleted"
+    )
+    assert native in transport.snapshots and isinstance(second, RunloopSandbox)
     assert transport.devboxes[second.id].params["snapshot_id"] == native
-    await second.adopt_native(engine, snap.id, selection=SELECTION)
-    await second.restore(engine, snap.id, selection=SELECTION)
-    assert second.last_push is not None and second.last_push.bytes < 100 and second.last_push.deleted == 0
-    assert (await second.snapshot(engine, selection=SELECTION, parent=None, labels={})).digest == snap.digest
-    third, from_native = await provider.create_from(SandboxSpec(), "snp_deleted")
-    assert not from_native
-    await third.restore(engine, snap.id, selection=SELECTION)
-    assert (await third.snapshot(engine, selection=SELECTION, parent=None, labels={})).digest == snap.digest
 
 
 # -- the provider and the fake against the installed SDK ------------------------------------------------------------

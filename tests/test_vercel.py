@@ -9,7 +9,6 @@ is a lost sandbox, and a pipeline run carries on past it on a new sandbox with t
 from __future__ import annotations
 
 import asyncio
-import inspect
 import os
 import subprocess
 from collections.abc import AsyncIterator
@@ -26,7 +25,13 @@ from tardigrade.sandboxes.remote import HELPER_DIR
 from tardigrade.sandboxes.snapshots import SnapshotEngine
 from tardigrade.sandboxes.stores import open_store
 from tardigrade.sandboxes.vercel import VercelProvider, VercelSandbox, has_credentials, vercel_network_policy
-from tardigrade.testing import SELECTION, WORKSPACE_SCRIPT, Harness, ProviderContract, sh
+from tardigrade.testing import (
+    Harness,
+    ProviderContract,
+    native_snapshot_round_trip,
+    sh,
+    signature_drift,
+)
 from tests.fake_vercel import FakeSandboxClient, fake_vercel
 from tests.provider_fakes import fakes_unavailable
 
@@ -185,35 +190,23 @@ async def test_native_snapshot_continues_on_a_new_session_and_restores_with_fall
 ) -> None:
     _, client, provider = fake
     engine = SnapshotEngine(open_store((tmp_path / "store").as_uri()))
-    spec = SandboxSpec(options={"native_snapshot": True})
-    first = await provider.create(spec)
-    assert (await sh(first, WORKSPACE_SCRIPT))[0] == 0
-    snap = await first.snapshot(engine, selection=SELECTION, parent=None, labels={})
-    native = await first.native_snapshot()
-    assert native and native in client.snapshots
-    assert (await sh(first, "cat src/a.txt"))[1] == "shared\n", "the same sandbox goes on, on its saved disk"
-    client.lose(first.id)
-    second, from_native = await provider.create_from(spec, native)
-    assert from_native and isinstance(second, VercelSandbox)
-    await second.adopt_native(engine, snap.id, selection=SELECTION)
-    await second.restore(engine, snap.id, selection=SELECTION)
-    assert second.last_push is not None and second.last_push.bytes < 100 and second.last_push.deleted == 0
-    assert (await second.snapshot(engine, selection=SELECTION, parent=None, labels={})).digest == snap.digest
-    third, from_native = await provider.create_from(spec, "snap_deleted")
-    assert not from_native
-    await third.restore(engine, snap.id, selection=SELECTION)
-    assert (await third.snapshot(engine, selection=SELECTION, parent=None, labels={})).digest == snap.digest
+
+    async def goes_on(first: Sandbox, native: str) -> None:
+        assert native in client.snapshots
+        assert (await sh(first, "cat src/a.txt"))[1] == "shared\n", "the same sandbox goes on, on its saved disk"
+
+    second, _ = await native_snapshot_round_trip(
+        provider,
+        engine,
+        spec=SandboxSpec(options={"native_snapshot": True}),
+        lose=client.lose,
+        unusable=lambda _: "snap_deleted",
+        after_native=goes_on,
+    )
+    assert isinstance(second, VercelSandbox)
 
 
 # -- the fake against the installed SDK -----------------------------------------------------------------------------
-
-
-def _params(function: Any) -> list[tuple[str, Any, Any, bool]]:
-    params = list(inspect.signature(function).parameters.values())
-    if params and params[0].name in ("self", "cls"):
-        params = params[1:]
-    is_async = inspect.iscoroutinefunction(inspect.unwrap(function)) or inspect.iscoroutinefunction(function)
-    return [(p.name, p.kind, p.default, is_async) for p in params]
 
 
 def test_the_fake_matches_the_installed_sdk() -> None:
@@ -243,8 +236,7 @@ def test_the_fake_matches_the_installed_sdk() -> None:
         ("SandboxBinaryWriter.write", f.FakeBinaryWriter.write, sdk.SandboxBinaryWriter.write),
         ("SandboxBinaryWriter.__aenter__", f.FakeBinaryWriter.__aenter__, sdk.SandboxBinaryWriter.__aenter__),
     ]  # fmt: skip
-    drift = [f"{name}: fake {_params(fake)} != sdk {_params(real)}" for name, fake, real in pairs
-             if _params(fake) != _params(real)]  # fmt: skip
+    drift = signature_drift(pairs)
     assert not drift, "\n".join(drift)
     # The attributes, models and errors the provider uses are where the fake says they are.
     assert {"name", "status", "current_session", "fs"} <= set(dir(sdk.Sandbox))
