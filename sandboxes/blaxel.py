@@ -46,12 +46,11 @@ from pathlib import Path
 from typing import Any
 
 from tardigrade.sandboxes.errors import ProviderUnavailable, SandboxError, SandboxLost
-from tardigrade.sandboxes.layout import SANDBOX_UID
 from tardigrade.sandboxes.network.providers import _split
 from tardigrade.sandboxes.network.rules import NetworkRule
 from tardigrade.sandboxes.provider import FaultInjector, SandboxSpec
 from tardigrade.sandboxes.provider_options import BlaxelOptions
-from tardigrade.sandboxes.remote import RemoteProcess, RemoteProvider, RemoteSandbox
+from tardigrade.sandboxes.remote import RemoteProcess, RemoteProvider, RemoteSandbox, as_sandbox_user
 
 _GONE_STATUSES = {"TERMINATED", "FAILED", "DELETING", "DEACTIVATED", "DEACTIVATING"}
 _ARCHIVED_STATUSES = {"ARCHIVED", "ARCHIVING"}
@@ -179,12 +178,7 @@ class BlaxelSandbox(RemoteSandbox):
     async def _spawn(
         self, command: str, *, env: Mapping[str, str], cwd: str, root: bool, on_output: Callable[[bytes], None]
     ) -> RemoteProcess:
-        run = command
-        if not root:
-            run = (
-                f"exec setpriv --reuid={SANDBOX_UID} --regid={SANDBOX_UID} --clear-groups -- /bin/sh -c"
-                f" {shlex.quote(command)}"
-            )
+        run = as_sandbox_user(command, root=root)
         script = f"cd {shlex.quote(cwd)} || exit 1; {run}"
         name = f"tardigrade-{uuid.uuid4().hex[:20]}"
         forward = _lines_to_bytes(on_output)

@@ -34,11 +34,11 @@ from pathlib import Path
 from typing import Any
 
 from tardigrade.sandboxes.errors import ProviderUnavailable, SandboxError, SandboxLost
-from tardigrade.sandboxes.layout import HOME, SANDBOX_UID, WORKSPACE
+from tardigrade.sandboxes.layout import HOME, WORKSPACE
 from tardigrade.sandboxes.network.rules import NetworkRule
 from tardigrade.sandboxes.provider import FaultInjector, SandboxSpec
 from tardigrade.sandboxes.provider_options import CloudflareOptions
-from tardigrade.sandboxes.remote import RemoteProcess, RemoteProvider, RemoteSandbox
+from tardigrade.sandboxes.remote import RemoteProcess, RemoteProvider, RemoteSandbox, as_sandbox_user
 
 _SETUP = (
     "pip install 'tardigrade-temporal[cloudflare]', deploy the bridge Worker (clients/cloudflare-bridge/README.md)"
@@ -238,12 +238,7 @@ class CloudflareSandbox(RemoteSandbox):
     async def _spawn(
         self, command: str, *, env: Mapping[str, str], cwd: str, root: bool, on_output: Callable[[bytes], None]
     ) -> RemoteProcess:
-        run = command
-        if not root:
-            run = (
-                f"exec setpriv --reuid={SANDBOX_UID} --regid={SANDBOX_UID} --clear-groups -- /bin/sh -c"
-                f" {shlex.quote(command)}"
-            )
+        run = as_sandbox_user(command, root=root)
         script = f"cd {shlex.quote(cwd)} || exit 1; {run}"
         started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 

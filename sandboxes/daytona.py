@@ -35,13 +35,12 @@ from pathlib import Path
 from typing import Any
 
 from tardigrade.sandboxes.errors import ProviderUnavailable, SandboxError, SandboxLost
-from tardigrade.sandboxes.layout import SANDBOX_UID
 from tardigrade.sandboxes.network.providers import _split
 from tardigrade.sandboxes.network.rules import NetworkRule
 from tardigrade.sandboxes.provider import FaultInjector, SandboxSpec
 from tardigrade.sandboxes.provider_options import DEFAULT_DAYTONA_AUTO_STOP as DEFAULT_AUTO_STOP
 from tardigrade.sandboxes.provider_options import DaytonaOptions
-from tardigrade.sandboxes.remote import RemoteProcess, RemoteProvider, RemoteSandbox
+from tardigrade.sandboxes.remote import RemoteProcess, RemoteProvider, RemoteSandbox, as_sandbox_user
 
 _GONE_STATES = {"destroyed", "destroying", "error", "build_failed"}
 _RESUMABLE_STATES = {"stopped", "stopping", "archived"}
@@ -133,12 +132,7 @@ class DaytonaSandbox(RemoteSandbox):
         env_file = f"/tmp/.tardigrade-env-{token}"
         lines = "".join(f"export {name}={shlex.quote(value)}\n" for name, value in env.items())
         await self._sb.fs.upload_file(lines.encode(), env_file)
-        run = command
-        if not root:
-            run = (
-                f"exec setpriv --reuid={SANDBOX_UID} --regid={SANDBOX_UID} --clear-groups -- /bin/sh -c"
-                f" {shlex.quote(command)}"
-            )
+        run = as_sandbox_user(command, root=root)
         script = f". {env_file}; rm -f {env_file}; cd {shlex.quote(cwd)} || exit 1; {run}"
         session = f"tardigrade-{token[:16]}"
         await self._sb.process.create_session(session)

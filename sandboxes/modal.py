@@ -33,7 +33,7 @@ from tardigrade.sandboxes.limits import Limits
 from tardigrade.sandboxes.manifest import sandbox_path
 from tardigrade.sandboxes.network.providers import modal_create_options
 from tardigrade.sandboxes.provider import SandboxSpec
-from tardigrade.sandboxes.remote import RemoteProcess, RemoteProvider, RemoteSandbox
+from tardigrade.sandboxes.remote import RemoteProcess, RemoteProvider, RemoteSandbox, as_sandbox_user
 
 DEFAULT_APP = "tardigrade"
 DEFAULT_LIFETIME = 24 * 3600
@@ -90,12 +90,7 @@ class ModalSandbox(RemoteSandbox):
     async def _spawn(
         self, command: str, *, env: Mapping[str, str], cwd: str, root: bool, on_output: Callable[[bytes], None]
     ) -> RemoteProcess:
-        script = command
-        if not root:
-            script = (
-                f"exec setpriv --reuid={SANDBOX_UID} --regid={SANDBOX_UID} --clear-groups -- /bin/sh -c"
-                f" {shlex.quote(command)}"
-            )
+        script = as_sandbox_user(command, root=root)
         process = await self._sb.exec.aio("/bin/sh", "-c", script, workdir=cwd, env=dict(env), text=False)
         pumps = [
             asyncio.ensure_future(_drain(process.stdout, on_output)),

@@ -761,6 +761,16 @@ class RemoteSandbox(Sandbox):
 # -- the provider -----------------------------------------------------------------------------------------------
 
 
+def as_sandbox_user(command: str, *, root: bool) -> str:
+    """Shell text that runs ``command`` as uid 1000 (``setpriv``, in every Debian image) unless ``root``: providers
+    whose SDK runs everything as root drop to the sandbox user this way."""
+    if root:
+        return command
+    return (
+        f"exec setpriv --reuid={SANDBOX_UID} --regid={SANDBOX_UID} --clear-groups -- /bin/sh -c {shlex.quote(command)}"
+    )
+
+
 class RemoteProvider(SandboxProvider):
     """Shared plumbing of SDK-backed providers: not host-bound (any worker attaches by id), a folder on this
     worker for mirrors and logs, and the portable layout prepared on every new sandbox."""

@@ -34,12 +34,11 @@ from pathlib import Path
 from typing import Any
 
 from tardigrade.sandboxes.errors import ProviderUnavailable, SandboxError, SandboxLost
-from tardigrade.sandboxes.layout import SANDBOX_UID
 from tardigrade.sandboxes.network.providers import _split
 from tardigrade.sandboxes.network.rules import NetworkRule
 from tardigrade.sandboxes.provider import FaultInjector, SandboxSpec
 from tardigrade.sandboxes.provider_options import RunloopOptions
-from tardigrade.sandboxes.remote import HELPER_DIR, RemoteProcess, RemoteProvider, RemoteSandbox
+from tardigrade.sandboxes.remote import HELPER_DIR, RemoteProcess, RemoteProvider, RemoteSandbox, as_sandbox_user
 
 _GONE_STATES = {"shutdown", "failure"}
 _RESUMABLE_STATES = {"suspended", "suspending"}
@@ -144,12 +143,7 @@ class RunloopSandbox(RemoteSandbox):
         env_file = f"{HELPER_DIR}/env-{uuid.uuid4().hex}"
         lines = "".join(f"export {name}={shlex.quote(value)}\n" for name, value in env.items())
         await self._client.devboxes.upload_file(self.id, path=env_file, file=lines.encode())
-        run = command
-        if not root:
-            run = (
-                f"exec setpriv --reuid={SANDBOX_UID} --regid={SANDBOX_UID} --clear-groups -- /bin/sh -c"
-                f" {shlex.quote(command)}"
-            )
+        run = as_sandbox_user(command, root=root)
         script = f". {env_file}; rm -f {env_file}; cd {shlex.quote(cwd)} || exit 1; {run}"
         started = await self._client.devboxes.execute_async(self.id, command=f"/bin/sh -c {shlex.quote(script)}")
         return _RunloopProcess(self, started.execution_id, self._follow(started.execution_id, on_output))

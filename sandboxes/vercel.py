@@ -39,12 +39,11 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from tardigrade.sandboxes.errors import ProviderUnavailable, SandboxLost
-from tardigrade.sandboxes.layout import SANDBOX_UID
 from tardigrade.sandboxes.network.providers import _split
 from tardigrade.sandboxes.network.rules import NetworkRule
 from tardigrade.sandboxes.provider import FaultInjector, SandboxSpec
 from tardigrade.sandboxes.provider_options import VercelOptions
-from tardigrade.sandboxes.remote import RemoteProcess, RemoteProvider, RemoteSandbox
+from tardigrade.sandboxes.remote import RemoteProcess, RemoteProvider, RemoteSandbox, as_sandbox_user
 
 _SETUP = (
     "pip install 'tardigrade-temporal[vercel]' and set VERCEL_OIDC_TOKEN, or VERCEL_TOKEN with VERCEL_TEAM_ID and"
@@ -119,12 +118,7 @@ class VercelSandbox(RemoteSandbox):
     async def _spawn(
         self, command: str, *, env: Mapping[str, str], cwd: str, root: bool, on_output: Callable[[bytes], None]
     ) -> RemoteProcess:
-        run = command
-        if not root:
-            run = (
-                f"exec setpriv --reuid={SANDBOX_UID} --regid={SANDBOX_UID} --clear-groups -- /bin/sh -c"
-                f" {shlex.quote(command)}"
-            )
+        run = as_sandbox_user(command, root=root)
         send = dict(env)
         restore_home = ""
         if "HOME" in send:
