@@ -32,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import inspect
 import json
 import logging
 import os
@@ -539,9 +538,6 @@ class LocalSandbox(Sandbox):
                 f" {format_size(disk)}; not checkpointing. Raise sandbox.limits.disk in the pipeline,"
                 " or have the step delete what it does not need"
             )
-        extra: dict[str, ChangeSet] = {}
-        if changes is not None and _engine_takes_changes(engine):
-            extra["changes"] = changes
         info = await asyncio.to_thread(
             engine.create,
             self.fs,
@@ -549,7 +545,7 @@ class LocalSandbox(Sandbox):
             parent=parent,
             cache_path=self.cache_path,
             labels=dict(labels),
-            **extra,
+            changes=changes,
         )
         # A sandbox that vanished mid-walk yields a partial tree: never hand that out as a checkpoint.
         await self._require_alive("taking a snapshot")
@@ -645,11 +641,6 @@ class LocalSandbox(Sandbox):
 
 #: Beyond this many changed paths, a rollback restores by walking (with the stat cache) instead of path by path.
 _MAX_ROLLBACK_PATHS = 4096
-
-
-def _engine_takes_changes(engine: SnapshotEngine) -> bool:
-    """Whether this engine's create accepts a ChangeSet (sandboxes/snapshots/changes.py) in place of a walk."""
-    return "changes" in inspect.signature(engine.create).parameters
 
 
 def _close_pipes(proc: asyncio.subprocess.Process) -> None:
