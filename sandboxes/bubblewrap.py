@@ -14,17 +14,19 @@ created it. Layout on the worker::
     <root>/<sandbox id>/fs/workspace       -> /workspace
     <root>/<sandbox id>/fs/home/sandbox    -> /home/sandbox
     <root>/<sandbox id>/state/             stat cache, command logs (outside the sandbox)
-    <root>/<sandbox id>/overlay/           the step's overlay upper layers (sandboxes/overlay.py), when in use
+    <root>/<sandbox id>/overlay/           the step's overlay upper layers (sandboxes/overlay.py), when in use,
+                                           and the attempt's kept originals (overlay/undo/, never bound)
     <root>/<sandbox id>/mounts/<N>/        data mount N, bound at its path (read-only for ``ro``): never in fs/,
                                            so never in a snapshot, and ro is enforced by the kernel
     <root>/<sandbox id>/sandbox.json       owner worker and spec; its absence means the sandbox is gone
 
 With overlays (the default where the kernel allows unprivileged overlayfs), a command sees ``fs/`` as the lower
 layer of an overlay whose upper layer collects the step's changes: a checkpoint merges the upper layer into fs/ by
-renames and hands the snapshot engine the changed paths instead of a walk, and a rollback of an attempt drops the
-upper layer. Host-side file access (the file tools, snapshots, restores) merges first, so it sees and writes what
-the commands see. Commands with a network namespace, the unisolated fallback, and any overlay failure use fs/
-directly (the walk does the rest).
+renames and hands the snapshot engine the changed paths instead of a walk; what a merge replaces or deletes is kept
+aside in the attempt's undo log (sandboxes/overlay_undo.py), so a rollback renames the originals back (reading
+nothing from the store) and a checkpoint throws them away. Host-side file access (the file tools, snapshots,
+restores) merges first, so it sees and writes what the commands see. Commands with a network namespace, the
+unisolated fallback, and any overlay failure use fs/ directly (the walk does the rest).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import logging
 import os
 import shutil
 import signal
+import stat
 import threading
 import time
 import uuid
@@ -66,6 +69,7 @@ from tardigrade.sandboxes.network.namespace import CommandNetwork, require_tools
 from tardigrade.sandboxes.network.proxy import BrokerHook, EgressProxy
 from tardigrade.sandboxes.network.rules import NetworkRule
 from tardigrade.sandboxes.overlay import OverlayError, OverlayLayers, paths_usable, probe
+from tardigrade.sandboxes.overlay_undo import rollback_roots
 from tardigrade.sandboxes.provider import (
     ExecResult,
     FaultInjector,
@@ -444,6 +448,10 @@ class LocalSandbox(Sandbox):
             self._settle()
             self._note_written(rel)
             with self._folders() as folders:
+                with contextlib.suppress(OSError):  # (a missing file is created; SafeFolders refuses the rest)
+                    st = folders.lstat(rel)
+                    if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:  # written in place: its other names too
+                        self._pending = None  # change, untracked: the next checkpoint walks, a rollback restores
                 folders.write_file(rel, data, mode=mode)
 
         await asyncio.to_thread(write)
@@ -496,13 +504,18 @@ class LocalSandbox(Sandbox):
             self._pending |= changed
 
     def _note_written(self, rel: str) -> None:
-        """A path the worker writes into fs/ itself (the file tools): the next checkpoint examines it too."""
+        """A path the worker writes into fs/ itself (the file tools): the next checkpoint examines it too, and a
+        rollback restores it from the store (a write changes a file in place: the undo log has no original)."""
+        paths = [rel]
+        parent = rel.rpartition("/")[0]
+        while parent and parent not in ("workspace", "home", "home/sandbox"):
+            paths.append(parent)  # folders make_dirs/write_file may have created on the way
+            parent = parent.rpartition("/")[0]
+        if self.overlay is not None:
+            with self._merging:
+                self.overlay.undo.note_written(paths)
         if self._pending is not None:
-            self._pending.add(rel)
-            parent = rel.rpartition("/")[0]
-            while parent and parent not in ("workspace", "home", "home/sandbox"):
-                self._pending.add(parent)  # folders make_dirs/write_file may have created on the way
-                parent = parent.rpartition("/")[0]
+            self._pending.update(paths)
 
     def _changes_since(self, parent: str | None, selection: Selection) -> ChangeSet | None:
         """What changed since ``parent``, when fs/ is known to hold ``parent`` plus `_pending`."""
@@ -510,17 +523,54 @@ class LocalSandbox(Sandbox):
             return None
         return ChangeSet(frozenset(self._pending))
 
-    def _rollback_paths(self, snapshot_id: str, selection: Selection) -> list[str] | None:
-        """Drop the upper layer (what a killed command left unmerged); then, if fs/ is known to hold
-        ``snapshot_id`` plus `_pending`, the paths that may differ from it within ``selection`` (none: fs/ holds
-        it already), else None: a full restore."""
+    def _rollback(self, snapshot_id: str, selection: Selection) -> tuple[RestoreStats, list[str]] | None:
+        """Roll fs/ back to ``snapshot_id`` without a full restore, if fs/ is known to hold it plus this attempt:
+        drop the unmerged upper layer (what a killed command left), undo the attempt's merges (sandboxes/
+        overlay_undo.py), and return what that did with the paths still to restore from the store (those the file
+        tools wrote; or, when the undo log declines, every path the attempt changed). None: a full restore. Sets
+        the state itself, so a caller cancelled meanwhile leaves it right."""
         assert self.overlay is not None
+        undo = self.overlay.undo
         with self._merging:
             self.overlay.drop()
-            if self._base != (snapshot_id, selection) or self._pending is None:
+            pending, known = self._pending, self._base == (snapshot_id, selection)
+            self._base, self._pending = None, None  # until fs/ is known to hold the snapshot again
+            if not known or pending is None:
+                undo.reset(keep=False)
                 return None
-            paths = sorted(p for p in self._pending if selection.covers(p))
-            return paths if len(paths) <= _MAX_ROLLBACK_PATHS else None
+            try:
+                undone = undo.rollback(selection)
+            except Exception as e:  # UndoFailed, or anything unforeseen: fs/ is not known, so restore it all
+                log.warning("sandbox %s: %s; restoring the snapshot in full", self.id, e)
+                undo.reset(keep=False)
+                return None
+            if undone is None:  # the log declined (see UndoLog.rollback): the changed paths, from the store
+                undo.reset(keep=False)
+                paths = rollback_roots(pending, selection)
+                return (RestoreStats(), paths) if len(paths) <= _MAX_ROLLBACK_PATHS else None
+            if len(undone.written) > _MAX_ROLLBACK_PATHS:
+                return None
+            if not undone.written:
+                self._base, self._pending = (snapshot_id, selection), set()
+            return RestoreStats(files_written=undone.put_back, deleted=undone.removed), undone.written
+
+    def _unchanged_since(self, snapshot_id: str, selection: Selection) -> bool:
+        """Whether fs/ holds ``snapshot_id`` and nothing of an attempt is to undo: a rollback then does nothing."""
+        assert self.overlay is not None
+        if self._base != (snapshot_id, selection) or self._pending != set() or self._on_overlay:
+            return False
+        if not self._merging.acquire(blocking=False):
+            return False
+        try:
+            return self.overlay.clean()
+        finally:
+            self._merging.release()
+
+    def _commit(self) -> None:
+        """fs/ is now the snapshot `_base` names: the attempt's originals are not needed any more."""
+        if self.overlay is not None:
+            with self._merging:
+                self.overlay.undo.reset(keep=True)
 
     # -- snapshots --------------------------------------------------------------------------------------------
 
@@ -551,6 +601,7 @@ class LocalSandbox(Sandbox):
         await self._require_alive("taking a snapshot")
         if self.overlay is not None:
             self._base, self._pending = (info.id, selection), set()
+            self._commit()
         return info
 
     async def restore(self, engine: SnapshotEngine, snapshot_id: str, *, selection: Selection) -> RestoreStats:
@@ -558,15 +609,22 @@ class LocalSandbox(Sandbox):
         await self.kill_processes()
         if self.overlay is not None:
             started = time.monotonic()
-            paths = await asyncio.to_thread(self._rollback_paths, snapshot_id, selection)
-            self._base, self._pending = None, None  # a restore that fails half-way leaves fs/ unknown
-            if paths is not None:  # back to the last checkpoint: only what the attempt changed is restored
-                stats = RestoreStats()
+            if self._unchanged_since(snapshot_id, selection):  # the attempt changed nothing: O(1), no thread
+                return RestoreStats(seconds=time.monotonic() - started)
+            rollback = await asyncio.to_thread(self._rollback, snapshot_id, selection)
+            if rollback is not None:  # back to the last checkpoint: only what the attempt changed is touched
+                stats, paths = rollback
                 if paths:  # without the stat cache, which still describes the checkpoint (and covers all of it)
                     only = Selection(roots=tuple(paths), excludes=selection.excludes)
-                    stats = await asyncio.to_thread(engine.restore, snapshot_id, self.fs, selection=only)
+                    more = await asyncio.to_thread(engine.restore, snapshot_id, self.fs, selection=only)
+                    stats.files_written += more.files_written
+                    stats.bytes_written += more.bytes_written
+                    stats.files_kept += more.files_kept
+                    stats.deleted += more.deleted
+                    stats.links_made += more.links_made
                 await self._require_alive("restoring a snapshot")
                 self._base, self._pending = (snapshot_id, selection), set()
+                self._commit()
                 self._make_mount_points()
                 stats.seconds = time.monotonic() - started
                 return stats
@@ -576,6 +634,7 @@ class LocalSandbox(Sandbox):
         await self._require_alive("restoring a snapshot")
         if self.overlay is not None:
             self._base, self._pending = (snapshot_id, selection), set()
+            self._commit()
         self._make_mount_points()  # a tree that lacks one must not leave bubblewrap without a bind source
         return stats
 

@@ -10,11 +10,15 @@ mount exists only in that command's mount namespace.
 The upper layer then holds exactly what changed: new and modified files, whiteouts (0:0 character devices) for
 deletions, and opaque folders (``user.overlay.opaque``) for replaced subtrees. `OverlayLayers.merge` moves it into
 the lower layer by renames - O(changes) - and returns the changed paths (a `ChangeSet` for the snapshot engine);
-`OverlayLayers.drop` throws it away (one rename, deleted in the background): a rollback of an attempt that kept
-nothing. The upper layer is written by the sandbox, so it is hostile input: it is read by descriptor, never
-following a symlink; names come from the directory itself (no ``/``, never ``..``); only a 0:0 character device is
-a whiteout and only a folder's ``user.overlay.opaque`` makes it opaque; every ``user.overlay.*`` attribute is
-stripped from what is merged (so the next mount never reads a stale marker); nothing leaves the sandbox's folder.
+what it replaces or deletes of the lower layer goes to the attempt's undo log (sandboxes/overlay_undo.py), so a
+rollback renames the originals back instead of restoring from the store. `OverlayLayers.drop` throws the upper
+layer away (one rename, deleted in the background): what a killed command left unmerged.
+
+The upper layer is written by the sandbox, so it is hostile input: it is read by descriptor, never following a
+symlink; names come from the directory itself (no ``/``, never ``..``); only a 0:0 character device is a whiteout
+and only a folder's ``user.overlay.opaque`` makes it opaque; every ``user.overlay.*`` attribute is stripped from
+what is merged (so the next mount never reads a stale marker); nothing leaves the sandbox's folder but originals
+moved into the undo folder beside the upper layer, which no command binds.
 """
 
 from __future__ import annotations
@@ -29,10 +33,11 @@ import subprocess
 import tempfile
 import threading
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from tardigrade.sandboxes.overlay_undo import UndoLog, rename_node, writable
 from tardigrade.sandboxes.safe_folders import DIR_FLAGS, remove_at
 
 log = logging.getLogger(__name__)
@@ -75,12 +80,17 @@ class OverlayLayers:
             _Area(fs / rel, self.root / "upper" / name, self.root / "work" / name, self.root / "view" / name, rel)
             for rel, name in AREAS
         ]
+        self.undo = UndoLog(self.root, fs)
+        # Each upper folder's own mode when it was last made equal to its lower folder's: a command changed the
+        # mounted folder's mode only if the upper's differs from this (never merely because the lower changed
+        # since, as a rollback does, which a late merge of a killed command must not undo).
+        self._matched: dict[str, int] = {}
 
     def prepare(self) -> None:
         for area in self.areas:
             for folder in (area.lower, area.upper, area.work, area.view):
                 folder.mkdir(parents=True, exist_ok=True)
-            _same_mode(area)
+            self._same_mode(area)
 
     def view_of(self, lower: Path) -> Path:
         """The folder bubblewrap binds in place of ``lower`` (an area's folder under fs/)."""
@@ -106,35 +116,66 @@ class OverlayLayers:
                     return True
         return False
 
+    def _same_mode(self, area: _Area) -> None:
+        """A fresh upper folder gets the lower one's mode: an overlay shows its root with the upper's."""
+        with contextlib.suppress(FileNotFoundError):
+            mode = stat.S_IMODE(os.stat(area.lower, follow_symlinks=False).st_mode)
+            os.chmod(area.upper, mode)
+            self._matched[area.rel] = mode
+
+    def clean(self) -> bool:
+        """Nothing of an attempt is here: no upper layer changes (not even a mode), no undo records."""
+        if len(self.undo) or self.undo.written or self.has_changes():
+            return False
+        try:
+            return all(os.stat(a.upper).st_mode == os.stat(a.lower, follow_symlinks=False).st_mode for a in self.areas)
+        except FileNotFoundError:
+            return False
+
     def merge(self) -> set[str]:
         """Move every upper layer into its lower layer; returns the changed paths relative to fs/. Raises
         `OverlayError` when the upper layer cannot be merged (what was merged stays merged: the view the commands
         see is the same either way)."""
         changes: set[str] = set()
-        for area in self.areas:
-            try:
-                upper_fd = os.open(area.upper, DIR_FLAGS)
-            except FileNotFoundError:
-                continue
-            try:
-                lower_fd = os.open(area.lower, DIR_FLAGS)
-                try:
-                    _merge_folder(upper_fd, lower_fd, area.rel, changes)
-                    # The mounted folder's own mode is the upper's (made equal to the lower's, see `_same_mode`).
-                    mode = stat.S_IMODE(os.fstat(upper_fd).st_mode)
-                    if mode != stat.S_IMODE(os.fstat(lower_fd).st_mode):
-                        os.fchmod(lower_fd, mode)
-                        changes.add(area.rel)
-                finally:
-                    os.close(lower_fd)
-            except (OSError, RecursionError) as e:
-                raise OverlayError(f"merging the overlay upper layer {area.upper} failed: {e}") from e
-            finally:
-                os.close(upper_fd)
+        try:
+            for area in self.areas:
+                self._merge_area(area, changes)
+        finally:
+            self.undo.close()
         return changes
+
+    def _merge_area(self, area: _Area, changes: set[str]) -> None:
+        try:
+            upper_fd = os.open(area.upper, DIR_FLAGS)
+        except FileNotFoundError:
+            return
+        try:
+            lower_fd = os.open(area.lower, DIR_FLAGS)
+            try:
+                # The mounted folder's own mode is the upper's (made equal to the lower's, see `_same_mode`).
+                mode = stat.S_IMODE(os.fstat(upper_fd).st_mode)
+                chmodded = mode != self._matched.get(area.rel) and mode != stat.S_IMODE(os.fstat(lower_fd).st_mode)
+                if chmodded or os.listdir(upper_fd):
+                    self.undo.note_folder(lower_fd, area.rel)
+                _merge_folder(upper_fd, lower_fd, area.rel, changes, self.undo)
+                if chmodded:
+                    os.fchmod(lower_fd, mode)
+                    self._matched[area.rel] = mode
+                    changes.add(area.rel)
+            finally:
+                os.close(lower_fd)
+        except Exception as e:  # OSError, RecursionError, the undo log's refusals: fs/ is no longer known
+            self.undo.broken = True
+            raise OverlayError(f"merging the overlay upper layer {area.upper} failed: {e}") from e
+        finally:
+            os.close(upper_fd)
 
     def drop(self) -> None:
         """Throw away every change in the upper layers: one rename now, the deletion in a background thread."""
+        if not self.has_changes():  # nothing unmerged: renames nothing (a killed command may have left a chmod)
+            for area in self.areas:
+                self._same_mode(area)
+            return
         upper = self.root / "upper"
         trash = self.root / f"trash-{uuid.uuid4().hex[:12]}"
         try:
@@ -142,16 +183,10 @@ class OverlayLayers:
             upper.mkdir()
             for area in self.areas:
                 area.upper.mkdir()
-                _same_mode(area)
+                self._same_mode(area)
         except FileNotFoundError:
             return  # the sandbox's folder is gone: its owner reports the loss; nothing here recreates it
         threading.Thread(target=_remove_folder, args=(trash,), name="overlay-drop", daemon=True).start()
-
-
-def _same_mode(area: _Area) -> None:
-    """A fresh upper folder gets the lower one's mode: an overlay shows its root with the upper's."""
-    with contextlib.suppress(FileNotFoundError):
-        os.chmod(area.upper, stat.S_IMODE(os.stat(area.lower, follow_symlinks=False).st_mode))
 
 
 def _remove_folder(path: Path) -> None:
@@ -197,30 +232,18 @@ def _strip_overlay_xattrs(fd: int) -> None:
                 os.removexattr(fd, name)
 
 
-@contextlib.contextmanager
-def _writable(fd: int) -> Iterator[None]:
-    """A folder the worker may add to and remove from while the block runs (a step may leave one read-only);
-    its mode is put back afterwards."""
-    mode = stat.S_IMODE(os.fstat(fd).st_mode)
-    if mode & 0o700 != 0o700:
-        os.fchmod(fd, mode | 0o700)
-    try:
-        yield
-    finally:
-        if mode & 0o700 != 0o700:
-            os.fchmod(fd, mode)
-
-
-def _merge_folder(upper_fd: int, lower_fd: int, rel: str, changes: set[str]) -> None:
-    """Merge one upper folder into its lower counterpart (both open by descriptor), then empty the upper one."""
-    with _writable(upper_fd), _writable(lower_fd):
+def _merge_folder(upper_fd: int, lower_fd: int, rel: str, changes: set[str], undo: UndoLog) -> None:
+    """Merge one upper folder into its lower counterpart (both open by descriptor), then empty the upper one.
+    Whatever of the lower layer it replaces or deletes goes to ``undo`` first."""
+    with writable(upper_fd), writable(lower_fd):
         for name in sorted(os.listdir(upper_fd)):
             path = f"{rel}/{name}"
             st = _lstat(upper_fd, name)
             if st is None:
                 continue
             if _is_whiteout(st):  # a deletion: the name is gone from the merged view
-                remove_at(lower_fd, name)
+                if _lstat(lower_fd, name) is not None and not undo.set_aside(lower_fd, name, path):
+                    remove_at(lower_fd, name)
                 os.unlink(name, dir_fd=upper_fd)
                 changes.add(path)
                 continue
@@ -229,7 +252,7 @@ def _merge_folder(upper_fd: int, lower_fd: int, rel: str, changes: set[str]) -> 
                 child = os.open(name, DIR_FLAGS, dir_fd=upper_fd)
                 try:
                     if below is not None and stat.S_ISDIR(below.st_mode) and not _is_opaque(child):
-                        _merge_into_existing(child, lower_fd, name, path, st, changes)
+                        _merge_into_existing(child, lower_fd, name, path, st, changes, undo)
                         os.rmdir(name, dir_fd=upper_fd)
                         continue
                     # A folder replacing what was there (opaque, new, or over a non-folder): the whole subtree is
@@ -244,9 +267,11 @@ def _merge_folder(upper_fd: int, lower_fd: int, rel: str, changes: set[str]) -> 
                         _strip_overlay_xattrs_path(node)
                     finally:
                         os.close(node)
-            if below is not None and (stat.S_ISDIR(below.st_mode) or stat.S_ISDIR(st.st_mode)):
+            if below is None:
+                undo.note_created(path)
+            elif not undo.set_aside(lower_fd, name, path) and (stat.S_ISDIR(below.st_mode) or stat.S_ISDIR(st.st_mode)):
                 remove_at(lower_fd, name)  # rename replaces a non-folder with a non-folder only
-            _rename_in(upper_fd, name, lower_fd, st)
+            rename_node(upper_fd, name, lower_fd, name, stat.S_ISDIR(st.st_mode))
             changes.add(path)
 
 
@@ -263,29 +288,15 @@ def _strip_overlay_xattrs_path(o_path_fd: int) -> None:
                 os.removexattr(proc, name)
 
 
-def _rename_in(upper_fd: int, name: str, lower_fd: int, st: os.stat_result) -> None:
-    try:
-        os.rename(name, name, src_dir_fd=upper_fd, dst_dir_fd=lower_fd)
-    except PermissionError:
-        if not stat.S_ISDIR(st.st_mode):
-            raise
-        # Moving a folder to another parent rewrites its "..": it must be writable for a moment.
-        child = os.open(name, DIR_FLAGS, dir_fd=upper_fd)
-        try:
-            with _writable(child):
-                os.rename(name, name, src_dir_fd=upper_fd, dst_dir_fd=lower_fd)
-        finally:
-            os.close(child)
-
-
 def _merge_into_existing(
-    child_upper: int, lower_fd: int, name: str, path: str, st: os.stat_result, changes: set[str]
+    child_upper: int, lower_fd: int, name: str, path: str, st: os.stat_result, changes: set[str], undo: UndoLog
 ) -> None:
     """A folder that was copied up (something below it changed): merge its contents, then its own metadata."""
     child_lower = os.open(name, DIR_FLAGS, dir_fd=lower_fd)
     try:
         before = os.fstat(child_lower)
-        _merge_folder(child_upper, child_lower, path, changes)
+        undo.note_folder(child_lower, path)
+        _merge_folder(child_upper, child_lower, path, changes, undo)
         if stat.S_IMODE(before.st_mode) != stat.S_IMODE(st.st_mode):
             os.fchmod(child_lower, stat.S_IMODE(st.st_mode))
             changes.add(path)  # its own mode changed (listing it re-examines its subtree: rare, and correct)
@@ -297,7 +308,7 @@ def _merge_into_existing(
 def _scrub_subtree(fd: int) -> None:
     """Make a subtree that moves from the upper layer into the lower one plain: no whiteouts, no overlay xattrs."""
     _strip_overlay_xattrs(fd)
-    with _writable(fd):
+    with writable(fd):
         for name in os.listdir(fd):
             st = _lstat(fd, name)
             if st is None:

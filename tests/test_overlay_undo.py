@@ -1,0 +1,320 @@
+"""The overlay's undo log (sandboxes/overlay_undo.py) in real bubblewrap: a failed attempt rolled back by renaming
+its originals back, compared with what the engine's own restore makes of the same folder, byte for byte (content,
+modes, times, hard links); without the store; across several commands that change the same paths, files that
+become folders and back, hard links, hostile names; interrupted at every step; and what it must leave alone."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import stat
+import subprocess
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from tardigrade.sandboxes.bubblewrap import LocalSandbox, LocalSandboxProvider
+from tardigrade.sandboxes.errors import SandboxError
+from tardigrade.sandboxes.overlay import probe
+from tardigrade.sandboxes.provider import SandboxSpec
+from tardigrade.sandboxes.selection import Selection
+from tardigrade.sandboxes.snapshots import SnapshotEngine
+from tardigrade.sandboxes.stores import FileStore
+
+EVERYTHING = Selection(roots=("workspace", "home/sandbox"))
+
+SETUP = r"""
+mkdir -p d/sub keep ro deep/a/b/c gone/x && echo orig > d/f && echo a > d/sub/s && echo k > keep/k && echo m > mod
+echo link > hl1 && ln hl1 hl2 && ln -s d dl && echo x > ro/x && chmod 555 ro && echo k > kind && mkdir kindd
+echo y > kindd/y && echo deep > deep/a/b/c/f && echo g > gone/x/g && chmod 750 deep/a && echo h > ~/h
+python3 -c "
+for n in [b'new\nline', b'-rf', b'...', b' sp ', b'\xff\xfe']: open(n, 'w').write('hostile')"
+"""
+# Two commands of one attempt: the second changes again much of what the first changed.
+ATTEMPT = [
+    r"""
+echo changed >> mod && rm d/f && echo new > d/new && rm kind && mkdir kind && echo in > kind/in
+rm -r kindd && echo file > kindd && echo more >> hl1 && rm hl2 && chmod 755 ro && echo y > ro/x && chmod 555 ro
+echo deeper > deep/a/b/c/f && mv -- -rf renamed && printf z > 'new
+line' && chmod 700 /workspace && touch -d 2001-01-01 keep && echo hh >> ~/h && rm dl && ln -s /etc dl
+""",
+    r"""
+echo again >> mod && rm -r d && mkdir d && echo back > d/f && rm -r kind && echo file-again > kind
+rm kindd && mkdir kindd && echo y2 > kindd/y && rm -r deep gone && mkdir gone && ln mod mod-link
+python3 -c "open(b'\xff\xfe', 'a').write('more')" && mkdir -p newdir/n && echo n > newdir/n/n
+""",
+]
+
+
+@pytest.fixture
+async def provider(tmp_path: Path) -> AsyncIterator[LocalSandboxProvider]:
+    p = LocalSandboxProvider(tmp_path / "sandboxes", worker_id="undo")
+    assert p.bwrap, "these tests need bubblewrap: apt-get install -y bubblewrap"
+    assert p.overlay, f"this kernel refuses unprivileged overlayfs: {probe(p.bwrap)}"
+    yield p
+    await p.close()
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> SnapshotEngine:
+    return SnapshotEngine(FileStore(tmp_path / "store"), scratch_dir=tmp_path / "scratch")
+
+
+async def sh(sandbox: LocalSandbox, command: str) -> str:
+    result = await sandbox.exec(command, env={}, timeout=60)
+    assert result.exit_code == 0, result.output_tail.decode()
+    return result.output_tail.decode()
+
+
+def state(root: Path) -> dict[bytes, tuple[object, ...]]:
+    """Everything a snapshot records of a folder, and more: kind, mode, content, link target, mtime, which hard
+    links share a file."""
+    out: dict[bytes, tuple[object, ...]] = {}
+    first_name: dict[int, bytes] = {}
+    base = os.fsencode(root)
+    for folder, dirs, files in os.walk(base):
+        for name in sorted(dirs + files):
+            path = os.path.join(folder, name)
+            rel = os.path.relpath(path, base)
+            st = os.lstat(path)
+            if stat.S_ISLNK(st.st_mode):
+                out[rel] = ("link", os.readlink(path), st.st_mtime_ns)
+            elif stat.S_ISDIR(st.st_mode):
+                out[rel] = ("dir", stat.S_IMODE(st.st_mode), st.st_mtime_ns)
+            else:
+                with open(path, "rb") as f:
+                    data = f.read()
+                same = first_name.setdefault(st.st_ino, rel) if st.st_nlink > 1 else rel
+                out[rel] = ("file", stat.S_IMODE(st.st_mode), data, st.st_mtime_ns, st.st_nlink, same)
+    return out
+
+
+def engine_rollback(engine: SnapshotEngine, snapshot_id: str, fs: Path, into: Path, selection: Selection) -> Path:
+    """What the engine's own restore makes of a copy of ``fs``: the reference a rollback must equal."""
+    subprocess.run(["cp", "-a", str(fs), str(into)], check=True)
+    engine.restore(snapshot_id, into, selection=selection)
+    return into
+
+
+async def checkpoint(sandbox: LocalSandbox, engine: SnapshotEngine, selection: Selection = EVERYTHING) -> str:
+    return (await sandbox.snapshot(engine, selection=selection, parent=None, labels={})).id
+
+
+async def test_a_rollback_renames_the_originals_back_without_the_store_and_equals_a_restore(
+    provider: LocalSandboxProvider, engine: SnapshotEngine, tmp_path: Path
+) -> None:
+    sandbox = await provider.create(SandboxSpec())
+    await sh(sandbox, SETUP)
+    base = await checkpoint(sandbox, engine)
+    for command in ATTEMPT:
+        await sh(sandbox, command)
+    reference = state(engine_rollback(engine, base, sandbox.fs, tmp_path / "reference", EVERYTHING))
+    assert state(sandbox.fs) != reference, "the attempt changed something"
+    store = tmp_path / "store"
+    store.rename(tmp_path / "store-away")  # the rollback must not read it
+    try:
+        stats = await sandbox.restore(engine, base, selection=EVERYTHING)
+    finally:
+        (tmp_path / "store-away").rename(store)
+    assert state(sandbox.fs) == reference
+    assert 0 < stats.files_written <= 20 and stats.bytes_written == 0 and stats.files_kept == 0
+    # The same tree, times and all: a fresh full walk gives the checkpoint's very id.
+    walked = await sandbox.snapshot(engine, selection=EVERYTHING, parent=None, labels={})
+    assert walked.id == base
+    # The next attempt starts from it, sees it through a fresh overlay, and its checkpoint knows what changed.
+    assert sandbox.overlay is not None and not (sandbox.overlay.root / "undo").exists()
+    assert (await sh(sandbox, "cat mod d/f hl2; readlink dl; ls -a gone/x; cat kind kindd/y")).split() == [
+        "m", "orig", "link", "d", ".", "..", "g", "k", "y"
+    ]  # fmt: skip
+
+
+async def test_a_folder_kept_aside_is_the_original_not_the_attempts_version(
+    provider: LocalSandboxProvider, engine: SnapshotEngine
+) -> None:
+    sandbox = await provider.create(SandboxSpec())
+    await sh(sandbox, "mkdir -p d/e && echo orig > d/f && echo e > d/e/g && echo k > k")
+    base = await checkpoint(sandbox, engine)
+    await sh(sandbox, "echo changed > d/f && echo new > d/e/new && echo k2 > k")
+    await sh(sandbox, "rm -r d && echo k3 > k && echo now-a-file > d")  # the same paths again
+    assert sandbox.overlay is not None
+    kept = sandbox.overlay.undo.folder
+    originals = {p.relative_to(kept).as_posix(): p.read_text() for p in kept.rglob("*") if p.is_file()}
+    assert sorted(originals.values()) == ["e\n", "k\n", "orig\n"], "each original once, none of the attempt's"
+    await sandbox.restore(engine, base, selection=EVERYTHING)
+    assert (await sh(sandbox, "cat d/f d/e/g k; ls d/e")).split() == ["orig", "e", "k", "g"]
+
+
+async def test_an_undo_stopped_at_any_step_falls_back_to_a_full_restore(
+    provider: LocalSandboxProvider, engine: SnapshotEngine, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    sandbox = await provider.create(SandboxSpec())
+    await sh(sandbox, SETUP)
+    base = await checkpoint(sandbox, engine)
+    assert sandbox.overlay is not None
+    expected = state(sandbox.fs)
+    step = 0
+    while True:
+        for command in ATTEMPT:
+            await sh(sandbox, command)
+        calls = 0
+
+        def kill(doing: str, at: int = step) -> None:
+            nonlocal calls
+            calls += 1
+            if calls == at + 1:
+                raise OSError(f"killed before {doing}")
+
+        sandbox.overlay.undo.fault = kill
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            stats = await sandbox.restore(engine, base, selection=EVERYTHING)
+        sandbox.overlay.undo.fault = None
+        assert state(sandbox.fs) == expected, f"stopped at step {step}"
+        if calls <= step:  # ran to the end: every interruption point has been tried
+            assert stats.files_kept == 0 and "in full" not in caplog.text
+            break
+        assert "restoring the snapshot in full" in caplog.text and stats.files_kept > 0
+        step += 1
+    assert step > 15, "the attempt is undone in many steps"
+
+
+async def test_a_merge_that_fails_midway_makes_the_rollback_restore_in_full(
+    provider: LocalSandboxProvider, engine: SnapshotEngine
+) -> None:
+    sandbox = await provider.create(SandboxSpec())
+    await sh(sandbox, SETUP)
+    base = await checkpoint(sandbox, engine)
+    expected = state(sandbox.fs)
+    assert sandbox.overlay is not None
+    await sh(sandbox, ATTEMPT[0])
+
+    def fail(doing: str) -> None:
+        if doing.startswith("set aside workspace/d"):
+            raise OSError("no space left on device")
+
+    sandbox.overlay.undo.fault = fail
+    with pytest.raises(SandboxError, match="no space left"):
+        await sandbox.exec(ATTEMPT[1], env={}, timeout=60)
+    sandbox.overlay.undo.fault = None
+    stats = await sandbox.restore(engine, base, selection=EVERYTHING)
+    assert state(sandbox.fs) == expected and stats.files_kept > 0, "a full restore, not a half-kept log"
+
+
+async def test_the_rollback_leaves_what_the_selection_leaves_and_the_file_tools_writes_come_from_the_store(
+    provider: LocalSandboxProvider, engine: SnapshotEngine, tmp_path: Path
+) -> None:
+    selection = Selection(roots=("workspace",), excludes=("**/.cache", "workspace/build/**"))
+    sandbox = await provider.create(SandboxSpec())
+    await sh(sandbox, "mkdir -p src/.cache build keep/.cache && echo c | tee src/.cache/c keep/.cache/c > src/s")
+    base = await checkpoint(sandbox, engine, selection)
+    attempts = [
+        # outside the selection, and excluded: left as the attempt made them; the rest undone by renames
+        (["echo h2 > ~/h && echo c2 > src/.cache/c && mkdir -p build/o && echo o > build/o/o && echo s2 > src/s"],
+         False),
+        # a folder holding an excluded path deleted: only the store can keep the excluded part as it is
+        (["echo c3 > keep/.cache/c && rm -r src && echo k > keep/k"], True),
+        # the agent's file tools between commands: what they wrote comes back from the store
+        (["echo s3 > src/s", "tool", "echo again > tool.txt && echo k4 > keep/k"], True),
+    ]  # fmt: skip
+    for n, (commands, needs_store) in enumerate(attempts):
+        for command in commands:
+            if command == "tool":
+                await sandbox.write_file("/workspace/tool.txt", b"tool")
+                await sandbox.write_file("/workspace/src/s", b"tool-s")
+                await sandbox.make_dirs("/workspace/made/deep")
+            else:
+                await sh(sandbox, command)
+        reference = state(engine_rollback(engine, base, sandbox.fs, tmp_path / f"reference-{n}", selection))
+        stats = await sandbox.restore(engine, base, selection=selection)
+        assert state(sandbox.fs) == reference, f"attempt {n}"
+        assert (stats.bytes_written > 0 or stats.deleted > 0) == needs_store or n == 0, f"attempt {n}: {stats}"
+    assert (sandbox.fs / "home/sandbox/h").read_text() == "h2\n" and (sandbox.fs / "workspace/build/o/o").exists()
+    assert (sandbox.fs / "workspace/keep/.cache/c").read_text() == "c3\n", "excluded: as the attempt left it"
+
+
+async def test_the_kept_originals_are_out_of_the_sandboxs_sight_and_a_checkpoint_drops_them(
+    provider: LocalSandboxProvider, engine: SnapshotEngine
+) -> None:
+    sandbox = await provider.create(SandboxSpec())
+    await sh(sandbox, "echo secret-original > undo-probe-file && mkdir undo-probe-dir")
+    base = await checkpoint(sandbox, engine)
+    await sh(sandbox, "rm -r undo-probe-file undo-probe-dir")
+    assert sandbox.overlay is not None
+    kept = sandbox.overlay.undo.folder
+    assert sorted(p.read_text() for p in kept.iterdir() if p.is_file()) == ["secret-original\n"]
+    seen = await sh(
+        sandbox,
+        "find / -path /proc -prune -o -path /usr -prune -o -name 'undo-probe*' -print 2>/dev/null;"
+        " grep -rl secret-original /workspace /home /tmp /etc /dev 2>/dev/null; true",
+    )
+    assert seen == "", f"the sandbox sees the kept originals: {seen}"
+    # A checkpoint commits the attempt: the originals go, and a rollback to it keeps the deletion.
+    after = (await sandbox.snapshot(engine, selection=EVERYTHING, parent=base, labels={})).id
+    assert not kept.exists()
+    await sh(sandbox, "echo x > x")
+    await sandbox.restore(engine, after, selection=EVERYTHING)
+    assert sorted(os.listdir(sandbox.fs / "workspace")) == []
+    for leftover in sandbox.overlay.root.glob("trash-*"):
+        shutil.rmtree(leftover, ignore_errors=True)  # a background deletion may still run; not what is tested
+
+
+async def test_a_file_tool_write_through_a_hard_link_is_rolled_back_under_every_name(
+    provider: LocalSandboxProvider, engine: SnapshotEngine
+) -> None:
+    sandbox = await provider.create(SandboxSpec())
+    await sh(sandbox, "echo original > a && ln a b && ln a c")
+    base = await checkpoint(sandbox, engine)
+    await sh(sandbox, "rm c")  # its original (the shared file) is kept aside
+    await sandbox.write_file("/workspace/b", b"written in place, so under a and c too")
+    await sandbox.restore(engine, base, selection=EVERYTHING)
+    assert (await sh(sandbox, "cat a b c")).split() == ["original"] * 3
+    assert os.stat(sandbox.fs / "workspace/a").st_nlink == 3
+
+
+async def test_a_rollback_while_a_command_still_writes_undoes_what_it_merged_and_drops_the_rest(
+    provider: LocalSandboxProvider, engine: SnapshotEngine
+) -> None:
+    sandbox = await provider.create(SandboxSpec())
+    await sh(sandbox, SETUP)
+    base = await checkpoint(sandbox, engine)
+    expected = state(sandbox.fs)
+    await sh(sandbox, ATTEMPT[0])  # merged: in the undo log
+    running = asyncio.ensure_future(
+        sandbox.exec("echo late >> mod && rm -r d && mkdir q && touch q/started && sleep 60", env={}, timeout=90)
+    )
+    assert sandbox.overlay is not None
+    upper = sandbox.overlay.areas[0].upper
+    for _ in range(300):
+        if (upper / "q" / "started").exists():
+            break
+        await asyncio.sleep(0.02)
+    else:
+        raise AssertionError("the command did not start writing")
+    await sandbox.restore(engine, base, selection=EVERYTHING)
+    await running  # killed by the rollback
+    assert state(sandbox.fs) == expected
+    walked = await sandbox.snapshot(engine, selection=EVERYTHING, parent=None, labels={})
+    assert walked.id == base
+
+
+@pytest.mark.parametrize("root", ["workspace/src", "workspace/a/b"])
+async def test_a_rollback_under_a_narrow_selection_touches_only_what_a_restore_would(
+    provider: LocalSandboxProvider, engine: SnapshotEngine, tmp_path: Path, root: str
+) -> None:
+    selection = Selection(roots=(root,))
+    sandbox = await provider.create(SandboxSpec())
+    await sh(sandbox, "mkdir -p src a/b keep && echo s > src/s && echo b > a/b/b && echo o > a/o && echo k > keep/k")
+    base = await checkpoint(sandbox, engine, selection)
+    attempts = [
+        "rm -r src keep && mkdir src && echo s2 > src/s && echo new > new",
+        "rm -r a && mkdir -p a/b && echo x > a/b/x && echo o2 > a/o",  # a folder on the way to a root replaced
+        "echo b2 > a/b/b && echo o3 > a/o && chmod 700 a",
+    ]
+    for n, command in enumerate(attempts):
+        await sh(sandbox, command)
+        reference = state(engine_rollback(engine, base, sandbox.fs, tmp_path / f"reference-{n}", selection))
+        await sandbox.restore(engine, base, selection=selection)
+        assert state(sandbox.fs) == reference, f"attempt {n}"
