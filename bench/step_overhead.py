@@ -1,6 +1,7 @@
 """What one no-op step costs, checkpoint included, and where that time goes.
 
     python bench/step_overhead.py [--steps 200] [--runs 1] [--no-overlay] [--json]
+        [--dynamic-config KEY=VALUE ...] [--sqlite-pragma PRAGMA=VALUE ...]
 
 Runs a pipeline of N steps that do nothing (`true`) on a fresh embedded Temporal dev server (SQLite file, as
 `tardigrade demo` uses), with a real in-process worker, the bubblewrap sandbox and a local store. A step's cost is
@@ -18,6 +19,11 @@ response's way back to the worker, decoding and dispatch. "SDK finish" is the bo
 encoding and the completion RPC, which waits behind a heartbeat RPC still in flight. The phases of a step add up
 to its total (checked); a step that was retried or rehydrated is counted, not measured. The machine's load average
 is printed beside the figures: on a shared 2-core machine it moves every number, so compare runs taken together.
+
+The server starts with the embedded server's own settings (tardigrade/devserver.py); ``--dynamic-config`` and
+``--sqlite-pragma`` change them, e.g. ``--dynamic-config history.transferProcessorMaxPollRPS=20 --sqlite-pragma
+journal_mode=delete`` for the server as it was before it had any (Temporal's defaults: a no-op step then waits for
+the transfer queue's 50 ms ticks).
 """
 
 from __future__ import annotations
@@ -59,7 +65,11 @@ from temporalio.worker import (  # noqa: E402
 
 from tardigrade.activities.contract import CHECKPOINT, RUN_STEP, SnapshotRef, StepOutcome  # noqa: E402
 from tardigrade.client import start_pipeline  # noqa: E402
-from tardigrade.devserver import EmbeddedTemporal  # noqa: E402
+from tardigrade.devserver import (  # noqa: E402
+    DEV_SERVER_DYNAMIC_CONFIG,
+    DEV_SERVER_SQLITE_PRAGMAS,
+    EmbeddedTemporal,
+)
 from tardigrade.pipeline import LoadedPipeline, parse_pipeline  # noqa: E402
 from tardigrade.plugin import TardigradePlugin  # noqa: E402
 from tardigrade.sandboxes import bubblewrap  # noqa: E402
@@ -294,8 +304,16 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[max(0, min(len(ordered) - 1, math.ceil(p / 100 * len(ordered)) - 1))]
 
 
-async def one_run(base: Path, steps: int, overlay: bool) -> Figures:
-    server = EmbeddedTemporal(db_file=base / "temporal.db", ui=False, log_file=base / "server.log")
+async def one_run(
+    base: Path, steps: int, overlay: bool, dynamic_config: dict[str, str], sqlite_pragmas: dict[str, str]
+) -> Figures:
+    server = EmbeddedTemporal(
+        db_file=base / "temporal.db",
+        ui=False,
+        log_file=base / "server.log",
+        dynamic_config=dynamic_config,
+        sqlite_pragmas=sqlite_pragmas,
+    )
     await server.start()
     try:
         pipeline = parse_pipeline(
@@ -334,10 +352,34 @@ async def main() -> None:
     parser.add_argument("--runs", type=int, default=1, help="runs, each on a fresh server (default 1)")
     parser.add_argument("--no-overlay", action="store_true", help="the local provider without overlay layers")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    parser.add_argument(
+        "--dynamic-config",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a server setting over the embedded server's own (repeatable): history.transferProcessorMaxPollRPS=20",
+    )
+    parser.add_argument(
+        "--sqlite-pragma",
+        action="append",
+        default=[],
+        metavar="PRAGMA=VALUE",
+        help="a SQLite pragma over the embedded server's own (repeatable), e.g. journal_mode=delete",
+    )
     args = parser.parse_args()
+    for item in args.dynamic_config + args.sqlite_pragma:
+        if "=" not in item:
+            parser.error(f"{item!r}: give KEY=VALUE")
+    dynamic_config = dict(item.split("=", 1) for item in args.dynamic_config)
+    sqlite_pragmas = dict(item.split("=", 1) for item in args.sqlite_pragma)
     if args.steps < 2:
         parser.error("--steps must be at least 2 (a step's cost ends where the next step starts)")
 
+    settings = {
+        **DEV_SERVER_DYNAMIC_CONFIG,
+        **dynamic_config,
+        **{f"sqlite {k}": v for k, v in {**DEV_SERVER_SQLITE_PRAGMAS, **sqlite_pragmas}.items()},
+    }
     load_before = os.getloadavg()[0]
     totals: list[float] = []
     phases: dict[str, list[float]] = defaultdict(list)
@@ -345,7 +387,13 @@ async def main() -> None:
     for _ in range(args.runs):
         base = Path(tempfile.mkdtemp(prefix="tardigrade-overhead-"))
         try:
-            run_totals, run_phases, run_facts = await one_run(base, args.steps, overlay=not args.no_overlay)
+            run_totals, run_phases, run_facts = await one_run(
+                base,
+                args.steps,
+                overlay=not args.no_overlay,
+                dynamic_config=dynamic_config,
+                sqlite_pragmas=sqlite_pragmas,
+            )
         finally:
             shutil.rmtree(base, ignore_errors=True)
         totals += run_totals
@@ -364,6 +412,7 @@ async def main() -> None:
         "steps_not_measured": unmeasured,  # retried or rehydrated: their time is recovery, not overhead
         "load_average": [round(load_before, 1), round(os.getloadavg()[0], 1)],
         "cpus": os.cpu_count(),
+        "server_settings": settings,
         "median_ms": round(statistics.median(totals), 1),
         "p99_ms": round(percentile(totals, 99), 1),
         "mean_ms": round(mean_total, 1),
@@ -384,6 +433,7 @@ async def main() -> None:
         f" median {summary['median_ms']} ms, p99 {summary['p99_ms']} ms, mean {summary['mean_ms']} ms"
         f"   (load average {load_before:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)"
     )
+    print("server settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
     if unmeasured:
         print(f"{unmeasured} steps not measured: they were retried or rehydrated (see the worker's log above)")
     print(f"\n{'where the time of a step goes (means; they add up to the mean step)':<66} {'ms':>7} {'share':>6}")

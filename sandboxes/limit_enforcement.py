@@ -30,6 +30,7 @@ import os
 import re
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,6 +120,17 @@ def _v2_usable(base: Path) -> bool:
     return {"pids", "memory"} <= _words(base / "cgroup.subtree_control") and os.access(base, os.W_OK)
 
 
+def _kernel_waits(total: float) -> Iterator[float]:
+    """Pauses between looks at something the kernel finishes on its own, about ``total`` seconds in all: 1 ms,
+    doubling up to 20 ms. After bubblewrap exits, its pid-namespace init is still tearing the namespaces down for a
+    few ms; a fixed 20 ms pause made every command pay all of it (bench/step_overhead.py)."""
+    delay, waited = 0.001, 0.0
+    while waited < total:
+        yield delay
+        waited += delay
+        delay = min(delay * 2, 0.02)
+
+
 class CommandCgroup:
     """The cgroup(s) of one command: created with the limits, joined by the command's first process (bubblewrap)
     before it forks, read for breaches, killed and removed at the end."""
@@ -174,26 +186,26 @@ class CommandCgroup:
             with contextlib.suppress(OSError):
                 (self.pids / "cgroup.kill").write_text("1")
                 return
-        for _ in range(50):
+        for delay in _kernel_waits(1.0):
             pids = _words(self.pids / "cgroup.procs")
             if not pids:
                 return
             for pid in pids:
                 with contextlib.suppress(ProcessLookupError, ValueError):
                     os.kill(int(pid), signal.SIGKILL)
-            time.sleep(0.02)
+            time.sleep(delay)
 
     def remove(self) -> None:
         self.kill()
         for folder in self.folders:
-            for _ in range(100):  # the kernel frees a killed cgroup a moment after its last process exits
+            for delay in _kernel_waits(2.0):  # the kernel frees a killed cgroup a moment after its last process exits
                 try:
                     folder.rmdir()
                     break
                 except FileNotFoundError:
                     break
                 except OSError:
-                    time.sleep(0.02)
+                    time.sleep(delay)
             else:
                 log.warning("could not remove cgroup %s", folder)
 

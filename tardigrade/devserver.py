@@ -18,12 +18,14 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +34,42 @@ from temporalio.client import Client
 from tardigrade import config
 from tardigrade.workflows.search_attributes import SEARCH_ATTRIBUTES
 
+#: Server settings the embedded server starts with (the README's "Temporal server settings" says the same for a
+#: server of your own).
+DEV_SERVER_DYNAMIC_CONFIG: dict[str, str] = {
+    # Each history shard reads its transfer queue (every activity and workflow task passes through it on its way to
+    # a worker) at most this often. At Temporal's default, 20 a second, the burst runs out after about a dozen steps
+    # and then each step waits for four 50 ms ticks: a no-op step took 200 ms, about 110 ms with this setting.
+    "history.transferProcessorMaxPollRPS": "1000",
+    # An activity on the workflow's own queue (provision, model and tool calls) comes back in the workflow task's
+    # completion instead of through matching. The dev server has it on already; say so, in case its default moves.
+    "system.enableActivityEagerExecution": "true",
+}
+
+
+#: How the embedded server keeps its SQLite file. With a write-ahead log and `synchronous=full` a commit is still on
+#: disk when it returns, and a no-op step syncs 19 times instead of 34 (SQLite's default rollback journal); on a busy
+#: shared disk that halved the step (`bench/step_overhead.py`).
+DEV_SERVER_SQLITE_PRAGMAS: dict[str, str] = {"journal_mode": "wal", "synchronous": "full"}
+
 
 class ServerError(RuntimeError):
     pass
+
+
+def checked_dynamic_config(settings: Mapping[str, str]) -> dict[str, str]:
+    """The settings as the server takes them, or a one-line error naming the first it would refuse or misread."""
+    for key, value in settings.items():
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*", key):
+            raise ValueError(f"Temporal dynamic config key {key!r} is not a dotted name like history.someSetting")
+        try:
+            json.loads(value)
+        except ValueError:
+            raise ValueError(
+                f"Temporal dynamic config value for {key} must be JSON (a number, true/false, or a quoted string),"
+                f" not {value!r}"
+            ) from None
+    return dict(settings)
 
 
 def temporal_binary() -> str:
@@ -143,8 +178,14 @@ class EmbeddedTemporal:
         ui: bool = True,
         log_file: Path | None = None,
         ui_codec_endpoint: str | None = None,
+        dynamic_config: Mapping[str, str] | None = None,
+        metrics_port: int | None = None,
+        sqlite_pragmas: Mapping[str, str] | None = None,
     ) -> None:
-        """``ui_codec_endpoint``: a `tardigrade codec-server` URL the Web UI decodes encrypted history with."""
+        """``ui_codec_endpoint``: a `tardigrade codec-server` URL the Web UI decodes encrypted history with.
+        ``dynamic_config``: server settings (``--dynamic-config-value KEY=VALUE``, each value a JSON text) over
+        `DEV_SERVER_DYNAMIC_CONFIG`. ``metrics_port``: where the server's Prometheus ``/metrics`` is served (else a
+        port of its own choosing). ``sqlite_pragmas``: over `DEV_SERVER_SQLITE_PRAGMAS`."""
         state = private_folder(config.state_dir())
         self.db_file = db_file or state / "temporal.db"
         self.port = port or (7233 if _port_free(7233) else _free_port())
@@ -152,6 +193,9 @@ class EmbeddedTemporal:
         self.log_file = log_file or state / "temporal-server.log"
         self.process: subprocess.Popen[bytes] | None = None
         self.ui_codec_endpoint = ui_codec_endpoint
+        self.dynamic_config = checked_dynamic_config({**DEV_SERVER_DYNAMIC_CONFIG, **(dynamic_config or {})})
+        self.metrics_port = metrics_port
+        self.sqlite_pragmas = {**DEV_SERVER_SQLITE_PRAGMAS, **(sqlite_pragmas or {})}
 
     @property
     def address(self) -> str:
@@ -196,6 +240,12 @@ class EmbeddedTemporal:
         argv += ["--ui-port", str(self.ui_port)] if self.ui_port else ["--headless"]
         if self.ui_port and self.ui_codec_endpoint:
             argv += ["--ui-codec-endpoint", self.ui_codec_endpoint]
+        for key, value in self.dynamic_config.items():
+            argv += ["--dynamic-config-value", f"{key}={value}"]
+        if self.metrics_port:
+            argv += ["--metrics-port", str(self.metrics_port)]
+        for pragma, value in self.sqlite_pragmas.items():
+            argv += ["--sqlite-pragma", f"{pragma}={value}"]
         for name, kind in SEARCH_ATTRIBUTES.items():  # so runs can be found by pipeline, step, phase and provider
             argv += ["--search-attribute", f"{name}={kind}"]
         lock = self._lock_database()
