@@ -78,6 +78,7 @@ from tardigrade.sandboxes.provider import (
     SandboxProvider,
     SandboxSpec,
 )
+from tardigrade.sandboxes.remove_tree import remove_tree
 from tardigrade.sandboxes.safe_folders import SafeFolders
 from tardigrade.sandboxes.snapshots import RestoreStats, Selection, SnapshotEngine, SnapshotInfo
 from tardigrade.sandboxes.snapshots.changes import ChangeSet
@@ -125,6 +126,12 @@ class LocalSandbox(Sandbox):
         self._pending: set[str] | None = None
         self._merging = threading.Lock()  # a merge, a drop and the bookkeeping above, one at a time
         self._on_overlay = 0  # commands running on the overlay now: its upper layer is live, never merged then
+        # What may change fs/ while a checkpoint or restore runs, so that it is taken as the snapshot only if nothing
+        # did: merges and file-tool writes (counted under `_merging`), commands on fs/ itself (started or ended, and
+        # running now; counted on the event loop).
+        self._fs_changes = 0
+        self._fs_commands = 0
+        self._on_fs = 0
 
     # -- paths ------------------------------------------------------------------------------------------------
 
@@ -229,9 +236,13 @@ class LocalSandbox(Sandbox):
         log_path = self.state / f"exec-{uuid.uuid4().hex[:12]}.log"
         started = time.monotonic()
         cgroup = await self._command_cgroup() if isolated else None
+        on_fs = False
         try:
             if env_fd is not None:
                 overlay = self._claim_overlay(network)  # no await between the check and the count
+                on_fs = overlay is None and self.overlay is not None
+                if on_fs:
+                    self._on_fs, self._fs_commands = self._on_fs + 1, self._fs_commands + 1
                 argv = self._argv(command, cwd, env_fd, cgroup=cgroup is not None, network=network, overlay=overlay)
                 argv = [*cgroup.join_prefix(), *argv] if cgroup is not None else argv
             else:  # unisolated: no user namespace, so no RLIMIT_NPROC (it would count the worker's own threads)
@@ -250,6 +261,8 @@ class LocalSandbox(Sandbox):
         except BaseException:
             if overlay is not None:
                 self._on_overlay -= 1
+            if on_fs:
+                self._on_fs, self._fs_commands = self._on_fs - 1, self._fs_commands + 1
             if cgroup is not None:
                 await asyncio.to_thread(cgroup.remove)
             if network is not None:
@@ -304,6 +317,8 @@ class LocalSandbox(Sandbox):
             limit = await self._end_watch(watcher, cgroup)
             if network is not None:
                 await network.close()  # the proxy and slirp4netns end with the command
+            if on_fs:
+                self._on_fs, self._fs_commands = self._on_fs - 1, self._fs_commands + 1
             if overlay is not None:  # fs/ holds what the commands see whenever none runs (file tools, providers' fakes)
                 self._on_overlay -= 1
                 await asyncio.to_thread(self._settle)
@@ -491,7 +506,12 @@ class LocalSandbox(Sandbox):
             return
         try:
             with self._merging:
-                changed = self.overlay.merge()
+                try:
+                    changed = self.overlay.merge()
+                except BaseException:
+                    self._fs_changes += 1  # some of it may have moved
+                    raise
+                self._fs_changes += bool(changed)
         except OverlayError as e:
             self._pending = None
             if not (self.dir / "sandbox.json").exists():
@@ -514,6 +534,7 @@ class LocalSandbox(Sandbox):
         if self.overlay is not None:
             with self._merging:
                 self.overlay.undo.note_written(paths)
+                self._fs_changes += 1
         if self._pending is not None:
             self._pending.update(paths)
 
@@ -523,36 +544,44 @@ class LocalSandbox(Sandbox):
             return None
         return ChangeSet(frozenset(self._pending))
 
-    def _rollback(self, snapshot_id: str, selection: Selection) -> tuple[RestoreStats, list[str]] | None:
+    def _rollback(
+        self, snapshot_id: str, selection: Selection
+    ) -> tuple[tuple[RestoreStats, list[str]] | None, tuple[int, int]]:
         """Roll fs/ back to ``snapshot_id`` without a full restore, if fs/ is known to hold it plus this attempt:
         drop the unmerged upper layer (what a killed command left), undo the attempt's merges (sandboxes/
         overlay_undo.py), and return what that did with the paths still to restore from the store (those the file
         tools wrote; or, when the undo log declines, every path the attempt changed). None: a full restore. Sets
-        the state itself, so a caller cancelled meanwhile leaves it right."""
+        the state itself, so a caller cancelled meanwhile leaves it right. Also returns `_fs_seen` as of the drop:
+        a killed command's merge before it is undone here, one after it merges nothing."""
         assert self.overlay is not None
-        undo = self.overlay.undo
         with self._merging:
             self.overlay.drop()
-            pending, known = self._pending, self._base == (snapshot_id, selection)
-            self._base, self._pending = None, None  # until fs/ is known to hold the snapshot again
-            if not known or pending is None:
-                undo.reset(keep=False)
-                return None
-            try:
-                undone = undo.rollback(selection)
-            except Exception as e:  # UndoFailed, or anything unforeseen: fs/ is not known, so restore it all
-                log.warning("sandbox %s: %s; restoring the snapshot in full", self.id, e)
-                undo.reset(keep=False)
-                return None
-            if undone is None:  # the log declined (see UndoLog.rollback): the changed paths, from the store
-                undo.reset(keep=False)
-                paths = rollback_roots(pending, selection)
-                return (RestoreStats(), paths) if len(paths) <= _MAX_ROLLBACK_PATHS else None
-            if len(undone.written) > _MAX_ROLLBACK_PATHS:
-                return None
-            if not undone.written:
-                self._base, self._pending = (snapshot_id, selection), set()
-            return RestoreStats(files_written=undone.put_back, deleted=undone.removed), undone.written
+            return self._undo(snapshot_id, selection), self._fs_seen()
+
+    def _undo(self, snapshot_id: str, selection: Selection) -> tuple[RestoreStats, list[str]] | None:
+        """`_rollback` under `_merging`, once the upper layer is dropped."""
+        assert self.overlay is not None
+        undo = self.overlay.undo
+        pending, known = self._pending, self._base == (snapshot_id, selection)
+        self._base, self._pending = None, None  # until fs/ is known to hold the snapshot again
+        if not known or pending is None:
+            undo.reset(keep=False)
+            return None
+        try:
+            undone = undo.rollback(selection)
+        except Exception as e:  # UndoFailed, or anything unforeseen: fs/ is not known, so restore it all
+            log.warning("sandbox %s: %s; restoring the snapshot in full", self.id, e)
+            undo.reset(keep=False)
+            return None
+        if undone is None:  # the log declined (see UndoLog.rollback): the changed paths, from the store
+            undo.reset(keep=False)
+            paths = rollback_roots(pending, selection)
+            return (RestoreStats(), paths) if len(paths) <= _MAX_ROLLBACK_PATHS else None
+        if len(undone.written) > _MAX_ROLLBACK_PATHS:
+            return None
+        if not undone.written:
+            self._base, self._pending = (snapshot_id, selection), set()
+        return RestoreStats(files_written=undone.put_back, deleted=undone.removed), undone.written
 
     def _unchanged_since(self, snapshot_id: str, selection: Selection) -> bool:
         """Whether fs/ holds ``snapshot_id`` and nothing of an attempt is to undo: a rollback then does nothing."""
@@ -566,10 +595,20 @@ class LocalSandbox(Sandbox):
         finally:
             self._merging.release()
 
-    def _commit(self) -> None:
-        """fs/ is now the snapshot `_base` names: the attempt's originals are not needed any more."""
+    def _fs_seen(self) -> tuple[int, int]:
+        return self._fs_changes, self._fs_commands
+
+    def _commit(self, snapshot_id: str, selection: Selection, seen: tuple[int, int], *, commands: bool) -> None:
+        """fs/ was just made or checkpointed as ``snapshot_id``: the attempt's originals are not needed any more.
+        fs/ is known to hold exactly the snapshot only if nothing changed it since `_fs_seen` gave ``seen`` (a
+        command that ended and merged, or ran on fs/ itself, or a file tool, while the walk or restore ran);
+        else the next checkpoint walks and a rollback restores in full. ``commands=False``: every command was
+        killed before (a restore), so one on fs/ whose end is counted meanwhile changed nothing since."""
         if self.overlay is not None:
             with self._merging:
+                changes, started = self._fs_seen()
+                untouched = changes == seen[0] and (not commands or (started == seen[1] and not self._on_fs))
+                self._base, self._pending = (snapshot_id, selection), (set() if untouched else None)
                 self.overlay.undo.reset(keep=True)
 
     # -- snapshots --------------------------------------------------------------------------------------------
@@ -579,6 +618,7 @@ class LocalSandbox(Sandbox):
     ) -> SnapshotInfo:
         await self._require_alive("taking a snapshot")
         await asyncio.to_thread(self._settle)
+        seen = self._fs_seen()
         changes = self._changes_since(parent, selection)
         used, disk = await asyncio.to_thread(disk_usage, self.fs), self.limits.disk
         assert disk is not None  # resolved
@@ -599,19 +639,18 @@ class LocalSandbox(Sandbox):
         )
         # A sandbox that vanished mid-walk yields a partial tree: never hand that out as a checkpoint.
         await self._require_alive("taking a snapshot")
-        if self.overlay is not None:
-            self._base, self._pending = (info.id, selection), set()
-            self._commit()
+        self._commit(info.id, selection, seen, commands=True)
         return info
 
     async def restore(self, engine: SnapshotEngine, snapshot_id: str, *, selection: Selection) -> RestoreStats:
         await self._require_alive("restoring a snapshot")
         await self.kill_processes()
+        seen = self._fs_seen()
         if self.overlay is not None:
             started = time.monotonic()
             if self._unchanged_since(snapshot_id, selection):  # the attempt changed nothing: O(1), no thread
                 return RestoreStats(seconds=time.monotonic() - started)
-            rollback = await asyncio.to_thread(self._rollback, snapshot_id, selection)
+            rollback, seen = await asyncio.to_thread(self._rollback, snapshot_id, selection)
             if rollback is not None:  # back to the last checkpoint: only what the attempt changed is touched
                 stats, paths = rollback
                 if paths:  # without the stat cache, which still describes the checkpoint (and covers all of it)
@@ -623,8 +662,7 @@ class LocalSandbox(Sandbox):
                     stats.deleted += more.deleted
                     stats.links_made += more.links_made
                 await self._require_alive("restoring a snapshot")
-                self._base, self._pending = (snapshot_id, selection), set()
-                self._commit()
+                self._commit(snapshot_id, selection, seen, commands=False)
                 self._make_mount_points()
                 stats.seconds = time.monotonic() - started
                 return stats
@@ -632,9 +670,7 @@ class LocalSandbox(Sandbox):
             engine.restore, snapshot_id, self.fs, selection=selection, cache_path=self.cache_path
         )
         await self._require_alive("restoring a snapshot")
-        if self.overlay is not None:
-            self._base, self._pending = (snapshot_id, selection), set()
-            self._commit()
+        self._commit(snapshot_id, selection, seen, commands=False)
         self._make_mount_points()  # a tree that lacks one must not leave bubblewrap without a bind source
         return stats
 
@@ -747,18 +783,18 @@ def _mark_gone(path: Path) -> None:
 
 
 def _remove_sandbox_dir(path: Path) -> None:
+    """Delete the sandbox's folder, however deep the sandbox nested its own (sandboxes/remove_tree.py)."""
     _mark_gone(path)
-
-    def make_writable(func: object, p: str, exc: object) -> None:
-        with contextlib.suppress(OSError):
-            os.chmod(os.path.dirname(p), 0o700)
-            os.chmod(p, 0o700, follow_symlinks=False)
-        with contextlib.suppress(FileNotFoundError, IsADirectoryError):
-            os.unlink(p)
-        with contextlib.suppress(FileNotFoundError, OSError):
-            shutil.rmtree(p)
-
-    shutil.rmtree(path, onerror=make_writable)
+    try:
+        parent = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)  # the worker's own root
+    except FileNotFoundError:
+        return
+    try:
+        remove_tree(parent, path.name)
+    except OSError:
+        log.warning("could not delete the sandbox folder %s", path, exc_info=True)
+    finally:
+        os.close(parent)
 
 
 class LocalSandboxProvider(SandboxProvider):

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tardigrade.sandboxes.overlay_undo import UndoLog, rename_node, writable
+from tardigrade.sandboxes.remove_tree import remove_tree
 from tardigrade.sandboxes.safe_folders import DIR_FLAGS, remove_at
 
 log = logging.getLogger(__name__)
@@ -195,7 +196,7 @@ def _remove_folder(path: Path) -> None:
     except FileNotFoundError:
         return
     try:
-        remove_at(parent, path.name)
+        remove_tree(parent, path.name)  # however deep the sandbox nested it
     except OSError:
         log.warning("could not delete the dropped overlay layer %s", path, exc_info=True)
     finally:

@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tardigrade.sandboxes.remove_tree import remove_tree
 from tardigrade.sandboxes.safe_folders import DIR_FLAGS, SafeFolders, remove_at
 from tardigrade.sandboxes.selection import Selection
 from tardigrade.sandboxes.snapshots.walk import walks_to
@@ -130,10 +131,15 @@ class UndoLog:
         #: Test hook, called before each step of a merge's recording or a rollback with what it is about to do:
         #: raising there stands for the worker failing at that point.
         self.fault: Callable[[str], None] | None = None
-        self._records: list[_Record] = []
+        # At most one record per path, oldest first (a path recorded again moves to the end, as a new change).
+        self._records: dict[str, _Record] = {}
         self._covered: set[str] = set()  # paths recorded _SAVED or _CREATED: their subtrees are the attempt's
         self._folders: set[str] = set()  # paths recorded _FOLDER
-        self._above: set[str] = set()  # proper ancestors of recorded paths: a folder holding records
+        # The records as a tree: each path holding records below it, with its children on the way to them. A
+        # subtree's records are found in O(its size), so a merge stays O(what it changes), never quadratic.
+        self._below: dict[str, set[str]] = {}
+        self._order: dict[str, int] = {}  # each recorded path's place in the order of changes
+        self._appended = 0
         self._slots = 0
         self._fd: int | None = None
 
@@ -145,7 +151,7 @@ class UndoLog:
     def reset(self, *, keep: bool) -> None:
         """Forget the attempt (its originals are deleted in the background); ``keep``: record the next one."""
         self.close()
-        self._records, self._covered, self._folders, self._above = [], set(), set(), set()
+        self._records, self._covered, self._folders, self._below, self._order = {}, set(), set(), {}, {}
         self.written, self._slots, self.broken, self.active = set(), 0, False, keep
         try:
             os.rmdir(self.folder)  # emptied by a rollback: no thread needed
@@ -211,7 +217,7 @@ class UndoLog:
                 self._covered.add(path)
                 remove_at(lower_fd, name)
                 return True
-            if path in self._above or path in self._folders:
+            if path in self._below or path in self._folders:
                 self._undo_below(path)  # the kept folder must be the original, not what the attempt made of it
             st = _lstat(lower_fd, name)
             if st is None:
@@ -229,37 +235,60 @@ class UndoLog:
             raise
 
     def _append(self, record: _Record) -> None:
-        self._records.append(record)
-        parent = record.path.rpartition("/")[0]
-        while parent and parent not in self._above:
-            self._above.add(parent)
-            parent = parent.rpartition("/")[0]
+        self._records.pop(record.path, None)
+        self._records[record.path] = record
+        self._order[record.path] = self._appended = self._appended + 1
+        child, parent = record.path, record.path.rpartition("/")[0]
+        while parent:
+            children = self._below.setdefault(parent, set())
+            if child in children:
+                break  # the rest of the way up is linked already
+            children.add(child)
+            child, parent = parent, parent.rpartition("/")[0]
+
+    def _subtree(self, path: str) -> list[_Record]:
+        """The records at and below ``path``, oldest first; O(the subtree), not O(every record)."""
+        found, todo = [], [path]
+        while todo:
+            at = todo.pop()
+            if at in self._records:
+                found.append(at)
+            todo.extend(self._below.get(at, ()))
+        return [self._records[p] for p in sorted(found, key=self._order.__getitem__)]
 
     def _forget_below(self, path: str) -> None:
         """Drop the records at and below ``path`` (its originals stay in the undo folder until the reset)."""
-        if path in self._above or path in self._folders:
-            self._drop([r for r in self._records if _under(r.path, path)])
+        if path in self._below or path in self._folders:
+            self._drop(path)
 
     def _undo_below(self, path: str) -> None:
         """Undo, in place, what the attempt changed at and below ``path``; their records are done with."""
-        below = [r for r in self._records if _under(r.path, path)]
+        below = self._subtree(path)
         with SafeFolders(self.fs, unsafe=_unsafe) as folders:
             for record in reversed(below):
                 self._apply(folders, record, Undone())
-        self._drop(below)
+        self._drop(path)
 
-    def _drop(self, records: list[_Record]) -> None:
-        gone = {id(r) for r in records}
-        self._records = [r for r in self._records if id(r) not in gone]
-        for r in records:
-            self._covered.discard(r.path)
-            self._folders.discard(r.path)
-        self._above = set()
-        for r in self._records:
-            parent = r.path.rpartition("/")[0]
-            while parent and parent not in self._above:
-                self._above.add(parent)
-                parent = parent.rpartition("/")[0]
+    def _drop(self, path: str) -> None:
+        """Forget every record at and below ``path``."""
+        todo = [path]
+        while todo:
+            at = todo.pop()
+            if self._records.pop(at, None) is not None:
+                del self._order[at]
+                self._covered.discard(at)
+                self._folders.discard(at)
+            todo.extend(self._below.pop(at, ()))
+        child, parent = path, path.rpartition("/")[0]
+        while parent and parent in self._below:  # unlink the subtree; prune folders left holding nothing
+            children = self._below[parent]
+            children.discard(child)
+            if children:
+                break
+            del self._below[parent]
+            if parent in self._records:
+                break  # a record itself: it stays linked to its own parent
+            child, parent = parent, parent.rpartition("/")[0]
 
     def _undo_fd(self) -> int:
         if self._fd is None:
@@ -300,7 +329,7 @@ class UndoLog:
         """The records to undo, and the folders on the way to a root: a restore gives those the tree's mode but
         leaves their times (the tree records none), while putting a root's original back touches its parent's."""
         plan, as_now = [], []
-        for record in self._records:
+        for record in self._records.values():
             if not walks_to(selection, record.path):
                 continue  # outside the selection or excluded: a restore leaves it as the attempt made it
             if not selection.covers(record.path):
@@ -401,7 +430,7 @@ def _remove_folder(path: Path) -> None:
     except FileNotFoundError:
         return
     try:
-        remove_at(parent, path.name)
+        remove_tree(parent, path.name)  # however deep the sandbox nested it
     except OSError:
         if path.parent.exists():  # else the sandbox was destroyed meanwhile, its folder with it
             log.warning("could not delete the kept originals %s", path, exc_info=True)

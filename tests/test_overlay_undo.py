@@ -11,8 +11,11 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -318,3 +321,190 @@ async def test_a_rollback_under_a_narrow_selection_touches_only_what_a_restore_w
         reference = state(engine_rollback(engine, base, sandbox.fs, tmp_path / f"reference-{n}", selection))
         await sandbox.restore(engine, base, selection=selection)
         assert state(sandbox.fs) == reference, f"attempt {n}"
+
+
+def _undo_log_lines(tmp: Path, folders: int) -> int:
+    """Lines of sandboxes/overlay_undo.py run to record what a merge does when a command first changes a file in
+    each of ``folders`` folders and then deletes them all, the same calls in the same order as
+    `OverlayLayers.merge`, on real files."""
+    from tardigrade.sandboxes import overlay_undo
+    from tardigrade.sandboxes.overlay_undo import UndoLog
+
+    fs = tmp / "fs"
+    (tmp / "overlay").mkdir(parents=True)
+    (fs / "workspace").mkdir(parents=True)
+    for i in range(folders):
+        (fs / f"workspace/d{i}").mkdir()
+        (fs / f"workspace/d{i}/f").write_text("original")
+    log = UndoLog(tmp / "overlay", fs)
+    log.reset(keep=True)
+    lines = 0
+    source = overlay_undo.__file__
+
+    def tracer(frame, event, arg):  # type: ignore[no-untyped-def]
+        nonlocal lines
+        if frame.f_code.co_filename != source:
+            return None
+        if event == "line":
+            lines += 1
+        return tracer
+
+    workspace = os.open(fs / "workspace", os.O_RDONLY | os.O_DIRECTORY)
+    sys.settrace(tracer)
+    try:
+        log.note_folder(workspace, "workspace")
+        for i in range(folders):  # the first command: each d{i}/f replaced
+            d = os.open(f"d{i}", os.O_RDONLY | os.O_DIRECTORY, dir_fd=workspace)
+            log.note_folder(d, f"workspace/d{i}")
+            assert log.set_aside(d, "f", f"workspace/d{i}/f")
+            (Path(f"/proc/self/fd/{d}") / "f").write_text("changed")
+            os.close(d)
+        for i in range(folders):  # the second: rm -r d*
+            assert log.set_aside(workspace, f"d{i}", f"workspace/d{i}")
+    finally:
+        sys.settrace(None)
+        log.close()
+        os.close(workspace)
+    assert sorted(os.listdir(fs / "workspace")) == [] and len(log) == folders + 1
+    undone = log.rollback(EVERYTHING)
+    assert undone is not None and undone.put_back == folders
+    assert {p.read_text() for p in (fs / "workspace").glob("*/f")} == {"original"}
+    assert len(list((fs / "workspace").iterdir())) == folders
+    return lines
+
+
+def test_recording_a_merge_is_linear_in_what_it_changes_never_quadratic(tmp_path: Path) -> None:
+    """A command that changes a file in each of thousands of folders and then deletes the folders must not make
+    the worker's merge quadratic (3,000 folders took the worker half a minute). Counted in lines run, not timed."""
+    small, large = _undo_log_lines(tmp_path / "small", 200), _undo_log_lines(tmp_path / "large", 800)
+    assert large < 5 * small, f"4x the folders cost {large / small:.1f}x the work ({small} -> {large} lines)"
+
+
+class _EngineThatWaits(SnapshotEngine):
+    """A real engine whose create returns only once ``go`` is set: what a command that ends while a checkpoint is
+    being written does to the sandbox, made certain instead of a matter of timing."""
+
+    def __init__(self, store: FileStore, scratch: Path, go: threading.Event) -> None:
+        super().__init__(store, scratch_dir=scratch)
+        self.go = go
+
+    def create(self, *args: Any, **kwargs: Any) -> Any:
+        info = super().create(*args, **kwargs)
+        assert self.go.wait(60), "the command did not end"
+        return info
+
+
+async def test_a_command_that_ends_while_a_checkpoint_is_written_is_never_taken_as_checkpointed(
+    provider: LocalSandboxProvider, engine: SnapshotEngine, tmp_path: Path
+) -> None:
+    sandbox = await provider.create(SandboxSpec())
+    await sh(sandbox, "echo k > keep")
+    base = await checkpoint(sandbox, engine)
+    go = threading.Event()
+    waiting = _EngineThatWaits(FileStore(tmp_path / "store"), tmp_path / "scratch-2", go)
+    for n, command in enumerate(["sleep 1 && echo late > late", "sleep 1 && rm keep"]):
+        running = asyncio.ensure_future(sandbox.exec(command, env={}, timeout=60))
+        running.add_done_callback(lambda _: go.set())
+        await asyncio.sleep(0.3)  # the command runs on the overlay when the checkpoint starts
+        during = (await sandbox.snapshot(waiting, selection=EVERYTHING, parent=base, labels={})).id
+        assert (await running).exit_code == 0
+        go.clear()
+        # What the command merged after the walk is in fs/ but not in `during`: the next checkpoint must see it,
+        after = (await sandbox.snapshot(engine, selection=EVERYTHING, parent=during, labels={})).id
+        assert after != during, f"command {n}: its changes were taken as part of the checkpoint before"
+        engine.restore(after, tmp_path / f"after-{n}", selection=EVERYTHING)
+        assert sorted(os.listdir(tmp_path / f"after-{n}/workspace")) == [["keep", "late"], ["late"]][n]
+        # and a rollback to `during` must undo it.
+        await sh(sandbox, "echo x > x")
+        await sandbox.restore(engine, during, selection=EVERYTHING)
+        engine.restore(during, tmp_path / f"during-{n}", selection=EVERYTHING)
+        assert state(sandbox.fs / "workspace") == state(tmp_path / f"during-{n}/workspace"), f"command {n}"
+        await sandbox.restore(engine, after, selection=EVERYTHING)
+        base = after
+
+
+async def test_rollback_checkpoint_rollback_and_back_to_an_older_checkpoint(
+    provider: LocalSandboxProvider, engine: SnapshotEngine, tmp_path: Path
+) -> None:
+    sandbox = await provider.create(SandboxSpec())
+    assert sandbox.overlay is not None
+    await sh(sandbox, SETUP)
+    first = await checkpoint(sandbox, engine)
+    first_state = state(sandbox.fs)
+    await sh(sandbox, ATTEMPT[0])
+    await sandbox.restore(engine, first, selection=EVERYTHING)
+    assert state(sandbox.fs) == first_state
+    await sh(sandbox, ATTEMPT[0])
+    await sandbox.write_file("/workspace/d/tool", b"tool")
+    second = (await sandbox.snapshot(engine, selection=EVERYTHING, parent=first, labels={})).id
+    assert not sandbox.overlay.undo.folder.exists() and len(sandbox.overlay.undo) == 0
+    second_state = state(sandbox.fs)
+    for n, target in enumerate([second, second, first, first]):
+        await sh(sandbox, "echo z >> mod && rm -rf keep gone d && mkdir -p new/y && echo q > new/y/q && chmod 700 ro")
+        await sh(sandbox, "rm -r new/y && echo nn > new/y && touch -d 2002-02-02 kindd && ln -sf /x hl1 && mkdir d")
+        reference = state(engine_rollback(engine, target, sandbox.fs, tmp_path / f"reference-{n}", EVERYTHING))
+        stats = await sandbox.restore(engine, target, selection=EVERYTHING)
+        assert state(sandbox.fs) == reference == (second_state if target == second else first_state), f"{n}"
+        assert (stats.files_kept > 0) == (n == 2), f"{n}: a full restore only when going back past a checkpoint"
+        assert len(sandbox.overlay.undo) == 0 and not sandbox.overlay.undo.folder.exists()
+    walked = await sandbox.snapshot(engine, selection=EVERYTHING, parent=None, labels={})
+    assert walked.id == first
+
+
+DEEP = "python3 -c \"import os\nfor _ in range(1500): os.mkdir('a'); os.chdir('a')\nopen('f', 'w').write('x')\""
+
+
+async def test_a_tree_nested_deeper_than_python_recursion_is_still_destroyed(tmp_path: Path) -> None:
+    """Folders nested 1,500 deep (more than Python's recursion limit) must not stop the worker deleting the
+    sandbox: shutil.rmtree recursed, raised RecursionError, and left the folder on the worker's disk."""
+    provider = LocalSandboxProvider(tmp_path / "sandboxes", worker_id="deep", overlay=False)
+    try:
+        sandbox = await provider.create(SandboxSpec())
+        await sh(sandbox, DEEP)
+        await sandbox.destroy()
+        assert not sandbox.dir.exists()
+    finally:
+        await provider.close()
+        # Never leave such a tree behind: pytest's own clean-up of old temporary folders recurses too.
+        subprocess.run(["rm", "-rf", str(tmp_path / "sandboxes")], check=True)
+
+
+def test_remove_tree_deletes_any_depth_never_follows_a_symlink_and_bears_a_second_deletion(tmp_path: Path) -> None:
+    from tardigrade.sandboxes.remove_tree import remove_tree
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_text("kept")
+    root = tmp_path / "trees"
+    root.mkdir()
+    for tree in ("one", "two"):
+        deep = root / tree
+        for _ in range(1500):  # deeper than Python's recursion limit
+            deep.mkdir()
+            (deep / "f").write_text("x")
+            (deep / "to-outside").symlink_to(outside)
+            os.mkfifo(deep / "fifo")
+            deep = deep / "a"
+        deep.mkdir()
+        for n in range(0, 1500, 100):  # folders a step left read-only
+            os.chmod(root / tree / "/".join(["a"] * n), 0o555)
+    parent = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        remove_tree(parent, "one")
+        # Two deletions of one tree at once (a destroyed sandbox, a background drop inside it): both finish.
+        threads = [threading.Thread(target=remove_tree, args=(parent, "two")) for _ in range(2)]
+        errors: list[BaseException] = []
+        threading.excepthook = lambda args: errors.append(args.exc_value)  # type: ignore[assignment,misc]
+        try:
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        finally:
+            threading.excepthook = threading.__excepthook__  # type: ignore[assignment]
+        remove_tree(parent, "missing")
+        left = os.listdir(root)
+    finally:
+        os.close(parent)
+        subprocess.run(["rm", "-rf", str(root)], check=True)  # pytest's clean-up of old folders recurses
+    assert errors == [] and left == [] and (outside / "keep").read_text() == "kept"
