@@ -262,26 +262,81 @@ def _is_symlink(parent_fd: int, name: str) -> bool:
 
 def remove_at(parent_fd: int, name: str) -> None:
     """Delete whatever ``name`` is in the folder ``parent_fd`` - a file, a symlink (not what it points at) or a
-    whole folder - by descriptor, opening up folders a step left read-only. A missing name is fine."""
-    try:
-        os.unlink(name, dir_fd=parent_fd)
+    whole folder - by descriptor, opening up folders a step left read-only. A missing name is fine.
+
+    A sandbox can nest folders deeper than Python's recursion limit and the worker's descriptor limit, so the walk
+    goes down one folder at a time and back up through ``..``, with two descriptors open at most. A live command
+    may move the folder being emptied meanwhile: each climb checks that ``..`` is the folder it came from (device
+    and inode) and stops with an error otherwise, so nothing outside the tree is ever emptied."""
+    if not _unlink_unless_folder(parent_fd, name):
         return
-    except FileNotFoundError:
-        return
-    except IsADirectoryError:
-        pass
-    except PermissionError:  # POSIX allows EPERM for a folder too; for anything else it is a real refusal
-        if not stat.S_ISDIR(os.stat(name, dir_fd=parent_fd, follow_symlinks=False).st_mode):
-            raise
-    fd = os.open(name, DIR_FLAGS, dir_fd=parent_fd)
+    came_from: list[tuple[int, int, str]] = []  # (device, inode) of each folder above ``fd``, and its child's name
+    fd = _enter_folder(parent_fd, name)
     try:
-        if os.fstat(fd).st_mode & 0o700 != 0o700:
-            os.fchmod(fd, 0o700)
-        for child in os.listdir(fd):
-            remove_at(fd, child)
+        while True:
+            folder = _empty_but_one_folder(fd)
+            if folder is not None:
+                inner = _enter_folder(fd, folder)
+                st = os.fstat(fd)
+                came_from.append((st.st_dev, st.st_ino, folder))
+                os.close(fd)
+                fd = inner
+                continue
+            if not came_from:
+                break
+            device, inode, child = came_from.pop()
+            up = os.open("..", DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = up
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) != (device, inode):
+                raise OSError(errno.ESTALE, f"a folder inside {name!r} was moved while it was being deleted")
+            with contextlib.suppress(FileNotFoundError):
+                os.rmdir(child, dir_fd=fd)
     finally:
         os.close(fd)
-    os.rmdir(name, dir_fd=parent_fd)
+    with contextlib.suppress(FileNotFoundError):
+        os.rmdir(name, dir_fd=parent_fd)
+
+
+def _unlink_unless_folder(parent_fd: int, name: str) -> bool:
+    """Delete ``name`` if it is anything but a folder; whether it is a folder (False when it is gone)."""
+    try:
+        os.unlink(name, dir_fd=parent_fd)
+        return False
+    except FileNotFoundError:
+        return False
+    except IsADirectoryError:
+        return True
+    except PermissionError:  # POSIX allows EPERM for a folder too; for anything else it is a real refusal
+        try:
+            if stat.S_ISDIR(os.stat(name, dir_fd=parent_fd, follow_symlinks=False).st_mode):
+                return True
+        except FileNotFoundError:
+            return False
+        raise
+
+
+def _enter_folder(parent_fd: int, name: str) -> int:
+    """The folder's descriptor (never through a symlink), made writable so its entries can be deleted."""
+    fd = os.open(name, DIR_FLAGS, dir_fd=parent_fd)
+    if os.fstat(fd).st_mode & 0o700 != 0o700:
+        os.fchmod(fd, 0o700)
+    return fd
+
+
+def _empty_but_one_folder(fd: int) -> str | None:
+    """Delete everything but folders in ``fd``, and empty folders; the name of a non-empty folder left, or None."""
+    for child in os.listdir(fd):
+        if not _unlink_unless_folder(fd, child):
+            continue
+        try:
+            os.rmdir(child, dir_fd=fd)
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return child
+    return None
 
 
 def walk_bottom_up(root: str | os.PathLike[str]) -> Iterator[tuple[str, int, str, os.stat_result]]:

@@ -103,3 +103,67 @@ def test_only_regular_files_are_opened(tree: tuple[Path, Path]) -> None:
         assert folders.read_file("dir/file", limit=None) == b"new"
         assert folders.read_file("dir/file", limit=2) == b"ne"
     assert stat.S_IMODE(os.stat(root / "dir" / "file").st_mode) == 0o600
+
+
+def test_removing_a_tree_deeper_than_the_recursion_and_descriptor_limits(tmp_path: Path) -> None:
+    """A sandbox can nest folders 1,500 deep (``mkdir a; cd a`` in a loop): a restore must still delete it, with
+    two descriptors open, not one per level, and leave its neighbours alone."""
+    import resource
+
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "keep").write_text("neighbour")
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    os.mkdir("deep", dir_fd=fd)
+    level = os.open("deep", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+    for i in range(1500):  # by descriptor: the path is longer than PATH_MAX
+        os.mkdir("a", dir_fd=level)
+        if i % 100 == 0:
+            os.close(os.open(f"f{i}", os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=level))
+            os.symlink(str(tmp_path), "link", dir_fd=level)
+        inner = os.open("a", os.O_RDONLY | os.O_DIRECTORY, dir_fd=level)
+        os.close(level)
+        level = inner
+    os.chmod(level, 0o500)  # a read-only folder at the bottom
+    os.close(level)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 1024), hard))
+    try:
+        remove_at(fd, "deep")
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        os.close(fd)
+    assert sorted(p.name for p in root.iterdir()) == ["keep"]
+    assert (root / "keep").read_text() == "neighbour" and tmp_path.is_dir()
+
+
+def test_removing_a_tree_stops_if_a_folder_is_moved_out_from_under_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Climbing back up through ``..`` must land where the walk came from: if a live command moved the folder being
+    emptied elsewhere, the delete stops with an error instead of emptying whatever ``..`` now is."""
+    import tardigrade.sandboxes.safe_folders as sf
+
+    root, elsewhere = tmp_path / "root", tmp_path / "elsewhere"
+    (root / "t" / "a" / "b").mkdir(parents=True)
+    (root / "t" / "a" / "b" / "f").write_text("x")
+    elsewhere.mkdir()
+    (elsewhere / "precious").write_text("keep me")
+    real_listdir = os.listdir
+    moved = []
+
+    def listdir_then_move(fd: int) -> list[str]:  # the command moves ``a/b`` away while the walk is inside it
+        names = real_listdir(fd)
+        if not moved and "f" in names:
+            os.rename(root / "t" / "a" / "b", elsewhere / "b")
+            moved.append(True)
+        return names
+
+    monkeypatch.setattr(sf.os, "listdir", listdir_then_move)
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with pytest.raises(OSError, match="moved"):
+            remove_at(fd, "t")
+    finally:
+        os.close(fd)
+    assert (elsewhere / "precious").read_text() == "keep me"
