@@ -6,6 +6,7 @@ same digest). A hint that leaves a change out may miss that change, never produc
 from __future__ import annotations
 
 import os
+import random
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -41,10 +42,13 @@ def workspace(root: Path) -> Path:
     return root
 
 
-def same_as_walk(engine: SnapshotEngine, ws: Path, parent: str, paths: set[str], tmp_path: Path) -> str:
+def same_as_walk(
+    engine: SnapshotEngine, ws: Path, parent: str, paths: set[str], tmp_path: Path, spliced: bool = True
+) -> str:
     hinted = engine.create(ws, parent=parent, changes=ChangeSet(frozenset(paths)), cache_path=tmp_path / "cache")
     walked = engine.create(ws)
     assert (hinted.id, hinted.digest) == (walked.id, walked.digest), "the hinted tree differs from a walk's"
+    assert hinted.stats is not None and hinted.stats.spliced == spliced, "spliced" if not spliced else "not spliced"
     return hinted.id
 
 
@@ -114,7 +118,7 @@ def test_hard_links_fall_back_to_a_walk(engine: SnapshotEngine, tmp_path: Path) 
     ws = workspace(tmp_path / "ws")
     parent = engine.create(ws, cache_path=tmp_path / "cache")
     os.link(ws / "top.txt", ws / "docs" / "hard.txt")
-    same_as_walk(engine, ws, parent.id, {"docs/hard.txt"}, tmp_path)
+    same_as_walk(engine, ws, parent.id, {"docs/hard.txt"}, tmp_path, spliced=False)
     (ws / "docs" / "hard.txt").unlink()
     (ws / "top.txt").write_text("no longer linked\n")
     same_as_walk(engine, ws, parent.id, {"docs/hard.txt", "top.txt"}, tmp_path)
@@ -175,3 +179,227 @@ def test_kept_entries_with_odd_names_are_carried_exactly(engine: SnapshotEngine,
     (ws / "docs" / "a.md").write_text("# edited\n")
     (ws / "src" / odd[0] / "in.txt").write_text("edited inside")
     same_as_walk(engine, ws, parent.id, {"docs/a.md", f"src/{odd[0]}/in.txt"}, tmp_path)
+
+
+# -- splicing the parent's tree (splice.py): the side file next to each cached tree -----------------------------
+
+
+def side_file(engine: SnapshotEngine, snapshot_id: str) -> Path:
+    return engine.scratch / "trees" / engine.identity / f"{snapshot_id}.side"
+
+
+def tamper_record(side: Path) -> None:
+    """Change one content hash inside the side file's records, keeping its length and its footer."""
+    data = bytearray(side.read_bytes())
+    at = data.index(b"\0f\0") + 3
+    at = data.index(b"\0", at) + 1  # the content hash follows the mode
+    data[at] = ord("0") if data[at] != ord("0") else ord("1")
+    side.write_bytes(bytes(data))
+
+
+def tamper_footer(side: Path) -> None:
+    """Claim one entry more in the footer, keeping the records (a footer written by someone else)."""
+    data = side.read_bytes()
+    cut = data.rfind(b"\n") + 1
+    side.write_bytes(data[:cut] + data[cut:].replace(b'"entries":', b'"entries":1', 1))
+
+
+SIDE_DAMAGE: dict[str, Callable[[SnapshotEngine, str], None]] = {
+    "deleted": lambda e, sid: side_file(e, sid).unlink(),
+    "a record changed": lambda e, sid: tamper_record(side_file(e, sid)),
+    "footer claims another count": lambda e, sid: tamper_footer(side_file(e, sid)),
+    "truncated": lambda e, sid: side_file(e, sid).write_bytes(side_file(e, sid).read_bytes()[:-40]),
+    "empty": lambda e, sid: side_file(e, sid).write_bytes(b""),
+}
+
+
+@pytest.mark.parametrize("damage", list(SIDE_DAMAGE))
+def test_a_damaged_side_file_is_rebuilt_from_the_tree(engine: SnapshotEngine, tmp_path: Path, damage: str) -> None:
+    ws = workspace(tmp_path / "ws")
+    parent = engine.create(ws, cache_path=tmp_path / "cache")
+    assert side_file(engine, parent.id).exists(), "a walk leaves the side file of its tree"
+    SIDE_DAMAGE[damage](engine, parent.id)
+    (ws / "src" / "pkg" / "m03.py").write_text("changed = True\n")
+    (ws / "docs" / "new.md").write_text("new\n")
+    same_as_walk(engine, ws, parent.id, {"src/pkg/m03.py", "docs/new.md"}, tmp_path)
+
+
+def test_a_side_file_of_another_tree_is_not_used(engine: SnapshotEngine, tmp_path: Path) -> None:
+    ws = workspace(tmp_path / "ws")
+    parent = engine.create(ws, cache_path=tmp_path / "cache")
+    (ws / "top.txt").write_text("other\n")
+    other = engine.create(ws, cache_path=tmp_path / "cache")
+    shutil.copyfile(side_file(engine, other.id), side_file(engine, parent.id))
+    (ws / "top.txt").write_text("top\n")
+    (ws / "docs" / "a.md").write_text("# b\n")
+    same_as_walk(engine, ws, parent.id, {"top.txt", "docs/a.md"}, tmp_path)
+
+
+def test_a_parent_fetched_from_the_store_is_spliced_after_one_pass(tmp_path: Path) -> None:
+    """Another worker's parent: its tree comes from the store without a side file, which is built from it."""
+    ws = workspace(tmp_path / "ws")
+    first = SnapshotEngine(FileStore(tmp_path / "store"), scratch_dir=tmp_path / "scratch1", encryption=None)
+    parent = first.create(ws).id
+    first.close()
+    engine = SnapshotEngine(FileStore(tmp_path / "store"), scratch_dir=tmp_path / "scratch2", encryption=None)
+    try:
+        (ws / "src" / "pkg" / "m09.py").unlink()
+        same_as_walk(engine, ws, parent, {"src/pkg/m09.py"}, tmp_path)
+        assert side_file(engine, parent).exists()
+    finally:
+        engine.close()
+
+
+def test_a_symlink_target_with_a_newline_is_not_spliced(engine: SnapshotEngine, tmp_path: Path) -> None:
+    ws = workspace(tmp_path / "ws")
+    os.symlink("two\nlines", ws / "docs" / "odd-link")
+    parent = engine.create(ws, cache_path=tmp_path / "cache")
+    assert not side_file(engine, parent.id).exists(), "its digest records cannot be bisected by line"
+    (ws / "top.txt").write_text("changed\n")
+    same_as_walk(engine, ws, parent.id, {"top.txt"}, tmp_path, spliced=False)
+
+
+def test_a_parent_using_a_pack_condemned_by_gc_is_not_spliced(engine: SnapshotEngine, tmp_path: Path) -> None:
+    from tardigrade.sandboxes.snapshots.gc import Epoch
+
+    ws = workspace(tmp_path / "ws")
+    parent = engine.create(ws, cache_path=tmp_path / "cache")
+    packs = frozenset(ref.pack for entry in engine.entries(parent.id) for ref in entry.chunks)
+    epoch = Epoch(id="e1", created=1.0, packs=packs, trees=frozenset(), deleted=False)
+    engine.store.put(epoch.key, epoch.to_json())  # a GC run condemned them: they are deleted after its grace period
+    (ws / "top.txt").write_text("changed\n")
+    info = engine.create(ws, parent=parent.id, changes=ChangeSet(frozenset({"top.txt"})))
+    assert info.stats is not None and not info.stats.spliced
+    assert not packs & {ref.pack for entry in engine.entries(info.id) for ref in entry.chunks}
+
+
+NAMES = ["a", "a-b", "a.b", "a b", "ab", "b", "Z", "ü", 'q"t', "n\nl", "z"]
+
+
+def test_random_changes_splice_exactly_like_walks(engine: SnapshotEngine, tmp_path: Path) -> None:
+    """Names that sort differently by bytes and by components ('a-b' before 'a/b' as bytes, after as paths),
+    nested folders, deletions of whole subtrees and kind changes, over a chain of spliced snapshots."""
+    import random
+
+    rng = random.Random(12)
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    parent = engine.create(ws, cache_path=tmp_path / "cache").id
+    for _step in range(25):
+        listed: set[str] = set()
+        for _ in range(rng.randint(1, 4)):
+            path = "/".join(rng.choice(NAMES) for _ in range(rng.randint(1, 3)))
+            target = ws / path
+            listed.add(path)
+            action = rng.choice(["file", "file", "folder", "delete", "symlink"])
+            if any(p.is_symlink() or p.is_file() for p in target.parents if p != ws and ws in p.parents):
+                continue  # beneath a file or symlink: nothing can be made there
+            if target.is_symlink() or target.is_file():
+                target.unlink()
+            elif target.is_dir():
+                shutil.rmtree(target)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if action == "file":
+                target.write_text(f"{path} {rng.random()}")
+            elif action == "folder":
+                (target / rng.choice(NAMES)).mkdir(parents=True)
+            elif action == "symlink":
+                os.symlink(rng.choice(NAMES[:-2]), target)  # a target with a newline is never spliced
+        parent = same_as_walk(engine, ws, parent, listed, tmp_path)
+
+
+# -- walking snapshots splice too: the walk's stats against the last walk's (walkfile.py) ----------------------
+
+
+def random_step(rng: random.Random, ws: Path, names: list[str]) -> None:
+    for _ in range(rng.randint(1, 4)):
+        path = "/".join(rng.choice(names) for _ in range(rng.randint(1, 3)))
+        target = ws / path
+        if any(p.is_symlink() or p.is_file() for p in target.parents if p != ws and ws in p.parents):
+            continue
+        if target.is_symlink() or target.is_file():
+            target.unlink()
+        elif target.is_dir():
+            shutil.rmtree(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        action = rng.choice(["file", "file", "folder", "delete", "symlink", "mode"])
+        if action in ("file", "mode"):
+            target.write_text(f"{path} {rng.random()}")
+            if action == "mode":
+                target.chmod(0o755)
+        elif action == "folder":
+            (target / rng.choice(names)).mkdir(parents=True)
+        elif action == "symlink":
+            os.symlink(rng.choice(NAMES[:-2]), target)
+
+
+@pytest.mark.parametrize("names", [[*NAMES[:-2], "z"], NAMES], ids=["odd names", "a name with a newline"])
+def test_walking_snapshots_splice_exactly_like_full_walks(
+    engine: SnapshotEngine, tmp_path: Path, names: list[str]
+) -> None:
+    """A name with a newline cannot be a line of the walk file: those walks are not spliced, still right."""
+    rng = random.Random(7)
+    ws = workspace(tmp_path / "ws")
+    cache = tmp_path / "cache"
+    engine.create(ws, cache_path=cache)
+    spliced = 0
+    for _step in range(30):
+        random_step(rng, ws, names)
+        walked = engine.create(ws, cache_path=cache)
+        full = engine.create(ws)  # no stat cache: every file read, every entry built
+        assert (walked.id, walked.digest) == (full.id, full.digest), "the spliced walk differs from a full one"
+        assert walked.stats is not None
+        spliced += walked.stats.spliced
+        again = engine.create(ws, cache_path=cache)
+        assert again.id == full.id and again.stats is not None and again.stats.files_read == 0
+    if "n\nl" not in names:
+        assert spliced >= 25, f"only {spliced} of 30 walking snapshots were spliced"
+
+
+def test_a_walking_snapshot_reads_only_what_changed(engine: SnapshotEngine, tmp_path: Path) -> None:
+    ws = workspace(tmp_path / "ws")
+    cache = tmp_path / "cache"
+    engine.create(ws, cache_path=cache)
+    (ws / "src" / "pkg" / "m04.py").write_text("x = 'four'\n")
+    (ws / "docs" / "a.md").unlink()
+    info = engine.create(ws, cache_path=cache)
+    assert info.stats is not None and info.stats.spliced and info.stats.files_read == 1
+    out = tmp_path / "out"
+    engine.restore(info.id, out)
+    assert (out / "src" / "pkg" / "m04.py").read_text() == "x = 'four'\n" and not (out / "docs" / "a.md").exists()
+
+
+WALK_DAMAGE: dict[str, Callable[[Path], None]] = {
+    "deleted": lambda walk: walk.unlink(),
+    "a stat changed": lambda walk: walk.write_bytes(walk.read_bytes().replace(b"\0", b"\0" + b"1", 1)),
+    "a line dropped": lambda walk: walk.write_bytes(walk.read_bytes().split(b"\n", 1)[1]),
+}
+
+
+@pytest.mark.parametrize("damage", list(WALK_DAMAGE))
+def test_a_damaged_walk_file_is_not_trusted(engine: SnapshotEngine, tmp_path: Path, damage: str) -> None:
+    ws = workspace(tmp_path / "ws")
+    cache = tmp_path / "cache"
+    engine.create(ws, cache_path=cache)
+    WALK_DAMAGE[damage](tmp_path / "cache.walk")
+    (ws / "src" / "pkg" / "m04.py").write_text("x = 'four'\n")
+    walked = engine.create(ws, cache_path=cache)
+    assert walked.stats is not None and not walked.stats.spliced
+    assert walked.id == engine.create(ws).id
+
+
+def test_a_folder_swapped_for_a_symlink_is_never_read_through(engine: SnapshotEngine, tmp_path: Path) -> None:
+    """The last walk saw docs/a.md; now docs is a symlink to a folder outside holding an a.md. The walking splice
+    must drop docs/a.md, never stat or read it through the symlink."""
+    ws = workspace(tmp_path / "ws")
+    cache = tmp_path / "cache"
+    engine.create(ws, cache_path=cache)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "a.md").write_text("secret outside the workspace\n")
+    shutil.rmtree(ws / "docs")
+    os.symlink(outside, ws / "docs")
+    walked = engine.create(ws, cache_path=cache)
+    assert walked.stats is not None and walked.stats.spliced
+    assert walked.id == engine.create(ws).id
+    assert "docs/a.md" not in {entry.path for entry in engine.entries(walked.id)}

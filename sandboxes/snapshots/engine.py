@@ -55,6 +55,8 @@ _LIST_PAGE = 1000  # keys per listing request (S3, GCS and Azure alike)
 _TREE_PACKS_LIMIT = 64
 log = logging.getLogger("tardigrade.snapshots")
 _TREE_CACHE_LIMIT = 32
+SIDE_SUFFIX = ".side"  # a cached tree's digest records (splice.py), next to it
+_PRUNE_SLACK = 8
 _IN_MEMORY_TREE = 32 << 20  # trees up to this size are compressed in memory
 # A stored tree may inflate to this many times its size (real trees: under 70x, folders-only ones with equal
 # mtimes), or to the floor, whichever is more: a zstd bomb is cut off there instead of filling the disk.
@@ -285,10 +287,10 @@ class SnapshotEngine:
         known.sync_gc(epochs)
         known.refresh()
 
-        def publish(snapshot_id: str, body: Path) -> bool:
+        def publish(snapshot_id: str, body: Path, side: tuple[Path, frozenset[str]] | None) -> bool:
             """Queue the tree once every pack it names is known to be in the store; `create` flushes it together
-            with the record (packs were flushed before)."""
-            packs = tree_packs(body)
+            with the record (packs were flushed before). ``side``: its side file and packs, if it has one."""
+            packs = set(side[1]) if side is not None else tree_packs(body)
             self._require_packs(known, packs, since)
             if self.identity != identity:
                 raise _PacksVanished(set())  # the store changed under this snapshot: start over against the new one
@@ -296,7 +298,7 @@ class SnapshotEngine:
             if not self.store.exists(tree_key(snapshot_id)):
                 self._put_tree(snapshot_id, body)
                 written = True
-            self._remember_tree(snapshot_id, body, packs)
+            self._remember_tree(snapshot_id, body, packs, side[0] if side is not None else None)
             return written
 
         def tree_usable(snapshot_id: str) -> bool:
@@ -325,6 +327,8 @@ class SnapshotEngine:
             avoid_packs=frozenset(known.vanished),
             changes=hint[0] if hint else None,
             parent=hint[1] if hint else None,
+            parent_side=self._trees / f"{hint[1][0]}{SIDE_SUFFIX}" if hint else None,
+            trees_dir=self._trees,
         )
 
     def _require_packs(self, known: BlobIndex, packs: set[str] | frozenset[str], since: float) -> None:
@@ -399,37 +403,56 @@ class SnapshotEngine:
 
     # -- trees ------------------------------------------------------------------------------------------------
 
-    def _remember_tree(self, snapshot_id: str, body: Path, packs: set[str] | None = None) -> None:
-        """Keep a verified, uncompressed copy of recent trees: rollbacks restore the same tree over and over."""
+    def _remember_tree(
+        self, snapshot_id: str, body: Path, packs: set[str] | None = None, side: Path | None = None
+    ) -> None:
+        """Keep a verified, uncompressed copy of recent trees: rollbacks restore the same tree over and over. Its
+        side file (splice.py), if given, goes next to it: the next hinted checkpoint splices both."""
         if packs is not None:
             self._note_packs(snapshot_id, packs)
+        if side is not None and not (self._trees / f"{snapshot_id}{SIDE_SUFFIX}").exists():
+            self._keep_file(side, self._trees / f"{snapshot_id}{SIDE_SUFFIX}")
         target = self._trees / snapshot_id
         if target.exists():
             return
-        tmp = self._trees / f".{snapshot_id}.{os.getpid()}.{threading.get_ident()}"  # CLI processes share the folder
-        try:
-            os.link(body, tmp)  # the body is ours and immutable from here on: share it, do not copy it
-        except OSError:
-            shutil.copyfile(body, tmp)
-        os.replace(tmp, target)
+        self._keep_file(body, target)
         self._remembered += 1
         # Pruned on the first tree of each process too: a CLI call remembers one tree and exits, and counting to
         # 16 within one process would let its cache grow by a tree per call for ever.
         if self._remembered % 16 == 1:
             self._prune_trees()
 
+    def _keep_file(self, source: Path, target: Path) -> None:
+        tmp = self._trees / f".{target.name}.{os.getpid()}.{threading.get_ident()}"  # CLI processes share the folder
+        try:
+            os.link(source, tmp)  # the file is ours and immutable from here on: share it, do not copy it
+        except OSError:
+            shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+
     def _prune_trees(self) -> None:
-        """Keep the newest `_TREE_CACHE_LIMIT` cached trees. Other processes (CLI calls) prune the same folder at
-        the same time: a tree gone between the listing and its stat is simply gone."""
-        aged = []
-        for cached in self._trees.iterdir():
+        """Keep the newest `_TREE_CACHE_LIMIT` cached trees, each with its side file. Other processes (CLI calls)
+        prune the same folder at the same time: a tree gone between the listing and its stat is simply gone."""
+        with os.scandir(self._trees) as listing:
+            entries = list(listing)
+        if sum(not e.name.endswith(SIDE_SUFFIX) for e in entries) <= _TREE_CACHE_LIMIT + _PRUNE_SLACK:
+            return  # each CLI call adds a tree: stat them all only every few calls, not on every one
+        aged, sides = [], []
+        for cached in entries:
+            if cached.name.endswith(SIDE_SUFFIX):
+                sides.append(cached.name)
+                continue
             try:
-                aged.append((cached.stat().st_mtime, cached))
+                aged.append((cached.stat(follow_symlinks=False).st_mtime, cached.name))
             except FileNotFoundError:
                 continue
         aged.sort()
         for _, old in aged[:-_TREE_CACHE_LIMIT]:
-            old.unlink(missing_ok=True)
+            (self._trees / old).unlink(missing_ok=True)
+        kept = {name for _, name in aged[-_TREE_CACHE_LIMIT:]}
+        for side in sides:  # a side file outlives its tree by one prune at most
+            if side[: -len(SIDE_SUFFIX)] not in kept:
+                (self._trees / side).unlink(missing_ok=True)
 
     @contextmanager
     def open_tree(self, snapshot_id: str) -> Iterator[Path]:
@@ -497,9 +520,11 @@ class SnapshotEngine:
         *,
         selection: Selection | None = None,
         cache_path: Path | None = None,
+        changes: ChangeSet | None = None,
     ) -> RestoreStats:
         """Make ``root`` equal the snapshot within ``selection``: a full restore into an empty folder, or a
-        rollback of a live one that rewrites only what differs. ``root`` is created if missing."""
+        rollback of a live one that rewrites only what differs. ``root`` is created if missing. ``changes``: the
+        paths that may differ from the snapshot (the overlay knows them); only those are restored (restore.py)."""
         Path(root).mkdir(parents=True, exist_ok=True)
         identity = self.check_identity()
         with self.open_tree(snapshot_id) as tree_path:
@@ -513,6 +538,7 @@ class SnapshotEngine:
                 scratch=self.scratch,
                 encryption=self.encryption,
                 store_id=self._stat_cache_owner(identity),
+                changes=changes,
             )
 
     # -- inspection -------------------------------------------------------------------------------------------

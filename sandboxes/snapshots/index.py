@@ -54,7 +54,14 @@ class BlobIndex:
         self._db.execute("CREATE TABLE IF NOT EXISTS packs (pack TEXT PRIMARY KEY)")
         self._db.execute("CREATE INDEX IF NOT EXISTS blobs_by_pack ON blobs (pack)")
         self._db.execute("CREATE TABLE IF NOT EXISTS gc_epochs (id TEXT PRIMARY KEY)")
-        self._refreshed = 0.0
+        # When this cache last loaded others' indexes, by the wall clock: a short-lived process (a CLI call) that
+        # shares the cache with the one before it need not list the store's index/ again within the interval.
+        self._db.execute("CREATE TABLE IF NOT EXISTS refreshed (at REAL)")
+        row = self._db.execute("SELECT MAX(at) FROM refreshed").fetchone()
+        age = time.time() - row[0] if row and row[0] is not None else None
+        self._refreshed = time.monotonic() - age if age is not None and 0 <= age < refresh_seconds else 0.0
+        # No row yet (a new store, a new worker): lookups skip SQLite, ~10 us a blob of a first snapshot.
+        self._db_empty = self._db.execute("SELECT 1 FROM blobs LIMIT 1").fetchone() is None
         self.condemned: frozenset[str] = frozenset()
         self.vanished: set[str] = set()  # packs found missing from the store: never offered again
         self._confirmed: dict[str, float] = {}  # pack -> monotonic time it was last known to be in the store
@@ -64,13 +71,13 @@ class BlobIndex:
     def get(self, blob: str) -> ChunkRef | None:
         with self._lock:
             ref = self._recent.get(blob)
-            if ref is None:
+            if ref is not None:
+                self._recent.move_to_end(blob)
+            elif not self._db_empty:
                 row = self._db.execute(
                     "SELECT blob, pack, offset, length, raw_length, codec FROM blobs WHERE blob = ?", (blob,)
                 ).fetchone()
                 ref = ChunkRef(*row) if row else None
-            else:
-                self._recent.move_to_end(blob)
         if ref is not None and (ref.pack in self.condemned or ref.pack in self.vanished):
             return None  # about to be deleted, or already gone: store the blob again rather than point at it
         return ref
@@ -90,6 +97,7 @@ class BlobIndex:
 
     def _store_pack(self, pack: str, refs: list[ChunkRef]) -> None:
         with self._lock:
+            self._db_empty = False
             self._db.execute("BEGIN")
             self._db.executemany(
                 "INSERT OR IGNORE INTO blobs VALUES (?, ?, ?, ?, ?, ?)",
@@ -107,6 +115,7 @@ class BlobIndex:
         self._refreshed = time.monotonic()
         with self._lock:
             known = {row[0] for row in self._db.execute("SELECT pack FROM packs")}
+        started = time.time()
         added = 0
         for info in self.store.list(INDEX):
             pack = info.key.rsplit("/", 1)[-1]
@@ -121,6 +130,9 @@ class BlobIndex:
             blobs = json.loads(raw)["blobs"]
             self._store_pack(pack, [ChunkRef(b[0], pack, b[1], b[2], b[3], b[4]) for b in blobs])
             added += 1
+        with self._lock:
+            self._db.execute("DELETE FROM refreshed")
+            self._db.execute("INSERT INTO refreshed VALUES (?)", (started,))
         return added
 
     def sync_gc(self, epochs: Iterable[Epoch]) -> None:

@@ -41,7 +41,8 @@ from tardigrade.sandboxes.stores.base import ObjectMissing, ObjectStore
 
 PACK_TARGET = 16 << 20
 MAX_WINDOW = 1 << 23  # zstd levels up to 19 use at most an 8 MiB window; a frame asking for more is refused
-SAMPLE = 64 << 10  # bytes test-compressed to decide whether a blob is worth compressing
+SAMPLE = 16 << 10  # bytes test-compressed to decide whether a chunk is worth compressing
+SMALL_SAMPLE = 4 << 10  # the same for a small file (whole files up to twice this are just compressed)
 MIN_SAVING = 0.92  # store raw unless compression gets the sample below this fraction
 MAX_UPLOADS_IN_FLIGHT = 2
 
@@ -82,11 +83,26 @@ class PackStats:
     bytes_stored: int = 0  # new content as written to the store
 
 
+class WriterClosed(Exception):
+    """A blob was added after `PackWriter.close` (a feeder thread still reading when the snapshot failed)."""
+
+
+class Feeder(Protocol):
+    """Something that adds blobs from threads of its own (ingest.LargeFiles): the writer waits for it before the
+    last seal and stops it when closed."""
+
+    def drain(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class PackWriter:
     """Appends blobs to the open pack; seals and uploads full packs in the background.
 
-    References to blobs in the still-open pack carry a placeholder pack name (``"~3"``) until the pack is sealed;
-    `resolve` swaps in the real name. Callers hold back entries until `open_pack_has` is false for them.
+    Thread-safe: the snapshot's walk adds small files while a `Feeder` thread adds the chunks of large ones, so
+    the two use both cores. References to blobs in the still-open pack carry a placeholder pack name (``"~3"``)
+    until the pack is sealed; `resolve` swaps in the real name. Callers hold back entries until `open_pack_has`
+    is false for them; `on_seal` is called (on the thread that calls `add`, `seal` or `poll`) when a pack sealed.
     """
 
     def __init__(
@@ -100,6 +116,7 @@ class PackWriter:
         self.stats = PackStats()
         self._level = level
         self._local = threading.local()
+        self._lock = threading.Lock()  # the open pack, the sealed names, the stats, the upload list
         self._parts: list[bytes | memoryview] = []  # the open pack, never concatenated in memory
         self._size = 0
         self._open: dict[str, ChunkRef] = {}  # blobs in the open pack, with a placeholder pack name
@@ -108,11 +125,12 @@ class PackWriter:
         self._written: list[tuple[str, list[ChunkRef]]] = []
         self._pool = ThreadPoolExecutor(MAX_UPLOADS_IN_FLIGHT, thread_name_prefix="pack-upload")
         self._uploads: list[Future[None]] = []
+        self._upload_slots = threading.BoundedSemaphore(MAX_UPLOADS_IN_FLIGHT)
+        self._seals_unannounced = False
+        self._closed = False
+        self._owner = threading.get_ident()  # the thread that walks: the only one that may call `on_seal`
+        self.feeder: Feeder | None = None
         self.on_seal: Callable[[], None] | None = None
-
-    @property
-    def _placeholder(self) -> str:
-        return f"~{self._seq}"
 
     def _compressor(self) -> zstandard.ZstdCompressor:
         c = getattr(self._local, "c", None)
@@ -121,11 +139,14 @@ class PackWriter:
         return c
 
     def encode(self, data: bytes | memoryview) -> tuple[bytes | memoryview, int]:
-        """Compress if worth it. A sample of random-looking data is cheap to try and saves compressing it all."""
+        """Compress if worth it. A sample of random-looking data is cheap to try and saves compressing it all:
+        the first `SAMPLE` bytes of a chunk, the first `SMALL_SAMPLE` of a small file (already-compressed files -
+        images, archives, wheels - give up within their first few KiB)."""
         if not data:
             return data, CODEC_RAW
         c = self._compressor()
-        if len(data) > SAMPLE and len(c.compress(data[:SAMPLE])) > SAMPLE * MIN_SAVING:
+        sample = SAMPLE if len(data) > SAMPLE else SMALL_SAMPLE if len(data) > 2 * SMALL_SAMPLE else 0
+        if sample and len(c.compress(data[:sample])) > sample * MIN_SAVING:
             return data, CODEC_RAW
         packed = c.compress(data)
         if len(packed) > len(data) * MIN_SAVING:
@@ -133,30 +154,40 @@ class PackWriter:
         return packed, CODEC_ZSTD
 
     def add(self, data: bytes | memoryview, blob: str | None = None) -> ChunkRef:
-        """Store one blob (or find it already stored) and return where it lives."""
+        """Store one blob (or find it already stored) and return where it lives. Any thread may call it."""
+        if self._closed:  # a feeder thread reading a large file stops here, not at the file's end
+            raise WriterClosed("the snapshot was stopped")
         blob = blob or self.blob_id(data)
         ref = self._open.get(blob) or self.known.get(blob)
         if ref is not None:
-            self.stats.blobs_reused += 1
+            with self._lock:
+                self.stats.blobs_reused += 1
             return ref
-        stored, codec = self.encode(data)
+        stored, codec = self.encode(data)  # outside the lock: this is what the two threads do at once
         if self.encryption is not None:
             stored, codec = self.encryption.encrypt(stored), codec | CODEC_ENCRYPTED
         if isinstance(stored, memoryview):
             stored = bytes(stored)  # the caller's buffer may be reused (a chunker's window)
-        ref = ChunkRef(blob, self._placeholder, self._size, len(stored), len(data), codec)
-        self._parts.append(stored)
-        self._size += len(stored)
-        self._open[blob] = ref
-        self.stats.blobs_new += 1
-        self.stats.bytes_raw += len(data)
-        self.stats.bytes_stored += len(stored)
-        if self._size >= PACK_TARGET:
-            self.seal()
+        with self._lock:
+            ref = self._open.get(blob)  # another thread may have stored it meanwhile
+            if ref is None:
+                ref = ChunkRef(blob, f"~{self._seq}", self._size, len(stored), len(data), codec)
+                self._parts.append(stored)
+                self._size += len(stored)
+                self._open[blob] = ref
+                self.stats.blobs_new += 1
+                self.stats.bytes_raw += len(data)
+                self.stats.bytes_stored += len(stored)
+            full = self._size >= PACK_TARGET
+        if full:
+            self._seal_open()
+        if self._seals_unannounced and threading.get_ident() == self._owner:
+            self.poll()
         return ref
 
     def open_pack_has(self, refs: Iterable[ChunkRef]) -> bool:
-        """Whether any of these blobs is in the pack still being filled (so its name is not known yet)."""
+        """Whether any of these blobs is in a pack not sealed yet (so its name is not known yet). A `Feeder`'s
+        entry still being read carries a placeholder of its own, never sealed, until it is complete."""
         return any(r.pack.startswith("~") and r.pack not in self._sealed for r in refs)
 
     def resolve(self, ref: ChunkRef) -> ChunkRef:
@@ -166,27 +197,53 @@ class PackWriter:
                 return ref._replace(pack=sealed)
         return ref
 
+    def poll(self) -> None:
+        """Call `on_seal` if a pack sealed since the last call (packs a `Feeder` fills seal on its thread)."""
+        if self._seals_unannounced:
+            self._seals_unannounced = False
+            if self.on_seal is not None:
+                self.on_seal()
+
     def seal(self) -> None:
-        """Close the open pack and start its upload. Blocks while too many uploads are in flight."""
-        if not self._parts:
-            return
-        index = pack_index(list(self._open.values()))
-        pack = blob_hash(index)
-        refs = [ref._replace(pack=pack) for ref in self._open.values()]
-        for ref in refs:
-            self.known.add(ref)
-        self._written.append((pack, refs))
-        self._sealed[self._placeholder] = pack
-        parts = self._parts
-        self._seq += 1
-        self._parts, self._size, self._open = [], 0, {}
-        self.stats.packs += 1
-        # Bounded memory: wait for the oldest upload before queueing another (and surface its error early).
-        while len(self._uploads) >= MAX_UPLOADS_IN_FLIGHT:
-            self._uploads.pop(0).result()
-        self._uploads.append(self._pool.submit(self._upload, pack, parts, index))
-        if self.on_seal is not None:
-            self.on_seal()
+        """Wait for the feeder, close the open pack and start its upload; then `on_seal`. Blocks while too many
+        uploads are in flight."""
+        if self.feeder is not None:
+            self.feeder.drain()
+        self._seal_open()
+        self.poll()
+
+    def _seal_open(self) -> None:
+        with self._lock:
+            if not self._parts:
+                return
+            index = pack_index(list(self._open.values()))
+            pack = blob_hash(index)
+            refs = [ref._replace(pack=pack) for ref in self._open.values()]
+            for ref in refs:
+                self.known.add(ref)
+            self._written.append((pack, refs))
+            parts = self._parts
+            self._parts, self._size, self._open = [], 0, {}
+            self.stats.packs += 1
+            self._sealed[f"~{self._seq}"] = pack
+            self._seq += 1
+            self._seals_unannounced = True
+        # Bounded memory: at most this many packs wait for their upload (the next seal blocks here until one is
+        # done), and an upload's error surfaces here rather than after everything was read.
+        self._upload_slots.acquire()
+        with self._lock:
+            failed = next((f for f in self._uploads if f.done() and not f.cancelled() and f.exception()), None)
+        if failed is not None:
+            self._upload_slots.release()
+            failed.result()
+        try:
+            future = self._pool.submit(self._upload, pack, parts, index)
+        except BaseException:
+            self._upload_slots.release()
+            raise
+        future.add_done_callback(lambda _: self._upload_slots.release())
+        with self._lock:
+            self._uploads.append(future)
 
     def _upload(self, pack: str, parts: list[bytes | memoryview], index: bytes) -> None:
         self.store.put_deferred(pack_key(pack), parts)
@@ -194,7 +251,8 @@ class PackWriter:
         self.store.put_deferred(index_key(pack), [index])
 
     def finish(self) -> None:
-        """Seal the open pack and wait until every pack is durably stored. Raises the first upload error."""
+        """Seal the open pack and wait until every pack is durably stored. Raises the first error (of the feeder
+        or an upload)."""
         try:
             self.seal()
             for f in self._uploads:
@@ -206,9 +264,14 @@ class PackWriter:
             self.close()
 
     def close(self) -> None:
-        """Stop the upload threads (after `finish`, or instead of it when the snapshot failed): uploads already
-        running complete, queued ones are dropped. Safe to call more than once."""
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        """Stop the feeder and the upload threads (after `finish`, or instead of it when the snapshot failed):
+        uploads already running complete, queued ones are dropped. Safe to call more than once."""
+        self._closed = True
+        try:
+            if self.feeder is not None:
+                self.feeder.close()
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 class BlobUndecodable(Exception):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import json
+import mmap
 import os
 import tempfile
 import time
@@ -41,6 +42,7 @@ _STRAY_SECONDS = 86400.0
 RACY_NS = 1_000_000_000
 RACY_PREFIX = "racy:"
 NO_FINGERPRINT = "racy" * 16  # never a walk's fingerprint (those are hex): the untouched-folder shortcut is off
+NO_WALK = "0" * 64  # no walk file goes with the cache (a restore wrote it, or the walk could not be recorded)
 
 
 def stat_key(st: os.stat_result) -> str:
@@ -109,6 +111,8 @@ class StatCacheCursor:
         self.digest: str | None = None
         self.entries = self.bytes = 0
         self.gc_seen = 0.0  # the newest garbage-collection epoch the writer of this cache had taken into account
+        self.walk = NO_WALK  # the hash of the walk file recorded with this cache (walkfile.py), if any
+        self.header_end = 0  # where the lines start
         if path is None:
             return
         try:
@@ -127,6 +131,9 @@ class StatCacheCursor:
         self.entries = int(header.get("entries", 0))
         self.bytes = int(header.get("bytes", 0))
         self.gc_seen = float(header.get("gc_seen", 0))
+        walk = header.get("walk")
+        self.walk = walk if isinstance(walk, str) and len(walk) == 64 else NO_WALK
+        self.header_end = self._file.tell()
         self._lines = iter(self._file)
         self._advance()
 
@@ -164,6 +171,12 @@ class StatCacheCursor:
             return self._current
         return None
 
+    def mapped(self) -> mmap.mmap:
+        """The whole cache file, mapped read-only (lines from `header_end` on), for splicing (splice.py)."""
+        if self._file is None:
+            raise ValueError("no stat cache is open")
+        return mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
+
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
@@ -182,6 +195,8 @@ class StatCacheWriter:
         self._file = os.fdopen(fd, "wb")
         self.gc_seen = 0.0
         self.racy = False  # some line was recorded racy: the fingerprint must not vouch for the folder
+        self.racy_paths: list[str] = []
+        self.walk = NO_WALK  # set by whoever records the walk file that goes with this cache
         self._file.write(self._header("0" * 64, "0" * 64, "0" * 64, 0, 0))  # rewritten in place by commit()
 
     def _header(self, snapshot_id: str, fingerprint: str, digest: str, entries: int, total: int) -> bytes:
@@ -195,6 +210,7 @@ class StatCacheWriter:
             "entries": f"{entries:020}",
             "bytes": f"{total:020}",
             "gc_seen": f"{self.gc_seen:024.6f}",
+            "walk": self.walk,
         }
         return json.dumps(header).encode() + b"\n"
 
@@ -202,11 +218,22 @@ class StatCacheWriter:
         """``key`` is `stat_key`, or `racy_key` for a file too fresh for its stat to vouch for it."""
         if key.startswith(RACY_PREFIX):
             self.racy = True
+            self.racy_paths.append(path)
         self._file.write(cache_line(path, key, content_hash, mode, tree_line))
 
     def add_line(self, line: bytes) -> None:
         """A line of the old cache, as it was (never a racy one: those are hashed again and written anew)."""
         self._file.write(line)
+
+    def add_racy_line(self, path: str, line: bytes) -> None:
+        """A line of the old cache whose file is still too fresh for its stat to vouch for it."""
+        self.racy = True
+        self.racy_paths.append(path)
+        self._file.write(line)
+
+    def write_raw(self, data: bytes | memoryview) -> None:
+        """Lines already in canonical order and format (a spliced stretch of the old cache)."""
+        self._file.write(data)
 
     def commit(self, snapshot_id: str, fingerprint: str, digest: str, entries: int, total: int) -> None:
         """Seal the cache as describing ``snapshot_id``, whose walk had this stat ``fingerprint``."""
