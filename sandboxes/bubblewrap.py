@@ -575,10 +575,7 @@ class LocalSandbox(Sandbox):
             return None
         if undone is None:  # the log declined (see UndoLog.rollback): the changed paths, from the store
             undo.reset(keep=False)
-            paths = rollback_roots(pending, selection)
-            return (RestoreStats(), paths) if len(paths) <= _MAX_ROLLBACK_PATHS else None
-        if len(undone.written) > _MAX_ROLLBACK_PATHS:
-            return None
+            return RestoreStats(), rollback_roots(pending, selection)
         if not undone.written:
             self._base, self._pending = (snapshot_id, selection), set()
         return RestoreStats(files_written=undone.put_back, deleted=undone.removed), undone.written
@@ -653,14 +650,21 @@ class LocalSandbox(Sandbox):
             rollback, seen = await asyncio.to_thread(self._rollback, snapshot_id, selection)
             if rollback is not None:  # back to the last checkpoint: only what the attempt changed is touched
                 stats, paths = rollback
-                if paths:  # without the stat cache, which still describes the checkpoint (and covers all of it)
-                    only = Selection(roots=tuple(paths), excludes=selection.excludes)
-                    more = await asyncio.to_thread(engine.restore, snapshot_id, self.fs, selection=only)
+                if paths:  # looked up in the tree one by one, however many (each costs what a walk's entry does)
+                    more = await asyncio.to_thread(
+                        engine.restore,
+                        snapshot_id,
+                        self.fs,
+                        selection=selection,
+                        cache_path=self.cache_path,  # untouched by a ChangeSet restore; rewritten by its fallback
+                        changes=ChangeSet(frozenset(paths)),
+                    )
                     stats.files_written += more.files_written
                     stats.bytes_written += more.bytes_written
                     stats.files_kept += more.files_kept
                     stats.deleted += more.deleted
                     stats.links_made += more.links_made
+                    stats.paths_hinted += more.paths_hinted
                 await self._require_alive("restoring a snapshot")
                 self._commit(snapshot_id, selection, seen, commands=False)
                 self._make_mount_points()
@@ -732,10 +736,6 @@ class LocalSandbox(Sandbox):
         await self.kill_processes()
         await asyncio.to_thread(_remove_sandbox_dir, self.dir)
         self._provider._forget(self.id)
-
-
-#: Beyond this many changed paths, a rollback restores by walking (with the stat cache) instead of path by path.
-_MAX_ROLLBACK_PATHS = 4096
 
 
 def _close_pipes(proc: asyncio.subprocess.Process) -> None:

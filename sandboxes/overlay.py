@@ -3,9 +3,9 @@
 Each bubblewrap command sees ``/workspace`` and ``/home/sandbox`` as an overlayfs whose lower layer is the sandbox's
 folder (``fs/``, the state at the last checkpoint plus what was merged since) and whose upper layer
 (``overlay/upper/``) collects the step's writes across its several commands. bubblewrap 0.8 cannot mount an
-overlay itself, so the command is started as ``unshare --user --map-root-user --mount`` + ``mount -t overlay
--o userxattr`` (unprivileged overlayfs in a user namespace of its own), which then execs bubblewrap as before; the
-mount exists only in that command's mount namespace.
+overlay itself, so the command is started as ``unshare --user --map-root-user --mount`` + ``mount -a -T
+overlay/fstab`` (both areas' unprivileged overlayfs mounts, ``userxattr,volatile``, in a user namespace of its own,
+by one mount(8) run), which then execs bubblewrap as before; the mounts exist only in that command's namespace.
 
 The upper layer then holds exactly what changed: new and modified files, whiteouts (0:0 character devices) for
 deletions, and opaque folders (``user.overlay.opaque``) for replaced subtrees. `OverlayLayers.merge` moves it into
@@ -37,7 +37,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tardigrade.sandboxes.overlay_undo import UndoLog, rename_node, writable
+from tardigrade.sandboxes.overlay_undo import UndoLog, rename_node
 from tardigrade.sandboxes.remove_tree import remove_tree
 from tardigrade.sandboxes.safe_folders import DIR_FLAGS, remove_at
 
@@ -48,15 +48,15 @@ AREAS: tuple[tuple[str, str], ...] = (("workspace", "workspace"), ("home/sandbox
 
 _OVERLAY_XATTR = "user.overlay."
 _OPAQUE = "user.overlay.opaque"
-# mount(8) splits its -o string at "," and overlayfs its lowerdir at ":"; a path holding one cannot be passed.
-_UNSAFE_IN_OPTIONS = frozenset(",:\\\n\t =")
-# Mounts both overlays in the new namespace, then becomes bubblewrap (the same pid, so kills, --die-with-parent
-# and bubblewrap's info fd behave as before). Paths are positional arguments, never part of the script.
-_MOUNT_SCRIPT = (
-    'while [ "$1" != -- ]; do '
-    'mount -t overlay overlay -o "lowerdir=$1,upperdir=$2,workdir=$3,userxattr" "$4" || exit 125; shift 4; '
-    'done; shift; exec "$@"'
-)
+# mount(8) splits its -o string at "," and overlayfs its lowerdir at ":", and an fstab line its fields at blanks;
+# a path holding one cannot be passed.
+_UNSAFE_IN_OPTIONS = frozenset(",:\\\n\t =#")
+# Mounts both overlays in the new namespace (one mount(8) run for all of them: each run costs milliseconds), then
+# becomes bubblewrap (the same pid, so kills, --die-with-parent and bubblewrap's info fd behave as before). The
+# fstab's path is a positional argument, never part of the script.
+_MOUNT_SCRIPT = 'mount -a -T "$1" || exit 125; shift; exec "$@"'
+# ``volatile``: no sync of the upper layer, ever (see `_clear_volatile_mark`).
+_MOUNT_OPTIONS = "userxattr,volatile"
 
 
 class OverlayError(Exception):
@@ -82,6 +82,7 @@ class OverlayLayers:
             for rel, name in AREAS
         ]
         self.undo = UndoLog(self.root, fs)
+        self.fstab = self.root / "fstab"  # both areas' mounts, for one mount(8) run per command
         # Each upper folder's own mode when it was last made equal to its lower folder's: a command changed the
         # mounted folder's mode only if the upper's differs from this (never merely because the lower changed
         # since, as a rollback does, which a late merge of a killed command must not undo).
@@ -92,6 +93,12 @@ class OverlayLayers:
             for folder in (area.lower, area.upper, area.work, area.view):
                 folder.mkdir(parents=True, exist_ok=True)
             self._same_mode(area)
+        if not self.fstab.exists():  # the worker's own file, beside folders no command binds
+            options = [f"lowerdir={a.lower},upperdir={a.upper},workdir={a.work},{_MOUNT_OPTIONS}" for a in self.areas]
+            lines = [f"overlay {a.view} overlay {o} 0 0\n" for a, o in zip(self.areas, options, strict=True)]
+            staged = self.fstab.with_name(f".fstab-{uuid.uuid4().hex[:12]}")
+            staged.write_text("".join(lines))
+            os.replace(staged, self.fstab)
 
     def view_of(self, lower: Path) -> Path:
         """The folder bubblewrap binds in place of ``lower`` (an area's folder under fs/)."""
@@ -102,10 +109,10 @@ class OverlayLayers:
 
     def wrap(self, bwrap_argv: Sequence[str]) -> list[str]:
         """``bwrap_argv`` (which binds the views) started inside a user and mount namespace holding the overlays."""
-        argv = ["unshare", "--user", "--map-root-user", "--mount", "--", "/bin/sh", "-c", _MOUNT_SCRIPT, "overlay"]
         for area in self.areas:
-            argv += [str(area.lower), str(area.upper), str(area.work), str(area.view)]
-        return [*argv, "--", *bwrap_argv]
+            _clear_volatile_mark(area.work)
+        argv = ["unshare", "--user", "--map-root-user", "--mount", "--", "/bin/sh", "-c", _MOUNT_SCRIPT, "overlay"]
+        return [*argv, str(self.fstab), *bwrap_argv]
 
     def uppers(self) -> list[Path]:
         return [area.upper for area in self.areas]
@@ -190,6 +197,29 @@ class OverlayLayers:
         threading.Thread(target=_remove_folder, args=(trash,), name="overlay-drop", daemon=True).start()
 
 
+def _clear_volatile_mark(work: Path) -> None:
+    """Let the next mount reuse a work folder after a ``volatile`` one. A volatile overlay skips every sync of its
+    upper layer (without it, each command's end synced the upper layer's whole filesystem: tens of ms under load),
+    and marks its work folder (``work/incompat/volatile``) so that no later mount trusts an upper layer a crash may
+    have cut short. Here nothing on this disk outlives a crash (a restarted worker deletes its predecessor's
+    sandboxes, and a step's checkpoint is in the store), and the last mount ended with its command: its writes are
+    in the page cache like any other, so the mark is cleared. The work folder is the worker's own: no command
+    binds it."""
+    inner = work / "work"
+    try:
+        os.chmod(inner, 0o700)  # overlayfs makes these folders mode 000
+        os.chmod(inner / "incompat", 0o700)
+    except FileNotFoundError:
+        return  # no volatile mount yet
+    volatile = inner / "incompat" / "volatile"
+    with contextlib.suppress(FileNotFoundError):
+        os.chmod(volatile, 0o700)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(volatile / "dirty")
+        os.rmdir(volatile)
+    os.rmdir(inner / "incompat")
+
+
 def _remove_folder(path: Path) -> None:
     try:
         parent = os.open(path.parent, DIR_FLAGS)
@@ -233,47 +263,161 @@ def _strip_overlay_xattrs(fd: int) -> None:
                 os.removexattr(fd, name)
 
 
+class _Level:
+    """One folder of a descent that holds only the current folder open: a sandbox can nest folders deeper than
+    Python's recursion limit and the worker's descriptor limit. Its own mode is opened up while its entries are
+    worked on (a step may leave a folder read-only) and put back before the descent goes below it; climbing back
+    opens ``..`` and checks it is the very folder that was left (device and inode)."""
+
+    def __init__(self, fd: int, rel: str, names: list[str]) -> None:
+        st = os.fstat(fd)
+        self.id = (st.st_dev, st.st_ino)
+        self.rel = rel
+        self.names = names
+        self.next = 0  # the index in ``names`` of the next entry to work on
+        self.mode = stat.S_IMODE(st.st_mode)
+        # The copied-up child folder being merged below: its name and the upper's stat of it, the lower's before.
+        self.child: tuple[str, os.stat_result, os.stat_result] | None = None
+
+    def open_up(self, fd: int) -> None:
+        if self.mode & 0o700 != 0o700:
+            os.fchmod(fd, self.mode | 0o700)
+
+    def put_back(self, fd: int) -> None:
+        if self.mode & 0o700 != 0o700:
+            os.fchmod(fd, self.mode)
+
+
+def _climb(fd: int, expected: tuple[int, int]) -> int:
+    """The folder above ``fd``, which must be the one the descent came from (never another it was moved into)."""
+    up = os.open("..", DIR_FLAGS, dir_fd=fd)
+    st = os.fstat(up)
+    if (st.st_dev, st.st_ino) != expected:
+        os.close(up)
+        raise OverlayError("a folder was moved while the merge was below it")
+    return up
+
+
 def _merge_folder(upper_fd: int, lower_fd: int, rel: str, changes: set[str], undo: UndoLog) -> None:
     """Merge one upper folder into its lower counterpart (both open by descriptor), then empty the upper one.
-    Whatever of the lower layer it replaces or deletes goes to ``undo`` first."""
-    with writable(upper_fd), writable(lower_fd):
-        for name in sorted(os.listdir(upper_fd)):
-            path = f"{rel}/{name}"
-            st = _lstat(upper_fd, name)
-            if st is None:
-                continue
-            if _is_whiteout(st):  # a deletion: the name is gone from the merged view
-                if _lstat(lower_fd, name) is not None and not undo.set_aside(lower_fd, name, path):
-                    remove_at(lower_fd, name)
-                os.unlink(name, dir_fd=upper_fd)
-                changes.add(path)
-                continue
-            below = _lstat(lower_fd, name)
-            if stat.S_ISDIR(st.st_mode):
-                child = os.open(name, DIR_FLAGS, dir_fd=upper_fd)
+    Whatever of the lower layer it replaces or deletes goes to ``undo`` first. A copied-up folder (in both layers:
+    something below it changed) is merged level by level without recursion, holding two descriptors beyond the
+    caller's, however deep the sandbox nested it."""
+    up, low = upper_fd, lower_fd
+    stack: list[tuple[_Level, _Level]] = []  # the (upper, lower) folders above the current one
+    here = (_Level(up, rel, sorted(os.listdir(up))), _Level(low, rel, []))
+    try:
+        while True:
+            here[0].open_up(up)
+            here[1].open_up(low)
+            child = _merge_entries(up, low, here[0], changes, undo)
+            if child is not None:  # a copied-up folder: go below, leaving this one as it was meanwhile
+                name, st, child_up = child
                 try:
-                    if below is not None and stat.S_ISDIR(below.st_mode) and not _is_opaque(child):
-                        _merge_into_existing(child, lower_fd, name, path, st, changes, undo)
-                        os.rmdir(name, dir_fd=upper_fd)
-                        continue
-                    # A folder replacing what was there (opaque, new, or over a non-folder): the whole subtree is
-                    # the upper's. Whiteouts inside hide nothing (there is no lower under them): they are removed.
-                    _scrub_subtree(child)
+                    child_low = os.open(name, DIR_FLAGS, dir_fd=low)
+                except BaseException:
+                    os.close(child_up)
+                    raise
+                path = f"{here[0].rel}/{name}"
+                before = os.fstat(child_low)
+                here[0].child = (name, st, before)
+                try:
+                    undo.note_folder(child_low, path)
+                    here[0].put_back(up)
+                    here[1].put_back(low)
+                    below = (_Level(child_up, path, sorted(os.listdir(child_up))), _Level(child_low, path, []))
+                except BaseException:
+                    os.close(child_up)
+                    os.close(child_low)
+                    raise
+                stack.append(here)
+                if stack[1:]:  # the caller's own descriptors stay open for the climb back to them
+                    os.close(up)
+                    os.close(low)
+                up, low, here = child_up, child_low, below
+                continue
+            here[0].put_back(up)
+            here[1].put_back(low)
+            if not stack:
+                return
+            parent = stack.pop()
+            assert parent[0].child is not None
+            name, st, before = parent[0].child
+            parent[0].child = None
+            # The copied-up folder's own metadata, now that its contents are merged.
+            if stat.S_IMODE(before.st_mode) != stat.S_IMODE(st.st_mode):
+                os.fchmod(low, stat.S_IMODE(st.st_mode))
+                changes.add(here[0].rel)  # its own mode changed (listing it re-examines its subtree: rare, correct)
+            os.utime(low, ns=(st.st_atime_ns, st.st_mtime_ns))
+            if stack:
+                new_up, new_low = _climb(up, parent[0].id), None
+                try:
+                    new_low = _climb(low, parent[1].id)
                 finally:
-                    os.close(child)
-            elif not stat.S_ISLNK(st.st_mode):
-                with contextlib.suppress(OSError):  # a FIFO or socket opens with O_PATH only to read its xattrs
-                    node = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=upper_fd)
-                    try:
-                        _strip_overlay_xattrs_path(node)
-                    finally:
-                        os.close(node)
-            if below is None:
-                undo.note_created(path)
-            elif not undo.set_aside(lower_fd, name, path) and (stat.S_ISDIR(below.st_mode) or stat.S_ISDIR(st.st_mode)):
-                remove_at(lower_fd, name)  # rename replaces a non-folder with a non-folder only
-            rename_node(upper_fd, name, lower_fd, name, stat.S_ISDIR(st.st_mode))
+                    if new_low is None:
+                        os.close(new_up)
+            else:
+                new_up, new_low = upper_fd, lower_fd
+            os.close(up)
+            os.close(low)
+            up, low, here = new_up, new_low, parent
+            here[0].open_up(up)
+            os.rmdir(name, dir_fd=up)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            here[0].put_back(up)
+            here[1].put_back(low)
+        if up != upper_fd:
+            os.close(up)
+            os.close(low)
+        raise
+
+
+def _merge_entries(
+    upper_fd: int, lower_fd: int, level: _Level, changes: set[str], undo: UndoLog
+) -> tuple[str, os.stat_result, int] | None:
+    """Merge the upper folder's entries from ``level.next`` on, until one is a copied-up folder: then return its
+    name, its upper stat and the upper folder opened (for the caller to merge below); None when all are merged."""
+    while level.next < len(level.names):
+        name = level.names[level.next]
+        level.next += 1
+        path = f"{level.rel}/{name}"
+        st = _lstat(upper_fd, name)
+        if st is None:
+            continue
+        if _is_whiteout(st):  # a deletion: the name is gone from the merged view
+            if _lstat(lower_fd, name) is not None and not undo.set_aside(lower_fd, name, path):
+                remove_at(lower_fd, name)
+            os.unlink(name, dir_fd=upper_fd)
             changes.add(path)
+            continue
+        below = _lstat(lower_fd, name)
+        if stat.S_ISDIR(st.st_mode):
+            child = os.open(name, DIR_FLAGS, dir_fd=upper_fd)
+            try:
+                if below is not None and stat.S_ISDIR(below.st_mode) and not _is_opaque(child):
+                    return name, st, child
+                # A folder replacing what was there (opaque, new, or over a non-folder): the whole subtree is
+                # the upper's. Whiteouts inside hide nothing (there is no lower under them): they are removed.
+                _scrub_subtree(child)
+            except BaseException:
+                os.close(child)
+                raise
+            os.close(child)
+        elif not stat.S_ISLNK(st.st_mode):
+            with contextlib.suppress(OSError):  # a FIFO or socket opens with O_PATH only to read its xattrs
+                node = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=upper_fd)
+                try:
+                    _strip_overlay_xattrs_path(node)
+                finally:
+                    os.close(node)
+        if below is None:
+            undo.note_created(path)
+        elif not undo.set_aside(lower_fd, name, path) and (stat.S_ISDIR(below.st_mode) or stat.S_ISDIR(st.st_mode)):
+            remove_at(lower_fd, name)  # rename replaces a non-folder with a non-folder only
+        rename_node(upper_fd, name, lower_fd, name, stat.S_ISDIR(st.st_mode))
+        changes.add(path)
+    return None
 
 
 def _strip_overlay_xattrs_path(o_path_fd: int) -> None:
@@ -289,46 +433,60 @@ def _strip_overlay_xattrs_path(o_path_fd: int) -> None:
                 os.removexattr(proc, name)
 
 
-def _merge_into_existing(
-    child_upper: int, lower_fd: int, name: str, path: str, st: os.stat_result, changes: set[str], undo: UndoLog
-) -> None:
-    """A folder that was copied up (something below it changed): merge its contents, then its own metadata."""
-    child_lower = os.open(name, DIR_FLAGS, dir_fd=lower_fd)
-    try:
-        before = os.fstat(child_lower)
-        undo.note_folder(child_lower, path)
-        _merge_folder(child_upper, child_lower, path, changes, undo)
-        if stat.S_IMODE(before.st_mode) != stat.S_IMODE(st.st_mode):
-            os.fchmod(child_lower, stat.S_IMODE(st.st_mode))
-            changes.add(path)  # its own mode changed (listing it re-examines its subtree: rare, and correct)
-        os.utime(child_lower, ns=(st.st_atime_ns, st.st_mtime_ns))
-    finally:
-        os.close(child_lower)
-
-
 def _scrub_subtree(fd: int) -> None:
-    """Make a subtree that moves from the upper layer into the lower one plain: no whiteouts, no overlay xattrs."""
-    _strip_overlay_xattrs(fd)
-    with writable(fd):
-        for name in os.listdir(fd):
-            st = _lstat(fd, name)
-            if st is None:
-                continue
-            if _is_whiteout(st):
-                os.unlink(name, dir_fd=fd)
-            elif stat.S_ISDIR(st.st_mode):
-                child = os.open(name, DIR_FLAGS, dir_fd=fd)
+    """Make a subtree that moves from the upper layer into the lower one plain: no whiteouts, no overlay xattrs.
+    Level by level without recursion, holding one descriptor beyond the caller's, however deep it is nested."""
+    cur = fd
+    stack: list[_Level] = []  # the folders above the current one
+    _strip_overlay_xattrs(cur)
+    here = _Level(cur, "", os.listdir(cur))
+    try:
+        while True:
+            here.open_up(cur)
+            inner = None
+            while inner is None and here.next < len(here.names):
+                name = here.names[here.next]
+                here.next += 1
+                st = _lstat(cur, name)
+                if st is None:
+                    continue
+                if _is_whiteout(st):
+                    os.unlink(name, dir_fd=cur)
+                elif stat.S_ISDIR(st.st_mode):
+                    inner = os.open(name, DIR_FLAGS, dir_fd=cur)
+                elif not stat.S_ISLNK(st.st_mode):
+                    with contextlib.suppress(OSError):
+                        node = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=cur)
+                        try:
+                            _strip_overlay_xattrs_path(node)
+                        finally:
+                            os.close(node)
+            if inner is not None:  # go below, leaving this folder as it was meanwhile
                 try:
-                    _scrub_subtree(child)
-                finally:
-                    os.close(child)
-            elif not stat.S_ISLNK(st.st_mode):
-                with contextlib.suppress(OSError):
-                    node = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
-                    try:
-                        _strip_overlay_xattrs_path(node)
-                    finally:
-                        os.close(node)
+                    here.put_back(cur)
+                    _strip_overlay_xattrs(inner)
+                    below = _Level(inner, "", os.listdir(inner))
+                except BaseException:
+                    os.close(inner)
+                    raise
+                stack.append(here)
+                if cur != fd:
+                    os.close(cur)
+                cur, here = inner, below
+                continue
+            here.put_back(cur)
+            if not stack:
+                return
+            parent = stack.pop()
+            up = _climb(cur, parent.id) if stack else fd
+            os.close(cur)
+            cur, here = up, parent
+    except BaseException:
+        with contextlib.suppress(OSError):
+            here.put_back(cur)
+        if cur != fd:
+            os.close(cur)
+        raise
 
 
 def paths_usable(*paths: Path) -> bool:

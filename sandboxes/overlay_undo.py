@@ -319,7 +319,9 @@ class UndoLog:
                     doing = record.path
                     self._apply(folders, record, done)
         except Exception as e:
-            raise UndoFailed(f"undoing the attempt's change to {doing!r} failed: {e}") from e
+            # repr, not str: the error may quote a sandbox-made name (a newline forges log lines; a non-UTF-8 byte,
+            # a surrogate, makes some log handlers and pytest-xdist's report channel raise)
+            raise UndoFailed(f"undoing the attempt's change to {doing!r} failed: {str(e)!r}") from e
         finally:
             self.close()
         self.reset(keep=True)

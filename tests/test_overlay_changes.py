@@ -289,3 +289,22 @@ async def test_a_command_started_while_another_runs_stays_on_the_folder_and_the_
         for s, b in zip((sandbox, reference), bases, strict=True)
     ]
     assert infos[0].digest == infos[1].digest
+
+
+async def test_commands_mount_volatile_overlays_one_after_another(
+    provider: LocalSandboxProvider, engine: SnapshotEngine
+) -> None:
+    """Each command mounts both areas as volatile overlays (no sync of the upper layer at its end: the checkpoint
+    is what is durable). overlayfs marks a volatile mount's work folder and refuses the next mount on it: the mark
+    is cleared before each command, so every later command still gets its overlay and sees the earlier ones."""
+    sandbox = await provider.create(SandboxSpec())
+    assert sandbox.overlay is not None
+    mounts = await sh(sandbox, "grep -E ' /(workspace|home/sandbox) ' /proc/self/mountinfo")
+    assert mounts.count(",fsync=volatile,") == 2 and mounts.count(" - overlay ") == 2, mounts
+    assert all((area.work / "work/incompat/volatile").exists() for area in sandbox.overlay.areas)
+    for n in range(3):
+        await sh(sandbox, f"echo {n} >> log && echo {n} >> ~/log")
+    assert await sh(sandbox, "cat log ~/log") == "0\n1\n2\n0\n1\n2\n"
+    parent = await checkpoint(sandbox, engine)
+    await sh(sandbox, "echo 3 >> log")
+    assert await pending(sandbox, parent) == ChangeSet(frozenset({"workspace/log"})), "the upper layer still counts"

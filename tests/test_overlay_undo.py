@@ -6,6 +6,7 @@ become folders and back, hard links, hostile names; interrupted at every step; a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
@@ -13,7 +14,7 @@ import stat
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -508,3 +509,77 @@ def test_remove_tree_deletes_any_depth_never_follows_a_symlink_and_bears_a_secon
         os.close(parent)
         subprocess.run(["rm", "-rf", str(root)], check=True)  # pytest's clean-up of old folders recurses
     assert errors == [] and left == [] and (outside / "keep").read_text() == "kept"
+
+
+async def test_when_the_undo_log_declines_only_the_changed_paths_are_restored_however_many(
+    provider: LocalSandboxProvider, engine: SnapshotEngine, tmp_path: Path
+) -> None:
+    """The undo log declines when a deleted folder held an excluded path (only the store can keep that part as it
+    is): the rollback then restores the attempt's paths by the engine's ChangeSet restore, which looks up each path
+    in the tree instead of walking the sandbox, and makes what a full restore makes; thousands of paths too (the
+    4,096-path cap sent those to a full restore)."""
+    selection = Selection(roots=("workspace",), excludes=("**/.cache",))
+    sandbox = await provider.create(SandboxSpec())
+    await sh(
+        sandbox,
+        "mkdir -p big keep/.cache keep2/.cache other && echo c | tee keep/.cache/c keep2/.cache/c > keep/k"
+        " && for i in $(seq 300); do echo $i > other/$i; done"
+        " && python3 -c \"[open(f'big/{i}', 'w').write(str(i)) for i in range(5000)]\"",
+    )
+    base = await checkpoint(sandbox, engine, selection)
+    attempts = [
+        "echo c2 > keep/.cache/c && rm -r keep && echo n > new && echo 1x > other/1",
+        "rm -r keep2 && python3 -c \"[open(f'big/{i}', 'a').write('x') for i in range(5000)]\" && rm other/2",
+    ]
+    for n, command in enumerate(attempts):
+        await sh(sandbox, command)
+        reference = state(engine_rollback(engine, base, sandbox.fs, tmp_path / f"reference-{n}", selection))
+        stats = await sandbox.restore(engine, base, selection=selection)
+        assert state(sandbox.fs) == reference, f"attempt {n}"
+        assert stats.paths_hinted > 0, f"attempt {n}: the changed paths, not a walk of the folder: {stats}"
+        assert stats.files_kept == 0, f"attempt {n}: an untouched file was looked at: {stats}"
+    walked = await sandbox.snapshot(engine, selection=selection, parent=None, labels={})
+    assert walked.id == base
+
+
+@contextlib.contextmanager
+def few_descriptors(limit: int = 1024) -> Iterator[None]:
+    """A worker's usual default descriptor limit, for what must not hold one descriptor per level of a tree."""
+    import resource
+
+    limits = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(limit, limits[0]), limits[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+
+
+@pytest.mark.parametrize("where", ["new", "copied-up"])
+async def test_folders_nested_deeper_than_python_recursion_merge_checkpoint_and_roll_back(
+    provider: LocalSandboxProvider, engine: SnapshotEngine, tmp_path: Path, where: str
+) -> None:
+    """A command nesting folders 1,500 deep (more than Python's recursion limit, and more descriptors than a
+    worker's default 1,024 if each level held its own): the merge recursed, raised RecursionError, and the step
+    failed with "Report this". "new": the whole chain is the upper layer's (scrubbed, then renamed in);
+    "copied-up": the chain is the checkpoint's and only its deepest file changes (merged level by level)."""
+    sandbox = await provider.create(SandboxSpec())
+    walk = {"selection": EVERYTHING, "parent": None, "labels": {}}
+    try:
+        if where == "copied-up":
+            await sh(sandbox, DEEP)
+        base = await checkpoint(sandbox, engine)
+        with few_descriptors():  # the command's end merges its upper layer
+            await sh(sandbox, DEEP.replace("os.mkdir('a'); ", "" if where == "copied-up" else "os.mkdir('a'); "))
+        after = await sandbox.snapshot(engine, selection=EVERYTHING, parent=base, labels={})
+        assert after.id != base and after.id == (await sandbox.snapshot(engine, **walk)).id, "merged = walked"
+        # Another attempt, rolled back by the undo log, then back past the checkpoint (from the store).
+        with few_descriptors():
+            await sh(sandbox, DEEP.replace("os.mkdir('a'); ", "").replace("'x'", "'y'") + " && echo z > z")
+        await sandbox.restore(engine, after.id, selection=EVERYTHING)
+        assert (await sandbox.snapshot(engine, **walk)).id == after.id
+        await sandbox.restore(engine, base, selection=EVERYTHING)
+        assert (await sandbox.snapshot(engine, **walk)).id == base
+    finally:
+        await sandbox.destroy()
+        subprocess.run(["rm", "-rf", str(tmp_path / "sandboxes")], check=True)
