@@ -207,16 +207,21 @@ def _tree_path(buf: mmap.mmap, start: int, end: int) -> str:
 
 
 def _record_path(buf: mmap.mmap, start: int, end: int) -> str:
-    m = _RECORD_PATH.match(buf, start, end)
+    return _leading_path(buf, start, end, _RECORD_PATH, b"\0", "a side record")
+
+
+def _leading_path(buf: mmap.mmap, start: int, end: int, quick: re.Pattern[bytes], sep: bytes, what: str) -> str:
+    """The JSON string that opens a line and ends at ``sep``: by ``quick`` when it has no escapes, else decoded."""
+    m = quick.match(buf, start, end)
     if m is not None:
         return m[1].decode("utf-8", "surrogateescape")
-    cut = buf.find(b"\0", start, end)
+    cut = buf.find(sep, start, end)
     try:
         path = json.loads(buf[start:cut].decode("utf-8", "surrogateescape"))
     except ValueError:
-        raise Unspliceable("a side record has no path") from None
+        raise Unspliceable(f"{what} has no path") from None
     if cut < 0 or not isinstance(path, str):
-        raise Unspliceable("a side record has no path")
+        raise Unspliceable(f"{what} has no path")
     return path
 
 
@@ -367,17 +372,7 @@ def stream(buf: mmap.mmap, start: int, end: int, *sinks: Callable[[memoryview], 
 
 def cache_path_of(buf: mmap.mmap, start: int, end: int) -> str:
     """The path of a stat-cache line (statcache.py): its first field, a JSON string."""
-    m = _RECORD_PATH_TAB.match(buf, start, end)
-    if m is not None:
-        return m[1].decode("utf-8", "surrogateescape")
-    cut = buf.find(b"\t", start, end)
-    try:
-        path = json.loads(buf[start:cut].decode("utf-8", "surrogateescape"))
-    except ValueError:
-        raise Unspliceable("a stat-cache line has no path") from None
-    if cut < 0 or not isinstance(path, str):
-        raise Unspliceable("a stat-cache line has no path")
-    return path
+    return _leading_path(buf, start, end, _RECORD_PATH_TAB, b"\t", "a stat-cache line")
 
 
 _RECORD_PATH_TAB = re.compile(rb'"([^"\\]*)"\t')

@@ -1,0 +1,82 @@
+"""What every way of taking a snapshot shares (create.py walks, spliced.py splices): its inputs, its result.
+
+The walking and the spliced paths take the same ten inputs; they travel as one `CreateInputs` rather than as a
+dozen positional parameters repeated in every signature, where two of the same type are easily swapped.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tardigrade.sandboxes.selection import Selection
+from tardigrade.sandboxes.snapshots.crypto import Encryption
+from tardigrade.sandboxes.snapshots.gc import Epoch
+from tardigrade.sandboxes.snapshots.packs import KnownBlobs
+from tardigrade.sandboxes.stores.base import ObjectStore
+
+Publish = Callable[[str, Path, "tuple[Path, frozenset[str]] | None"], bool]
+
+
+@dataclass(frozen=True)
+class CreateInputs:
+    """One snapshot's inputs, as `create_snapshot` received them (see there)."""
+
+    store: ObjectStore
+    root: str
+    selection: Selection
+    known: KnownBlobs
+    scratch: Path
+    publish: Publish
+    gc_epochs: Sequence[Epoch]
+    encryption: Encryption | None
+    avoid_packs: frozenset[str]
+    store_id: str  # whom the stat cache belongs to: the store's identity, its URL by default
+
+
+@dataclass
+class CreateStats:
+    entries: int = 0
+    bytes: int = 0  # logical size of all files
+    files_read: int = 0
+    files_unchanged: int = 0
+    files_rechecked: int = 0  # stat unchanged but too fresh to trust (statcache.RACY_NS): hashed again
+    skipped_special: list[str] = field(default_factory=list)  # sockets, fifos, devices (first few)
+    bytes_new: int = 0
+    bytes_stored: int = 0
+    packs: int = 0
+    tree_written: bool = False
+    spliced: bool = False  # the tree is the parent's with only the hinted paths replaced (splice.py)
+    seconds: float = 0.0
+
+
+@dataclass
+class CreateResult:
+    snapshot_id: str
+    digest: str
+    stats: CreateStats
+
+
+@dataclass
+class Scan:
+    """What the fingerprint walk of a folder found: the walked snapshot reuses it, the walk splice diffs its lines."""
+
+    fingerprint: str
+    walked: list[tuple[str, os.stat_result, bool]] | None  # None: too large to hold, walked again when needed
+    lines: bytes | None  # the fingerprint's lines, for the walk file (walkfile.py), unless there are too many
+    count: int
+
+
+def scratch_file(scratch: Path, prefix: str) -> Path:
+    """A new empty file in the scratch folder, by name only: its descriptor is closed at once (whoever writes it
+    opens it again), so nothing stays open if the caller forgets it - unlinking it is still the caller's job."""
+    fd, name = tempfile.mkstemp(dir=scratch, prefix=prefix)
+    os.close(fd)
+    return Path(name)
+
+
+class NeedsWalk(Exception):
+    """A hinted snapshot met what only a full walk gets right (hard links, packs GC condemned): walk after all."""
