@@ -37,6 +37,23 @@ REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "examples" / "data-pipeline.yaml"
 
 
+def _utf8_safe(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Reports carry sandbox-made names (non-UTF-8 bytes become surrogates): pytest-xdist cannot send such a report
+    to the controller and ends the whole run with an INTERNALERROR that hides which test failed. Escape them."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    report.sections = [(_utf8_safe(title), _utf8_safe(body)) for title, body in report.sections]
+    if report.longrepr is not None:
+        text = str(report.longrepr)
+        if _utf8_safe(text) != text:
+            report.longrepr = _utf8_safe(text)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
