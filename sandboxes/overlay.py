@@ -39,7 +39,7 @@ from pathlib import Path
 
 from tardigrade.sandboxes.overlay_undo import UndoLog, rename_node
 from tardigrade.sandboxes.remove_tree import remove_tree
-from tardigrade.sandboxes.safe_folders import DIR_FLAGS, remove_at
+from tardigrade.sandboxes.safe_folders import DIR_FLAGS, lstat_at, remove_at
 
 log = logging.getLogger(__name__)
 
@@ -233,13 +233,6 @@ def _remove_folder(path: Path) -> None:
         os.close(parent)
 
 
-def _lstat(dir_fd: int, name: str) -> os.stat_result | None:
-    try:
-        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return None
-
-
 def _is_whiteout(st: os.stat_result) -> bool:
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
 
@@ -382,16 +375,16 @@ def _merge_entries(
         name = level.names[level.next]
         level.next += 1
         path = f"{level.rel}/{name}"
-        st = _lstat(upper_fd, name)
+        st = lstat_at(upper_fd, name)
         if st is None:
             continue
         if _is_whiteout(st):  # a deletion: the name is gone from the merged view
-            if _lstat(lower_fd, name) is not None and not undo.set_aside(lower_fd, name, path):
+            if lstat_at(lower_fd, name) is not None and not undo.set_aside(lower_fd, name, path):
                 remove_at(lower_fd, name)
             os.unlink(name, dir_fd=upper_fd)
             changes.add(path)
             continue
-        below = _lstat(lower_fd, name)
+        below = lstat_at(lower_fd, name)
         if stat.S_ISDIR(st.st_mode):
             child = os.open(name, DIR_FLAGS, dir_fd=upper_fd)
             try:
@@ -447,7 +440,7 @@ def _scrub_subtree(fd: int) -> None:
             while inner is None and here.next < len(here.names):
                 name = here.names[here.next]
                 here.next += 1
-                st = _lstat(cur, name)
+                st = lstat_at(cur, name)
                 if st is None:
                     continue
                 if _is_whiteout(st):

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tardigrade.sandboxes.remove_tree import remove_tree
-from tardigrade.sandboxes.safe_folders import DIR_FLAGS, SafeFolders, remove_at
+from tardigrade.sandboxes.safe_folders import DIR_FLAGS, SafeFolders, lstat_at, remove_at
 from tardigrade.sandboxes.selection import Selection
 from tardigrade.sandboxes.snapshots.walk import walks_to
 
@@ -99,13 +99,6 @@ def rename_node(src_fd: int, src: str, dst_fd: int, dst: str, is_dir: bool) -> N
                 os.rename(src, dst, src_dir_fd=src_fd, dst_dir_fd=dst_fd)
         finally:
             os.close(child)
-
-
-def _lstat(dir_fd: int, name: str) -> os.stat_result | None:
-    try:
-        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return None
 
 
 def _unsafe(path: str, reason: str) -> Exception:
@@ -219,7 +212,7 @@ class UndoLog:
                 return True
             if path in self._below or path in self._folders:
                 self._undo_below(path)  # the kept folder must be the original, not what the attempt made of it
-            st = _lstat(lower_fd, name)
+            st = lstat_at(lower_fd, name)
             if st is None:
                 self.note_created(path)
                 return True
@@ -378,7 +371,7 @@ class UndoLog:
             finally:
                 os.close(fd)
             return
-        now = _lstat(parent, name)
+        now = lstat_at(parent, name)
         with writable(parent):
             if now is not None:
                 remove_at(parent, name)
@@ -411,7 +404,7 @@ def rollback_roots(paths: Iterable[str], selection: Selection) -> list[str]:
 
 def _any_below(parent: int, name: str, path: str, excluded: Callable[[str], bool]) -> bool:
     """Whether any path below the folder ``name`` (at ``path``) is excluded; never follows a symlink."""
-    st = _lstat(parent, name)
+    st = lstat_at(parent, name)
     if st is None or not stat.S_ISDIR(st.st_mode):
         return False
 

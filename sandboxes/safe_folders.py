@@ -260,6 +260,14 @@ def _is_symlink(parent_fd: int, name: str) -> bool:
         return False
 
 
+def lstat_at(dir_fd: int, name: str) -> os.stat_result | None:
+    """``name``'s own status in the folder ``dir_fd`` (a symlink's, never its target's), or None if it is missing."""
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
 def remove_at(parent_fd: int, name: str) -> None:
     """Delete whatever ``name`` is in the folder ``parent_fd`` - a file, a symlink (not what it points at) or a
     whole folder - by descriptor, opening up folders a step left read-only. A missing name is fine.

@@ -10,7 +10,6 @@ is published like any other.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import stat
@@ -181,11 +180,5 @@ def hinted_walk(
 
 def parent_footer(parent_tree: Path) -> dict[str, object]:
     """The parent tree's footer (format, selection), or {} if it has none: then the hint is not used."""
-    with open(parent_tree, "rb") as f:
-        f.seek(max(0, os.path.getsize(parent_tree) - 65536))
-        last = f.read().rsplit(b"\n", 1)[-1]
-    try:
-        footer = json.loads(last)
-    except ValueError:
-        return {}
+    footer = t.footer_json(parent_tree)
     return footer if isinstance(footer, dict) else {}

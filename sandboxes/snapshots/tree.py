@@ -12,9 +12,11 @@ content, ``c`` chunks as ``[blob, pack, offset, stored length, raw length, codec
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import blake3
@@ -156,6 +158,17 @@ def footer(entries: int, total_bytes: int, digest: str, selection: dict[str, lis
         {"format": FORMAT, "entries": entries, "bytes": total_bytes, "digest": digest, "selection": selection},
         separators=(",", ":"),
     ).encode()
+
+
+def footer_json(tree_path: Path) -> object:
+    """The tree's last line (its footer) as JSON, or None if it is not JSON: read from the end, never whole."""
+    with open(tree_path, "rb") as f:
+        f.seek(max(0, os.path.getsize(tree_path) - 65536))
+        last = f.read().rsplit(b"\n", 1)[-1]
+    try:
+        return json.loads(last)
+    except ValueError:
+        return None
 
 
 def check_path(snapshot_id: str, path: str) -> None:

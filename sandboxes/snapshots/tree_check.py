@@ -11,7 +11,6 @@ restore skip parsing lines and binary-search the tree (restore.py).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from collections.abc import Generator
 from dataclasses import dataclass
@@ -112,13 +111,7 @@ def tree_entries(tree_path: Path, snapshot_id: str = "") -> Generator[t.Entry, N
 
 def read_footer(tree_path: Path, snapshot_id: str = "") -> dict[str, object]:
     """The tree's last line; `UnsafeTree` unless it is a JSON object with the footer's fields."""
-    with open(tree_path, "rb") as f:
-        f.seek(max(0, os.path.getsize(tree_path) - 65536))
-        last = f.read().rsplit(b"\n", 1)[-1]
-    try:
-        footer = json.loads(last)
-    except ValueError:
-        footer = None
+    footer = t.footer_json(tree_path)
     if not (
         isinstance(footer, dict)
         and all(type(footer.get(k)) is int for k in ("entries", "bytes"))
