@@ -78,7 +78,7 @@ from tardigrade.sandboxes.provider import (
     SandboxProvider,
     SandboxSpec,
 )
-from tardigrade.sandboxes.remove_tree import remove_tree
+from tardigrade.sandboxes.remove_tree import remove_folder
 from tardigrade.sandboxes.safe_folders import SafeFolders
 from tardigrade.sandboxes.snapshots import RestoreStats, Selection, SnapshotEngine, SnapshotInfo
 from tardigrade.sandboxes.snapshots.changes import ChangeSet
@@ -785,16 +785,7 @@ def _mark_gone(path: Path) -> None:
 def _remove_sandbox_dir(path: Path) -> None:
     """Delete the sandbox's folder, however deep the sandbox nested its own (sandboxes/remove_tree.py)."""
     _mark_gone(path)
-    try:
-        parent = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)  # the worker's own root
-    except FileNotFoundError:
-        return
-    try:
-        remove_tree(parent, path.name)
-    except OSError:
-        log.warning("could not delete the sandbox folder %s", path, exc_info=True)
-    finally:
-        os.close(parent)
+    remove_folder(path, "the sandbox folder")
 
 
 class LocalSandboxProvider(SandboxProvider):

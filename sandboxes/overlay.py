@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tardigrade.sandboxes.overlay_undo import UndoLog, rename_node
-from tardigrade.sandboxes.remove_tree import remove_tree
+from tardigrade.sandboxes.remove_tree import remove_folder
 from tardigrade.sandboxes.safe_folders import DIR_FLAGS, lstat_at, remove_at
 
 log = logging.getLogger(__name__)
@@ -194,7 +194,9 @@ class OverlayLayers:
                 self._same_mode(area)
         except FileNotFoundError:
             return  # the sandbox's folder is gone: its owner reports the loss; nothing here recreates it
-        threading.Thread(target=_remove_folder, args=(trash,), name="overlay-drop", daemon=True).start()
+        threading.Thread(
+            target=remove_folder, args=(trash, "the dropped overlay layer"), name="overlay-drop", daemon=True
+        ).start()
 
 
 def _clear_volatile_mark(work: Path) -> None:
@@ -218,19 +220,6 @@ def _clear_volatile_mark(work: Path) -> None:
             os.unlink(volatile / "dirty")
         os.rmdir(volatile)
     os.rmdir(inner / "incompat")
-
-
-def _remove_folder(path: Path) -> None:
-    try:
-        parent = os.open(path.parent, DIR_FLAGS)
-    except FileNotFoundError:
-        return
-    try:
-        remove_tree(parent, path.name)  # however deep the sandbox nested it
-    except OSError:
-        log.warning("could not delete the dropped overlay layer %s", path, exc_info=True)
-    finally:
-        os.close(parent)
 
 
 def _is_whiteout(st: os.stat_result) -> bool:

@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tardigrade.sandboxes.remove_tree import remove_tree
+from tardigrade.sandboxes.remove_tree import remove_folder
 from tardigrade.sandboxes.safe_folders import DIR_FLAGS, SafeFolders, lstat_at, remove_at
 from tardigrade.sandboxes.selection import Selection
 from tardigrade.sandboxes.snapshots.walk import walks_to
@@ -158,7 +158,9 @@ class UndoLog:
             os.rename(self.folder, trash)
         except FileNotFoundError:
             return
-        threading.Thread(target=_remove_folder, args=(trash,), name="overlay-undo-drop", daemon=True).start()
+        threading.Thread(
+            target=remove_folder, args=(trash, "the kept originals"), name="overlay-undo-drop", daemon=True
+        ).start()
 
     def close(self) -> None:
         if self._fd is not None:
@@ -417,17 +419,3 @@ def _any_below(parent: int, name: str, path: str, excluded: Callable[[str], bool
             if excluded(f"{rel}/{child}"):
                 return True
     return False
-
-
-def _remove_folder(path: Path) -> None:
-    try:
-        parent = os.open(path.parent, DIR_FLAGS)
-    except FileNotFoundError:
-        return
-    try:
-        remove_tree(parent, path.name)  # however deep the sandbox nested it
-    except OSError:
-        if path.parent.exists():  # else the sandbox was destroyed meanwhile, its folder with it
-            log.warning("could not delete the kept originals %s", path, exc_info=True)
-    finally:
-        os.close(parent)

@@ -9,8 +9,13 @@ gone mid-walk raises FileNotFoundError. Here that means "someone else got there 
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
+from pathlib import Path
 
 from tardigrade.sandboxes.safe_folders import remove_at
+
+log = logging.getLogger(__name__)
 
 
 def remove_tree(parent_fd: int, name: str) -> None:
@@ -22,3 +27,20 @@ def remove_tree(parent_fd: int, name: str) -> None:
             remove_at(parent_fd, name)
             return
     remove_at(parent_fd, name)
+
+
+def remove_folder(path: Path, what: str) -> None:
+    """Delete the worker's own folder ``path`` (a sandbox's, a dropped layer, kept originals) and everything in it.
+    A missing one is fine; a failure is logged as "could not delete ``what``", not raised: callers run this in
+    background threads and at teardown, where nobody could act on an exception."""
+    try:
+        parent = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    try:
+        remove_tree(parent, path.name)
+    except OSError:
+        if path.parent.exists():  # else its owner (the sandbox's folder) was deleted meanwhile, and it with it
+            log.warning("could not delete %s %s", what, path, exc_info=True)
+    finally:
+        os.close(parent)

@@ -56,6 +56,8 @@ from tardigrade.sandboxes.snapshots.statcache import (
     StatCacheWriter,
     cache_key,
     cache_line,
+    fingerprint_hasher,
+    fingerprint_part,
     stat_key,
 )
 from tardigrade.sandboxes.snapshots.walk import Walker
@@ -227,13 +229,13 @@ class Fingerprint:
 
     def __init__(self, selection: Selection, keep: bool = False) -> None:
         """``keep``: also keep the lines hashed, for the walk file (walkfile.py)."""
-        self._hash = blake3.blake3(repr(selection.to_json()).encode())
+        self._hash = fingerprint_hasher(selection)
         self._parts: list[str] = []
         self._kept: list[bytes] | None = [] if keep else None
         self.count = 0
 
     def add(self, path: str, st: os.stat_result) -> None:
-        self._parts.append(f"{path}\0{st.st_mode}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}\n")
+        self._parts.append(fingerprint_part(path, st))
         self.count += 1
         if len(self._parts) >= 4096:
             self._drain()

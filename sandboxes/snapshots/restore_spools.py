@@ -12,8 +12,6 @@ from collections.abc import Generator
 from pathlib import Path
 from typing import IO
 
-import blake3
-
 from tardigrade.sandboxes.selection import Selection
 from tardigrade.sandboxes.snapshots import tree as t
 from tardigrade.sandboxes.snapshots.create import MAX_WALK_KEPT
@@ -22,6 +20,8 @@ from tardigrade.sandboxes.snapshots.statcache import (
     RACY_PREFIX,
     StatCacheWriter,
     cache_line,
+    fingerprint_hasher,
+    fingerprint_part,
     stat_key,
 )
 
@@ -110,8 +110,7 @@ class CacheSpool:
 
 def fingerprint_line(path: str, st: os.stat_result) -> bytes:
     """One line of `create.Fingerprint` (the same bytes it hashes for this path and stat)."""
-    line = f"{path}\0{st.st_mode}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}\n"
-    return line.encode("utf-8", "surrogateescape")
+    return fingerprint_part(path, st).encode("utf-8", "surrogateescape")
 
 
 class AfterFingerprint:
@@ -162,7 +161,7 @@ class AfterFingerprint:
         if self._later is None:
             self.vouches = False
             return NO_FINGERPRINT
-        hasher = blake3.blake3(repr(self.selection.to_json()).encode())
+        hasher = fingerprint_hasher(self.selection)
         with open(self.path, "rb") as spool:
             at = 0
             for offset, path in self._later:

@@ -33,6 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+import blake3
+
+from tardigrade.sandboxes.selection import Selection
 from tardigrade.sandboxes.snapshots.tree import json_str, sort_key
 
 FORMAT = "tardigrade-statcache/2"
@@ -47,6 +50,17 @@ NO_WALK = "0" * 64  # no walk file goes with the cache (a restore wrote it, or t
 
 def stat_key(st: os.stat_result) -> str:
     return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}:{st.st_mode}"
+
+
+def fingerprint_part(path: str, st: os.stat_result) -> str:
+    """One path's line of a folder's walk fingerprint (and of the walk file, walkfile.py): what a snapshot hashes and
+    a restore must hash alike, so the next snapshot can tell the folder is untouched."""
+    return f"{path}\0{st.st_mode}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}\n"
+
+
+def fingerprint_hasher(selection: Selection) -> blake3.blake3:
+    """A walk fingerprint's hash, seeded with the selection: the same folder under another selection differs."""
+    return blake3.blake3(repr(selection.to_json()).encode())
 
 
 def is_racy(st: os.stat_result, since_ns: int, *, ctime: bool = True) -> bool:
