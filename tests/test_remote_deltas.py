@@ -30,8 +30,10 @@ from tests.provider_fakes import FakeCloud, FakeMachine, bind_e2b, bind_modal, f
 
 SIZE = 20 * 1000 * 1000  # 20 MB keeps the tests quick; bench/snapshot.py measures 100 MB
 SELECTION = SnapshotPaths(include=["/workspace"]).selection()
-FLIP = "printf X | dd of=/workspace/big bs=1 seek=10000001 conv=notrunc 2>/dev/null"
-CHANGED = 10000001 // BLOCK_SIZE  # the block FLIP changes
+FLIP_AT = 10000001
+# big is made with "A" at FLIP_AT, so FLIP always changes a byte (a random byte there is "X" once in 256 runs).
+FLIP = f"printf X | dd of=/workspace/big bs=1 seek={FLIP_AT} conv=notrunc 2>/dev/null"
+CHANGED = FLIP_AT // BLOCK_SIZE  # the block FLIP changes
 
 
 def traffic(machine: FakeMachine) -> int:
@@ -79,7 +81,8 @@ async def big_sandbox(h: Harness, engine: SnapshotEngine) -> tuple[RemoteSandbox
     """A sandbox with a SIZE-byte random file and a small one, snapshotted once (a whole fetch)."""
     sandbox = await h.provider.create(SandboxSpec())
     assert isinstance(sandbox, RemoteSandbox)
-    code, out = await sh(sandbox, f"head -c {SIZE} /dev/urandom > big && echo small > small && sha256sum big")
+    make = f"head -c {SIZE} /dev/urandom > big && printf A | dd of=big bs=1 seek={FLIP_AT} conv=notrunc 2>/dev/null"
+    code, out = await sh(sandbox, f"{make} && echo small > small && sha256sum big")
     assert code == 0, out
     snap = await sandbox.snapshot(engine, selection=SELECTION, parent=None, labels={})
     return sandbox, h.cloud.machines[sandbox.id], snap.id, out.split()[0]
