@@ -169,7 +169,8 @@ class CommandNetwork:
 
     async def start(self) -> bool:
         """Configure the command's namespace and let the command run. False if bwrap died before reporting its
-        child (it then fails on its own, without ever running the command)."""
+        child, or it and its child died while the namespace was being configured (it then fails on its own, with
+        its exit status and message, without ever running the command)."""
         assert self._info_r is not None and self._block_w is not None
         info = await asyncio.wait_for(asyncio.to_thread(_read_all, self._info_r), SETUP_TIMEOUT)
         if not info:
@@ -184,7 +185,10 @@ class CommandNetwork:
         os.set_inheritable(user_fd, False)
         self._ns_fds.append(user_fd)
         await asyncio.wait_for(self._configure(user_fd, net_fd), SETUP_TIMEOUT)
-        os.write(self._block_w, b"1")
+        try:
+            os.write(self._block_w, b"1")
+        except BrokenPipeError:  # nothing holds the block fd any more: the child that waited on it is gone
+            return False
         return True
 
     async def _configure(self, user_fd: int, net_fd: int) -> None:
