@@ -65,6 +65,7 @@ KINDS = ("sandbox", "worker-kill", "worker-term", "server-kill", "s3-outage", "d
 #: The audit step: fails if any step's line is missing or there twice.
 AUDIT = 'test "$(sort -n log.txt | uniq | wc -l)" -eq "$(wc -l < log.txt)" && test "$(wc -l < log.txt)" -eq {n}'
 RECOVERY_TIMEOUT = 240.0
+SANDBOX_WAIT = 60.0  # for a run in flight to have a sandbox to destroy
 AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "chaos",
     "AWS_SECRET_ACCESS_KEY": "chaos",
@@ -244,15 +245,13 @@ class Cluster:
         raise ValueError(kind)
 
     def destroy_a_sandbox(self, rng: random.Random) -> str:
-        """What a dead container does: every process of the sandbox killed, its folder gone."""
-        live = [
-            p
-            for name in self.workers
-            for p in (self.base / f"worker-{name}" / "sandboxes").glob("local-*")
-            if (p / "sandbox.json").exists()
-        ]
-        if not live:
-            return "no live sandbox"
+        """What a dead container does: every process of the sandbox killed, its folder gone. Runs launched a moment
+        ago may not have their sandbox yet (on a loaded machine provisioning takes seconds): wait for one."""
+        deadline = time.monotonic() + SANDBOX_WAIT
+        while not (live := self.live_sandboxes()):
+            if time.monotonic() > deadline:
+                return "no live sandbox"
+            time.sleep(0.05)
         victim = rng.choice(live)
         with contextlib.suppress(FileNotFoundError):
             (victim / "sandbox.json").unlink()  # gone at once, as bubblewrap.destroy_like_a_crash marks it
@@ -262,6 +261,14 @@ class Cluster:
                     proc.kill()
         shutil.rmtree(victim, ignore_errors=True)
         return f"sandbox {victim.name} destroyed"
+
+    def live_sandboxes(self) -> list[Path]:
+        return [
+            p
+            for name in self.workers
+            for p in (self.base / f"worker-{name}" / "sandboxes").glob("local-*")
+            if (p / "sandbox.json").exists()
+        ]
 
 
 def _free_port() -> int:

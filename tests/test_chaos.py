@@ -25,10 +25,17 @@ import chaos
 
 @pytest.mark.timeout(300)
 async def test_every_fault_kind_once_and_every_run_completes_with_the_crash_free_files(
-    capsys: pytest.CaptureFixture[str],
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     if shutil.which("bwrap") is None:
         pytest.skip("bubblewrap is not installed (apt-get install -y bubblewrap)")
+    # bench/chaos.py points this process's AWS variables at its own moto, stopped when it ends: put them back after,
+    # or the tests this xdist worker runs next would inherit a dead endpoint and its keys.
+    for key in (*chaos.AWS_ENV, "AWS_ENDPOINT_URL"):
+        original = os.environ.get(key)
+        monkeypatch.setenv(key, original or "")  # recorded: monkeypatch restores (or removes) it at teardown
+        if original is None:
+            monkeypatch.delenv(key)
     kinds = list(chaos.KINDS)
     if os.geteuid() != 0:
         kinds.remove("disk-full")  # mounting the store's tmpfs needs root
