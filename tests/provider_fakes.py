@@ -107,13 +107,14 @@ class FakeMachine:
         argv += ["--clearenv", "--setenv", "PATH", _PATH, "/usr/bin/python3", "/opt/fake-envd/envd.py",
                  "/run/fake-envd/envd.sock"]  # fmt: skip
         self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, start_new_session=True)
-        for _ in range(200):
+        # Python starting in bubblewrap takes a tenth of a second on an idle machine, seconds on a loaded one.
+        for _ in range(1500):
             if await self._listening():
                 return
             if self.process.poll() is not None:
                 raise RuntimeError(f"fake machine {self.id} did not start (bwrap exited {self.process.returncode})")
             await asyncio.sleep(0.02)
-        raise RuntimeError(f"fake machine {self.id} did not start its agent in 4 s")
+        raise RuntimeError(f"fake machine {self.id} did not start its agent in 30 s")
 
     async def _listening(self) -> bool:
         """The agent accepts connections: its socket file appears at bind(), a moment before listen()."""

@@ -387,7 +387,10 @@ async def test_sandbox_destroyed_mid_agent_step_resumes_at_its_turn_with_every_t
     assert [(c.step, c.turn) for c in result.checkpoints] == [(-1, None), (0, 1), (0, 2), (0, None)]
 
 
-SLEEP_MARK = "2.77"  # a sleep length no other process uses, to see that the command is running
+# A sleep length no other process uses, to see that the command is running. Long enough that on a loaded machine
+# the kill (after a process scan and a query) still lands while it runs: if it ended first, the run would finish
+# on the first worker.
+SLEEP_MARK = "6.77"
 
 
 async def test_worker_killed_mid_agent_step_repeats_no_completed_model_call(

@@ -98,7 +98,8 @@ def test_status_of_a_run_without_a_worker_says_so_at_once(cli: Cli, temporal_add
     began = time.monotonic()
     proc = cli("status", workflow_id, "--address", temporal_address)
     one_line(proc, "no worker polls its task queue", f"tardigrade worker --task-queue {queue}")
-    assert time.monotonic() - began < 10, "no 30-second wait for a query nobody answers"
+    # A 3 s query after a Python start and three calls: 5 s on an idle machine, up to twice that on a loaded one.
+    assert time.monotonic() - began < 20, "no 30-second wait for a query nobody answers"
     one_line(cli("logs", workflow_id, "--address", temporal_address, "--step", "7"), "--step must be between 1 and 1")
     done = cli("cancel", workflow_id, "--address", temporal_address)
     assert done.returncode == 0 and "cancellation requested" in done.stdout, done.stderr

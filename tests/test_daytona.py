@@ -316,7 +316,9 @@ def test_pipelines_and_policies_name_entry_point_providers() -> None:
 
 CHAIN_STEPS = [
     {"name": "venv", "run": "mkdir -p .venv/bin && ln -s /usr/bin/python3 .venv/bin/python && echo 1 >> log.txt"},
-    {"name": "lost twice", "run": "touch /tmp/lost-twice-running; sleep 1.5; echo 2 >> log.txt"},
+    # Sleeps long enough that the E2B loss (a poll and 0.3 s after the marker appears) lands mid-step on a loaded
+    # machine too: a step that finished first would end the run on E2B.
+    {"name": "lost twice", "run": "touch /tmp/lost-twice-running; sleep 3; echo 2 >> log.txt"},
     {"name": "finish", "run": ".venv/bin/python -c 'print(3)' >> log.txt; stat -c %u log.txt > owner.txt"},
 ]
 

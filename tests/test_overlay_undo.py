@@ -291,7 +291,7 @@ async def test_a_rollback_while_a_command_still_writes_undoes_what_it_merged_and
     )
     assert sandbox.overlay is not None
     upper = sandbox.overlay.areas[0].upper
-    for _ in range(300):
+    for _ in range(1500):  # 30 s: bubblewrap can take seconds to start on a loaded machine
         if (upper / "q" / "started").exists():
             break
         await asyncio.sleep(0.02)
@@ -403,7 +403,9 @@ async def test_a_command_that_ends_while_a_checkpoint_is_written_is_never_taken_
     base = await checkpoint(sandbox, engine)
     go = threading.Event()
     waiting = _EngineThatWaits(FileStore(tmp_path / "store"), tmp_path / "scratch-2", go)
-    for n, command in enumerate(["sleep 1 && echo late > late", "sleep 1 && rm keep"]):
+    # The command must still run when the checkpoint's walk is done (`_EngineThatWaits` then waits for its end):
+    # its sleep leaves the walk of this small workspace seconds, enough on a loaded machine too.
+    for n, command in enumerate(["sleep 3 && echo late > late", "sleep 3 && rm keep"]):
         running = asyncio.ensure_future(sandbox.exec(command, env={}, timeout=60))
         running.add_done_callback(lambda _: go.set())
         await asyncio.sleep(0.3)  # the command runs on the overlay when the checkpoint starts

@@ -100,7 +100,9 @@ async def test_sigterm_lets_the_step_in_flight_finish_then_the_run_goes_on_elsew
         took = time.monotonic() - signalled
         log = (tmp_path / "a" / "worker.log").read_text()
         assert code == 0, log
-        assert 2.0 < took < 30.0, f"the worker waited for the step (about 3 s), within the grace: {took:.1f} s"
+        # That it waited for the step is checked below (the step's first attempt completed, on this worker); a
+        # lower bound on `took` would depend on how late the loaded machine noticed the step start.
+        assert took < 30.0, f"the worker waited for the step within the grace: {took:.1f} s"
         assert "steps in flight have 30 s to finish" in log
 
         second = start_worker(temporal_address, queue, tmp_path / "b")
@@ -126,7 +128,8 @@ async def test_a_step_longer_than_the_grace_is_cut_at_the_bound_and_rehydrates(
             "timeouts": fast_timeouts(),
             "steps": [
                 {"name": "one", "run": "echo one >> log.txt"},
-                {"name": "long", "run": "echo started >> log.txt; sleep 8; echo two >> log.txt"},
+                # Far longer than grace + shutdown (< 10 s even on a loaded machine), so an uncut step is told apart
+                {"name": "long", "run": "echo started >> log.txt; sleep 16; echo two >> log.txt"},
             ],
         },
         tmp_path,
@@ -142,7 +145,7 @@ async def test_a_step_longer_than_the_grace_is_cut_at_the_bound_and_rehydrates(
         first.send_signal(signal.SIGTERM)
         assert first.wait(timeout=60) == 0
         took = time.monotonic() - signalled
-        assert took < 6.0, f"a grace of 1 s bounds the shutdown: {took:.1f} s"
+        assert took < 10.0, f"a grace of 1 s bounds the shutdown: {took:.1f} s"
 
         second = start_worker(temporal_address, queue, tmp_path / "b")
         result: RunResult = await handle.result()

@@ -8,6 +8,7 @@ metadata and private ranges are unreachable; with ``{allow: [...]}`` only loopba
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import ipaddress
 import shutil
@@ -200,7 +201,13 @@ async def test_internet_sandbox_cannot_change_its_own_routes(provider: LocalSand
 @needs_slirp
 async def test_slirp4netns_ends_with_each_command(provider: LocalSandboxProvider) -> None:
     def slirps() -> set[int]:
-        return {p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "slirp4netns"}
+        # Only this worker process's own: the other xdist worker may be running a networked sandbox right now.
+        found = set()
+        for child in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                if child.name() == "slirp4netns":
+                    found.add(child.pid)
+        return found
 
     before = slirps()
     sandbox = await provider.create(SandboxSpec(network=True))
