@@ -18,7 +18,21 @@ from tardigrade.sandboxes.snapshots.gc import Epoch
 from tardigrade.sandboxes.snapshots.packs import KnownBlobs
 from tardigrade.sandboxes.stores.base import ObjectStore
 
-Publish = Callable[[str, Path, "tuple[Path, frozenset[str]] | None"], bool]
+
+@dataclass(frozen=True)
+class Published:
+    """What publishing a tree did: the snapshot id (the stored tree object's hash, which for a tardigrade-tree/2
+    tree is not the flat body's, see merkle.py), whether the tree object was new, and the folder listings and
+    tree bytes it wrote (new listing blobs' stored bytes plus the tree object, if new)."""
+
+    snapshot_id: str
+    written: bool
+    tree_blobs: int = 0
+    tree_bytes: int = 0
+
+
+#: ``publish(flat body's id, flat body, side file and its packs or None)``: see `create_snapshot`.
+Publish = Callable[[str, Path, "tuple[Path, frozenset[str]] | None"], Published]
 
 
 @dataclass(frozen=True)
@@ -49,6 +63,8 @@ class CreateStats:
     bytes_stored: int = 0
     packs: int = 0
     tree_written: bool = False
+    tree_blobs: int = 0  # folder listings newly stored (tardigrade-tree/2, merkle.py)
+    tree_bytes: int = 0  # their stored bytes plus the tree object's, if it was new
     spliced: bool = False  # the tree is the parent's with only the hinted paths replaced (splice.py)
     seconds: float = 0.0
 

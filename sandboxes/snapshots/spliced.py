@@ -228,7 +228,10 @@ def _splice(
     )
     with open(side_out, "ab") as f:
         f.write(footer.encode())
-    stats.tree_written = inputs.publish(snapshot_id, body, (side_out, frozenset(packs)) if splittable else None)
+    published = inputs.publish(snapshot_id, body, (side_out, frozenset(packs)) if splittable else None)
+    snapshot_id = published.snapshot_id  # the stored tree's id (merkle.py), not the flat body's hash
+    stats.tree_written = published.written
+    stats.tree_blobs, stats.tree_bytes = published.tree_blobs, published.tree_bytes
     stats.spliced = True
     stats.entries = entries
     stats.files_unchanged = side.files - removed.files

@@ -1,0 +1,319 @@
+"""Trees as a Merkle tree of folders (tardigrade-tree/2): the stored form that makes a one-file change write only
+the folders on its path, as restic and git do.
+
+The flat tree (tree.py) is one object of every entry. Here each folder's listing - the tree lines of its direct
+children, then a footer naming the folder - is a blob in a pack, written through a `PackWriter` like file content:
+compressed, encrypted when encryption is on, deduplicated through the blob index, and so ten thousand files in a
+hundred folders are still a handful of store objects. A child folder's line carries ``"x"``: the chunk references
+``[blob, pack, offset, stored length, raw length, codec]`` of its listing (one, or a few pieces cut at line
+boundaries for a folder too large for one blob). An unchanged folder is the same blob again, found by its hash.
+The root folder's listing is the tree object itself (``trees/xx/<snapshot id>``), ending with the snapshot footer;
+its hash is the snapshot id, so the id verifies everything beneath it. Paths inside stay full, so the flat tree
+that restore, verify and diff read is the listings' lines concatenated depth first, minus the ``"x"`` fields, with
+the flat footer: the workspace digest (over entries, never over objects) is the same in either form.
+
+A listing's children must have their pack names before the listing is hashed, and a pack is named only when it is
+sealed: so the listings are stored in rounds (`_store`), each round the folders whose children are all in sealed
+packs, one seal between rounds. A one-file change at depth d makes d rounds of one new blob each.
+
+Listings come from a store: `assemble` takes nothing on trust. Each blob is checked against its hash
+(`fetch_listing`), with its inflation bounded by its reference; each line must be a direct child of the folder
+whose listing holds it, and a listing must name the folder it was fetched for; no blob may be used twice in one
+tree (a few crafted listings naming each other over and over would expand to billions of entries); depth is
+bounded by the path limit; and the entry count must match the root footer's.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from tardigrade.sandboxes.errors import SnapshotCorrupt, UnsafeTree
+from tardigrade.sandboxes.snapshots import tree as t
+from tardigrade.sandboxes.snapshots.crypto import Encryption, EncryptionError
+from tardigrade.sandboxes.snapshots.packs import BlobUndecodable, PackWriter, blob_hash, decode_blob
+from tardigrade.sandboxes.snapshots.tree_check import head_canonical
+from tardigrade.sandboxes.store_keys import pack_key
+from tardigrade.sandboxes.stores.base import ObjectMissing, ObjectStore
+
+FORMAT = "tardigrade-tree/2"
+FOLDER_FORMAT = "tardigrade-folder/2"
+MAX_DEPTH = t.PATH_MAX // 2 + 1  # "a/a/a...": a deeper path is longer than Linux allows
+# A listing is cut into pieces at line boundaries where a line's CRC says so (past PIECE_MIN), so an edit in a huge
+# folder rewrites the pieces around it, not all; every piece is well under the largest blob readers accept.
+PIECE_MIN, PIECE_MAX, PIECE_MASK = 512 << 10, 4 << 20, 0x3F
+MAX_LISTING = 1 << 30  # a folder of a million entries lists ~200 MB: a listing claiming more is crafted
+PENDING_LIMIT = 32 << 20  # closed folders' lines held before a round of stores is forced
+_FLAT_HEAD = b'{"format":"' + t.FORMAT.encode() + b'",'
+_ROOT_HEAD = b'{"format":"' + FORMAT.encode() + b'",'
+
+#: Folder path -> the chunk references of its listing (the root, "", is the tree object and not in it).
+FolderRefs = dict[str, list[t.ChunkRef]]
+
+
+def refs_json(refs: list[t.ChunkRef]) -> bytes:
+    return json.dumps([list(r) for r in refs], separators=(",", ":")).encode()
+
+
+def folder_footer(path: str) -> bytes:
+    return (
+        b'{"format":"'
+        + FOLDER_FORMAT.encode()
+        + b'","path":'
+        + t.json_str(path).encode("utf-8", "surrogateescape")
+        + b"}"
+    )
+
+
+def is_root_footer(line: bytes) -> bool:
+    """Whether a verified tree object's last line is a tardigrade-tree/2 root's footer (else it is a flat tree)."""
+    return line.startswith(_ROOT_HEAD)
+
+
+# -- writing ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Folder:
+    path: str
+    lines: list[bytes] = field(default_factory=list)  # flat tree lines of its direct children
+    children: dict[int, str] = field(default_factory=dict)  # index of a child folder's line -> its path
+    size: int = 0
+
+
+def split(body: Path, writer: PackWriter, root_out: Path) -> FolderRefs:
+    """Store the folder listings of a flat tree body of ours (canonical order) through ``writer`` and write the
+    root object to ``root_out``; returns every folder's references. Finishes the writer: every listing is durably
+    stored when this returns. Memory: the lines of the folders the body is inside of, plus at most
+    `PENDING_LIMIT` of closed folders waiting for their round."""
+    folders: FolderRefs = {}
+    stack = [_Folder("")]
+    pending: list[_Folder] = []
+    held = 0
+    footer = b""
+    with open(body, "rb") as f:
+        for line in f:
+            if not line.endswith(b"\n"):
+                footer = line  # the last line
+                break
+            line = line[:-1]
+            path, kind = head_canonical(line)
+            parent = path.rpartition("/")[0]
+            while stack[-1].path != parent:
+                if len(stack) == 1:
+                    raise ValueError(f"tree line {path[:200]!r} comes without its folder (not in canonical order)")
+                pending.append(stack.pop())
+                held += pending[-1].size
+            top = stack[-1]
+            if kind == t.DIR:
+                top.children[len(top.lines)] = path
+                stack.append(_Folder(path))
+            top.lines.append(line)
+            top.size += len(line) + 1
+            if held > PENDING_LIMIT:
+                _store(pending, writer, folders)
+                pending, held = [], 0
+    if not footer.startswith(_FLAT_HEAD):
+        raise ValueError("the tree body has no tardigrade-tree/1 footer")
+    while len(stack) > 1:
+        pending.append(stack.pop())
+    _store(pending, writer, folders)
+    writer.finish()
+    resolved = {path: [writer.resolve(r) for r in refs] for path, refs in folders.items()}
+    with open(root_out, "wb") as out:
+        for line in _listed(stack[0], resolved):
+            out.write(line + b"\n")
+        out.write(_ROOT_HEAD + footer[len(_FLAT_HEAD) :])
+    return resolved
+
+
+def _store(pending: list[_Folder], writer: PackWriter, folders: FolderRefs) -> None:
+    """Store the listings of closed folders (children before parents), in rounds: a folder whose children all
+    have sealed packs is stored (or found stored) now; the others wait for the seal that ends the round."""
+    while pending:
+        rest = []
+        for folder in pending:
+            if any(c not in folders or writer.open_pack_has(folders[c]) for c in folder.children.values()):
+                rest.append(folder)
+                continue
+            resolved = {c: [writer.resolve(r) for r in folders[c]] for c in folder.children.values()}
+            folders[folder.path] = [writer.add(piece) for piece in _pieces(folder, resolved)]
+            folder.lines = []
+        if len(rest) == len(pending):
+            raise RuntimeError("folder listings wait for each other (a tree body out of order)")
+        if rest:
+            writer.seal()
+        pending = rest
+
+
+def _listed(folder: _Folder, folders: FolderRefs) -> Iterator[bytes]:
+    """The folder's lines, each child folder's naming its listing."""
+    for i, line in enumerate(folder.lines):
+        child = folder.children.get(i)
+        yield line if child is None else line[:-1] + b',"x":' + refs_json(folders[child]) + b"}"
+
+
+def _pieces(folder: _Folder, folders: FolderRefs) -> list[bytes]:
+    pieces: list[bytes] = []
+    part: list[bytes] = []
+    size = 0
+    for line in _listed(folder, folders):
+        part.append(line + b"\n")
+        size += len(line) + 1
+        if size >= PIECE_MAX or (size >= PIECE_MIN and zlib.crc32(line) & PIECE_MASK == 0):
+            pieces.append(b"".join(part))
+            part, size = [], 0
+    part.append(folder_footer(folder.path))
+    pieces.append(b"".join(part))
+    return pieces
+
+
+# -- reading ----------------------------------------------------------------------------------------------------
+
+Fetch = Callable[[str, list[t.ChunkRef]], bytes]
+
+
+def fetch_listing(
+    store: ObjectStore, encryption: Encryption | None, snapshot_id: str, path: str, refs: list[t.ChunkRef]
+) -> bytes:
+    """The listing of folder ``path`` from its pieces, each read by range and checked against its hash (a blob's
+    inflation is bounded by its reference, which `assemble` bounded before)."""
+    blob_id = encryption.blob_id if encryption else blob_hash
+    parts = []
+    for ref in refs:
+        key = pack_key(ref.pack)
+        try:
+            stored = store.get_range(key, ref.offset, ref.length)
+        except ObjectMissing:
+            raise SnapshotCorrupt(snapshot_id, path, key, "is missing (it holds this folder's listing)") from None
+        try:
+            raw = decode_blob(ref, stored, encryption)
+        except (BlobUndecodable, EncryptionError) as e:
+            raise SnapshotCorrupt(snapshot_id, path, key, f"holds a folder listing that {e}") from None
+        if len(raw) != ref.raw_length or blob_id(raw) != ref.blob:
+            raise SnapshotCorrupt(
+                snapshot_id, path, key, f"is corrupt: folder listing blob {ref.blob[:16]}... fails its hash check"
+            )
+        parts.append(bytes(raw))
+    return b"".join(parts)
+
+
+def _lines_and_footer(data: bytes) -> tuple[list[bytes], bytes]:
+    body, _, last = data.rpartition(b"\n")
+    return (body.split(b"\n") if _ else []), last
+
+
+def _parse_listed(snapshot_id: str, line: bytes) -> tuple[t.Entry, list[t.ChunkRef] | None, bytes]:
+    """One line of a listing: its entry, its folder's listing references if it names one, and its flat line."""
+    try:
+        d = json.loads(line.decode("utf-8", "surrogateescape"))
+    except ValueError:
+        raise UnsafeTree(snapshot_id, "", "has a line that is not JSON") from None
+    if not isinstance(d, dict) or "x" not in d:
+        return t.entry_from_dict(snapshot_id, d), None, line
+    x = d.pop("x")
+    named = d.get("p")
+    path = named if isinstance(named, str) else ""
+    if not (isinstance(x, list) and x and all(t.is_chunk_json(c) for c in x)):
+        raise UnsafeTree(snapshot_id, path, "names its folder's listing with malformed references")
+    tail = b',"x":' + json.dumps(x, separators=(",", ":")).encode() + b"}"
+    if not line.endswith(tail):
+        raise UnsafeTree(snapshot_id, path, "names its folder's listing in a form no writer makes")
+    flat = line[: -len(tail)] + b"}"
+    try:
+        again = json.loads(flat.decode("utf-8", "surrogateescape"))
+    except ValueError:
+        raise UnsafeTree(snapshot_id, path, "names its folder's listing in a form no writer makes") from None
+    if again != d:  # a second "x", or anything else the cut changed
+        raise UnsafeTree(snapshot_id, path, "names its folder's listing in a form no writer makes")
+    refs = [t.ChunkRef(*c) for c in x]
+    for ref in refs:
+        t.check_chunk(snapshot_id, path, ref)
+    return t.entry_from_dict(snapshot_id, d), refs, flat
+
+
+def _root_footer(snapshot_id: str, line: bytes) -> dict[str, object]:
+    try:
+        footer = json.loads(line)
+    except ValueError:
+        footer = None
+    if not (
+        isinstance(footer, dict)
+        and footer.get("format") == FORMAT
+        and type(footer.get("entries")) is int
+        and type(footer.get("bytes")) is int
+        and isinstance(footer.get("digest"), str)
+        and isinstance(footer.get("selection"), dict)
+    ):
+        raise UnsafeTree(snapshot_id, "", f"the root object has no valid {FORMAT} footer")
+    return footer
+
+
+def assemble(snapshot_id: str, root: bytes, fetch: Fetch, out: BinaryIO) -> FolderRefs:
+    """Write the flat tree (tardigrade-tree/1 lines and footer) of snapshot ``snapshot_id`` to ``out``, from its
+    root object ``root`` (already checked against the id) and ``fetch(path, refs)``, which returns a folder's
+    listing with every piece checked against its hash. Returns every folder's references. Raises `UnsafeTree`
+    (or the fetcher's `SnapshotCorrupt`) on anything a writer of this format cannot have produced."""
+    root_lines, last = _lines_and_footer(root)
+    footer = _root_footer(snapshot_id, last)
+    expected = footer["entries"]
+    assert isinstance(expected, int)
+    folders: FolderRefs = {}
+    seen: set[str] = set()
+    count = 0
+    stack: list[tuple[str, Iterator[bytes]]] = [("", iter(root_lines))]  # depth first: a folder, its lines left
+    while stack:
+        folder, lines = stack[-1]
+        line = next(lines, None)
+        if line is None:
+            stack.pop()
+            continue
+        entry, refs, flat = _parse_listed(snapshot_id, line)
+        path = entry.path
+        t.check_path(snapshot_id, path)
+        if path.rpartition("/")[0] != folder:
+            raise UnsafeTree(snapshot_id, path[:200], f"is listed in the listing of folder {folder!r}")
+        count += 1
+        if count > expected:
+            raise UnsafeTree(snapshot_id, "", f"the folders list more than the {expected} entries the footer says")
+        out.write(flat + b"\n")
+        if entry.kind != t.DIR:
+            if refs is not None:
+                raise UnsafeTree(snapshot_id, path[:200], "is not a folder but names a folder listing")
+            continue
+        if refs is None:
+            raise UnsafeTree(snapshot_id, path[:200], "is a folder without its listing")
+        if len(stack) >= MAX_DEPTH:
+            raise UnsafeTree(snapshot_id, path[:200], f"is nested deeper than {MAX_DEPTH} folders")
+        if sum(r.raw_length for r in refs) > MAX_LISTING:
+            raise UnsafeTree(snapshot_id, path[:200], f"has a listing larger than {MAX_LISTING} bytes")
+        for ref in refs:
+            if ref.blob in seen:
+                raise UnsafeTree(snapshot_id, path[:200], "names a listing blob already used (a tree is no graph)")
+            seen.add(ref.blob)
+        children, child_footer = _lines_and_footer(fetch(path, refs))
+        if child_footer != folder_footer(path):
+            raise UnsafeTree(snapshot_id, path[:200], "names the listing of another folder (or none)")
+        folders[path] = refs
+        stack.append((path, iter(children)))
+    if count != expected:
+        raise UnsafeTree(snapshot_id, "", f"the folders list {count} entries but the footer says {expected}")
+    selection = footer["selection"]
+    total, digest = footer["bytes"], footer["digest"]
+    assert isinstance(selection, dict) and isinstance(total, int) and isinstance(digest, str)
+    out.write(t.footer(expected, total, digest, selection))
+    return folders
+
+
+def read_folder_refs(path: Path) -> FolderRefs:
+    """The folder references kept next to a cached flat tree (written by `write_folder_refs`)."""
+    data = json.loads(path.read_bytes())
+    return {p: [t.ChunkRef(*c) for c in refs] for p, refs in data["folders"].items()}
+
+
+def write_folder_refs(path: Path, folders: FolderRefs) -> None:
+    path.write_bytes(json.dumps({"folders": {p: [list(r) for r in refs] for p, refs in folders.items()}}).encode())
