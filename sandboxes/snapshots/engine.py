@@ -334,7 +334,8 @@ class SnapshotEngine:
                     raise _PacksVanished(set())  # the store changed under this snapshot: start over against it
                 written = False
                 if not self.store.exists(tree_key(snapshot_id)):
-                    stored += self._put_tree(snapshot_id, tree_object)
+                    self._put_tree(snapshot_id, tree_object)
+                    stored += tree_object.stat().st_size
                     written = True
                 if side is not None and snapshot_id != flat_id and not retarget_side(side[0], snapshot_id):
                     side = None
@@ -451,18 +452,17 @@ class SnapshotEngine:
                 self._tree_packs.popitem(last=False)
         return frozen
 
-    def _put_tree(self, snapshot_id: str, body: Path) -> int:
-        """Store a tree object (a flat tree, or a tardigrade-tree/2 root); returns its compressed size."""
+    def _put_tree(self, snapshot_id: str, body: Path) -> None:
+        """Store a tree object: a flat tree, or a tardigrade-tree/2 root (merkle.py)."""
         if body.stat().st_size <= _IN_MEMORY_TREE:
             packed = zstandard.ZstdCompressor(level=1).compress(body.read_bytes())
             self.store.put_deferred(tree_key(snapshot_id), [packed])
-            return len(packed)
+            return
         compressed = body.with_suffix(".zst")  # large trees stream through a file, never whole in memory
         try:
             with open(body, "rb") as src, open(compressed, "wb") as dst:
                 zstandard.ZstdCompressor(level=1).copy_stream(src, dst)
             self.store.put_file(tree_key(snapshot_id), compressed)
-            return compressed.stat().st_size
         finally:
             compressed.unlink(missing_ok=True)
 

@@ -287,7 +287,7 @@ def assemble(snapshot_id: str, root: bytes, fetch: Fetch, out: BinaryIO) -> Fold
             continue
         if refs is None:
             raise UnsafeTree(snapshot_id, path[:200], "is a folder without its listing")
-        if len(stack) >= MAX_DEPTH:
+        if len(stack) > MAX_DEPTH:  # the root and the folders this one is in: its depth
             raise UnsafeTree(snapshot_id, path[:200], f"is nested deeper than {MAX_DEPTH} folders")
         if sum(r.raw_length for r in refs) > MAX_LISTING:
             raise UnsafeTree(snapshot_id, path[:200], f"has a listing larger than {MAX_LISTING} bytes")

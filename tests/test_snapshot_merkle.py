@@ -1,0 +1,315 @@
+"""Trees stored as a Merkle tree of folder listings in packs (tardigrade-tree/2, merkle.py): what a one-file
+change writes, that the flat tree and the workspace digest are those of tardigrade-tree/1, stores of flat trees,
+garbage collection of listing packs, and crafted listings and root objects in a real store refused by name."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import blake3
+import pytest
+import zstandard
+
+from tardigrade.sandboxes.errors import SnapshotCorrupt, SnapshotError, UnsafeTree
+from tardigrade.sandboxes.snapshots import SnapshotEngine, merkle
+from tardigrade.sandboxes.snapshots import tree as t
+from tardigrade.sandboxes.snapshots.changes import ChangeSet
+from tardigrade.sandboxes.snapshots.gc import GcPolicy
+from tardigrade.sandboxes.snapshots.index import BlobIndex
+from tardigrade.sandboxes.snapshots.packs import PackWriter
+from tardigrade.sandboxes.store_keys import INDEX, TREES, pack_key, record_key, tree_key
+from tardigrade.sandboxes.stores import FileStore
+
+NO_GRACE = GcPolicy(keep_last=1, keep_within=0, grace=0)
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Iterator[SnapshotEngine]:
+    e = SnapshotEngine(FileStore(tmp_path / "store"), scratch_dir=tmp_path / "scratch", encryption=None)
+    yield e
+    e.close()
+
+
+def fresh(engine: SnapshotEngine, tmp_path: Path, name: str) -> SnapshotEngine:
+    """Another worker on the same store: nothing cached locally, every tree read from the store."""
+    return SnapshotEngine(engine.raw_store, scratch_dir=tmp_path / name, encryption=None)
+
+
+def workspace(root: Path, folders: int = 20, files: int = 20) -> Path:
+    """Files three folders deep: top<n>/d<nn>/deep/f<nn>.txt."""
+    for d in range(folders):
+        folder = root / f"top{d % 4}" / f"d{d:02}" / "deep"
+        folder.mkdir(parents=True)
+        for f in range(files):
+            (folder / f"f{f:02}.txt").write_text(f"{d}.{f}\n")
+    return root
+
+
+def keys(engine: SnapshotEngine) -> set[str]:
+    return {o.key for o in engine.store.list("")}
+
+
+def blobs_in_packs(engine: SnapshotEngine, new: set[str]) -> int:
+    """How many blobs the packs among ``new`` keys hold (from their index objects)."""
+    return sum(len(json.loads(engine.store.get(k))["blobs"]) for k in new if k.startswith(INDEX))
+
+
+def flat(engine: SnapshotEngine, snapshot_id: str) -> bytes:
+    with engine.open_tree(snapshot_id) as path:
+        return path.read_bytes()
+
+
+@pytest.mark.parametrize("hinted", [False, True])
+def test_one_changed_file_writes_only_the_listings_on_its_path(
+    engine: SnapshotEngine, tmp_path: Path, hinted: bool
+) -> None:
+    ws = workspace(tmp_path / "ws")
+    cache = tmp_path / "cache"
+    first = engine.create(ws, cache_path=cache)
+    assert first.stats and first.stats.tree_blobs == 4 + 20 + 20  # top*, top*/d*, top*/d*/deep
+    time.sleep(1.1)  # past the stat cache's racy window for the files just written
+    changed = "top1/d05/deep/f07.txt"
+    (ws / changed).write_text("changed\n")
+    before = keys(engine)
+    changes = ChangeSet(frozenset({changed})) if hinted else None
+    second = engine.create(ws, cache_path=cache, parent=first.id, changes=changes)
+    new = keys(engine) - before
+    # The file's blob, and the listings of top1/d05/deep, top1/d05 and top1 (depth 3), nothing else.
+    assert second.stats and second.stats.tree_blobs == 3
+    assert blobs_in_packs(engine, new) == 1 + 3
+    # Store objects: one pack and index for the file, one of each per listing round (one per depth), the root
+    # object and the record.
+    assert len(new) == 2 + 2 * 3 + 2, sorted(new)
+    assert sum(1 for k in new if k.startswith(TREES)) == 1
+    other = fresh(engine, tmp_path, "other")
+    other.restore(second.id, tmp_path / "out")
+    assert (tmp_path / "out" / changed).read_text() == "changed\n"
+    assert (tmp_path / "out" / "top3" / "d19" / "deep" / "f19.txt").read_text() == "19.19\n"
+    assert other.verify(second.id).ok and other.verify(first.id).ok
+    assert flat(other, second.id) == flat(engine, second.id), "assembled from the store as it was written"
+    other.close()
+
+
+def test_an_unchanged_workspace_writes_no_listing(engine: SnapshotEngine, tmp_path: Path) -> None:
+    ws = workspace(tmp_path / "ws", folders=4, files=3)
+    first = engine.create(ws)
+    again = engine.create(ws)  # no stat cache: walked and split again, every listing found stored
+    assert again.id == first.id and again.stats and again.stats.tree_blobs == 0 and not again.stats.tree_written
+
+
+def test_the_flat_tree_and_digest_are_those_of_the_flat_form(engine: SnapshotEngine, tmp_path: Path) -> None:
+    ws = workspace(tmp_path / "ws", folders=3, files=3)
+    (ws / "empty").mkdir()
+    (ws / 'odd "name"\n').write_text("odd")
+    os.symlink("top0", ws / "link")
+    merkle_form = engine.create(ws)
+    engine.tree_format = 1
+    flat_form = engine.create(ws)
+    assert merkle_form.digest == flat_form.digest and merkle_form.id != flat_form.id
+    assert blake3.blake3(flat(engine, flat_form.id)).hexdigest() == flat_form.id
+    reader = fresh(engine, tmp_path, "reader")
+    assert flat(reader, merkle_form.id) == flat(reader, flat_form.id)
+    assert reader.info(merkle_form.id).digest == flat_form.digest
+    reader.close()
+
+
+def test_ten_thousand_files_in_a_hundred_folders_make_few_objects(engine: SnapshotEngine, tmp_path: Path) -> None:
+    ws = tmp_path / "ws"
+    for d in range(100):
+        (ws / f"d{d:03}").mkdir(parents=True)
+        for f in range(100):
+            (ws / f"d{d:03}" / f"f{f:03}.txt").write_text(f"{d} {f}\n")
+    info = engine.create(ws)
+    assert info.stats and info.stats.tree_blobs == 100
+    assert len(keys(engine)) <= 10, sorted(keys(engine))
+
+
+def test_a_store_of_flat_trees_still_restores_verifies_and_is_collected(engine: SnapshotEngine, tmp_path: Path) -> None:
+    ws = workspace(tmp_path / "ws", folders=3, files=3)
+    engine.tree_format = 1  # the writer of tardigrade-tree/1, as stores written before hold
+    old = engine.create(ws, labels={"pipeline": "p"})
+    reader = fresh(engine, tmp_path, "reader")  # writes tardigrade-tree/2
+    reader.restore(old.id, tmp_path / "out")
+    assert (tmp_path / "out" / "top2" / "d02" / "deep" / "f02.txt").read_text() == "2.2\n"
+    assert reader.verify(old.id).ok and reader.folders_of(old.id) == {}
+    (ws / "top0" / "d00" / "deep" / "f00.txt").write_text("new\n")
+    new = reader.create(ws, labels={"pipeline": "p"})
+    reader.collect_garbage(NO_GRACE, now=time.time() + 1)
+    reader.collect_garbage(NO_GRACE, now=time.time() + 2)
+    assert not reader.store.exists(tree_key(old.id)), "the old flat tree was collected"
+    assert fresh(engine, tmp_path, "after").verify(new.id).ok
+    reader.close()
+
+
+def test_gc_after_many_snapshots_keeps_every_kept_one_whole(engine: SnapshotEngine, tmp_path: Path) -> None:
+    ws = workspace(tmp_path / "ws", folders=8, files=4)
+    made = []
+    for i in range(6):
+        (ws / "top1" / "d05" / "deep" / "f00.txt").write_text(f"round {i}\n")
+        (ws / f"top{i % 4}" / f"new{i}").mkdir()
+        made.append(engine.create(ws, labels={"pipeline": "p"}))
+    kept = GcPolicy(keep_last=3, keep_within=0, grace=0)
+    first = engine.collect_garbage(kept, now=time.time() + 1)
+    assert first.packs_condemned > 0  # the dropped snapshots' own listings (and contents)
+    engine.collect_garbage(kept, now=time.time() + 2)
+    reader = fresh(engine, tmp_path, "reader")
+    for i in range(3, 6):
+        report = reader.verify(made[i].id)
+        assert report.ok, report.problems
+        out = tmp_path / f"out{i}"
+        reader.restore(made[i].id, out)
+        assert (out / "top1" / "d05" / "deep" / "f00.txt").read_text() == f"round {i}\n"
+    for info in made[:3]:
+        with pytest.raises(SnapshotError):
+            reader.restore(info.id, tmp_path / "gone")
+    reader.close()
+
+
+def test_listings_in_condemned_packs_are_stored_again(engine: SnapshotEngine, tmp_path: Path) -> None:
+    ws = workspace(tmp_path / "ws", folders=2, files=2)
+    cache = tmp_path / "cache"
+    old = engine.create(ws, cache_path=cache, labels={"pipeline": "p"})
+    listing_packs = {ref.pack for refs in engine.folders_of(old.id).values() for ref in refs}
+    engine.store.delete(record_key(old.id))  # dropped by whoever: its packs are garbage for the next GC
+    report = engine.collect_garbage(NO_GRACE, now=time.time())
+    assert report.packs_condemned >= len(listing_packs)
+    again = engine.create(ws, cache_path=cache, labels={"pipeline": "p"})  # nothing changed in the folder
+    assert again.digest == old.digest and again.id != old.id
+    again_packs = {ref.pack for refs in engine.folders_of(again.id).values() for ref in refs}
+    assert again_packs.isdisjoint(listing_packs), "a listing in a condemned pack was reused"
+    engine.collect_garbage(GcPolicy(keep_last=1, keep_within=0, grace=0, keep_ids=frozenset({again.id})))
+    for pack in listing_packs:
+        assert not engine.store.exists(pack_key(pack))
+    other = fresh(engine, tmp_path, "after")
+    assert other.verify(again.id).ok
+    other.close()
+
+
+# -- crafted and damaged objects --------------------------------------------------------------------------------
+
+
+def put_blob(engine: SnapshotEngine, data: bytes) -> t.ChunkRef:
+    writer = PackWriter(engine.store, BlobIndex(engine.store, None))
+    ref = writer.add(data)
+    writer.finish()
+    return writer.resolve(ref)
+
+
+def line(path: str, kind: str = "d", refs: list[t.ChunkRef] | None = None) -> bytes:
+    fields: dict[str, object] = {"p": path, "k": kind, "t": 0}
+    fields |= {"m": 0o755} if kind == "d" else {"l": "elsewhere"}
+    encoded = json.dumps(fields, separators=(",", ":")).encode()
+    return encoded if refs is None else encoded[:-1] + b',"x":' + merkle.refs_json(refs) + b"}"
+
+
+def listing(engine: SnapshotEngine, folder: str, lines: list[bytes]) -> list[t.ChunkRef]:
+    return [put_blob(engine, b"".join(ln + b"\n" for ln in lines) + merkle.folder_footer(folder))]
+
+
+def plant_root(engine: SnapshotEngine, lines: list[bytes], entries: int) -> str:
+    footer = {"format": merkle.FORMAT, "entries": entries, "bytes": 0, "digest": "x", "selection": {}}
+    body = b"".join(ln + b"\n" for ln in lines) + json.dumps(footer, separators=(",", ":")).encode()
+    snapshot_id = blake3.blake3(body).hexdigest()
+    engine.store.put(tree_key(snapshot_id), zstandard.ZstdCompressor().compress(body))
+    return snapshot_id
+
+
+def refused(engine: SnapshotEngine, tmp_path: Path, snapshot_id: str, match: str) -> None:
+    out = tmp_path / "out"
+    with pytest.raises((UnsafeTree, SnapshotCorrupt), match=match):
+        engine.restore(snapshot_id, out)
+    assert not any(out.iterdir()), "nothing is written from a refused tree"
+
+
+def test_a_crafted_tree_that_is_well_formed_restores(engine: SnapshotEngine, tmp_path: Path) -> None:
+    """The helpers below make trees the reader takes: each attack differs from this in one point."""
+    b = listing(engine, "a/b", [line("a/b/link", "l")])
+    a = listing(engine, "a", [line("a/b", refs=b)])
+    engine.restore(plant_root(engine, [line("a", refs=a)], 3), tmp_path / "out")
+    assert os.readlink(tmp_path / "out" / "a" / "b" / "link") == "elsewhere"
+
+
+def test_a_line_in_another_folders_listing_is_refused(engine: SnapshotEngine, tmp_path: Path) -> None:
+    a = listing(engine, "a", [line("elsewhere/x", "l")])
+    refused(engine, tmp_path, plant_root(engine, [line("a", refs=a)], 2), "is listed in the listing of folder 'a'")
+    b = listing(engine, "a", [line("b", "l")])  # a top-level path smuggled into a subfolder's listing
+    refused(engine, tmp_path, plant_root(engine, [line("a", refs=b)], 2), "is listed in the listing of folder 'a'")
+
+
+def test_the_listing_of_another_folder_is_refused(engine: SnapshotEngine, tmp_path: Path) -> None:
+    other = listing(engine, "b", [])
+    refused(engine, tmp_path, plant_root(engine, [line("a", refs=other)], 1), "listing of another folder")
+    no_footer = [put_blob(engine, line("a/x", "l") + b"\n")]
+    refused(engine, tmp_path, plant_root(engine, [line("a", refs=no_footer)], 2), "listing of another folder")
+
+
+def test_a_listing_used_twice_is_refused(engine: SnapshotEngine, tmp_path: Path) -> None:
+    """A DAG bomb: a few listings naming each other over and over would expand to billions of entries."""
+    a = listing(engine, "a", [])
+    refused(engine, tmp_path, plant_root(engine, [line("a", refs=a), line("b", refs=a)], 2), "already used")
+
+
+def test_nesting_deeper_than_the_bound_is_refused(
+    engine: SnapshotEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(merkle, "MAX_DEPTH", 4)
+    refs: list[t.ChunkRef] = listing(engine, "/".join("d" * 6), [])
+    for depth in range(6, 1, -1):
+        here = "/".join("d" * depth)
+        refs = listing(engine, here.rpartition("/")[0], [line(here, refs=refs)])
+    refused(engine, tmp_path, plant_root(engine, [line("d", refs=refs)], 6), "nested deeper than 4 folders")
+
+
+def test_an_entry_count_other_than_the_footers_is_refused(engine: SnapshotEngine, tmp_path: Path) -> None:
+    a = listing(engine, "a", [line("a/x", "l"), line("a/y", "l")])
+    refused(engine, tmp_path, plant_root(engine, [line("a", refs=a)], 2), "more than the 2 entries")
+    refused(engine, tmp_path, plant_root(engine, [line("a", refs=a)], 4), "list 3 entries but the footer says 4")
+
+
+def test_folder_references_in_the_wrong_places_are_refused(engine: SnapshotEngine, tmp_path: Path) -> None:
+    a = listing(engine, "a", [])
+    refused(engine, tmp_path, plant_root(engine, [line("a")], 1), "is a folder without its listing")
+    refused(engine, tmp_path, plant_root(engine, [line("l", "l", refs=a)], 1), "is not a folder but names")
+    bad = line("a", refs=a).replace(b'"x":[[', b'"x":[["nope",')
+    refused(engine, tmp_path, plant_root(engine, [bad], 1), "malformed references")
+    spaced = line("a", refs=a).replace(b'"x":[[', b'"x": [[')
+    refused(engine, tmp_path, plant_root(engine, [spaced], 1), "in a form no writer makes")
+    twice = line("a", refs=a)[:-1] + b',"x":' + merkle.refs_json(a) + b"}"
+    refused(engine, tmp_path, plant_root(engine, [twice], 1), "in a form no writer makes")
+    huge = [a[0]._replace(raw_length=t.MAX_BLOB_BYTES + 1)]
+    refused(engine, tmp_path, plant_root(engine, [line("a", refs=huge)], 1), "impossible size")
+
+
+def test_damaged_or_missing_listings_are_named(engine: SnapshotEngine, tmp_path: Path) -> None:
+    ws = workspace(tmp_path / "ws", folders=2, files=2)
+    info = engine.create(ws)
+    (ref,) = engine.folders_of(info.id)["top1"]
+    pack = tmp_path / "store" / pack_key(ref.pack)
+    data = bytearray(pack.read_bytes())
+    data[ref.offset + ref.length // 2] ^= 0xFF
+    pack.chmod(0o644)
+    pack.write_bytes(bytes(data))
+    with pytest.raises(SnapshotCorrupt, match=f"{pack_key(ref.pack)}.*(fails its hash check|cannot be decoded)"):
+        fresh(engine, tmp_path, "r1").restore(info.id, tmp_path / "out1")
+    report = fresh(engine, tmp_path, "r2").verify(info.id)
+    assert not report.ok and pack_key(ref.pack) in report.problems[0].key
+    report = engine.verify(info.id)  # the tree is cached here: verify reads its listings again all the same
+    assert not report.ok and any(p.path == "top1" for p in report.problems)
+    pack.unlink()
+    with pytest.raises(SnapshotCorrupt, match="is missing"):
+        fresh(engine, tmp_path, "r3").restore(info.id, tmp_path / "out3")
+
+
+def test_a_listing_that_inflates_past_its_reference_is_refused(engine: SnapshotEngine, tmp_path: Path) -> None:
+    """A zstd bomb as a listing: decoding stops one byte past the length its reference claims."""
+    bomb = zstandard.ZstdCompressor(level=19).compress(b"\0" * (64 << 20))
+    writer = PackWriter(engine.store, BlobIndex(engine.store, None))
+    writer.encode = lambda data: (bomb, t.CODEC_ZSTD)  # type: ignore[method-assign]
+    ref = writer.add(merkle.folder_footer("a"))
+    writer.finish()
+    ref = writer.resolve(ref)
+    refused(engine, tmp_path, plant_root(engine, [line("a", refs=[ref])], 1), "fails its hash check")
