@@ -85,6 +85,13 @@ def test_one_changed_file_writes_only_the_listings_on_its_path(
     # object and the record.
     assert len(new) == 2 + 2 * 3 + 2, sorted(new)
     assert sum(1 for k in new if k.startswith(TREES)) == 1
+    # The untouched folders' listings are the parent's, taken as they were: not encoded, hashed or looked up.
+    assert second.stats.spliced and second.stats.tree_deduped == 0
+    # And the tree is the one a whole walk of the folder gives, each listing encoded and found stored by its hash.
+    walker = fresh(engine, tmp_path, "walker")
+    walked = walker.create(ws)
+    assert walked.id == second.id and walked.stats and walked.stats.tree_deduped == 44 and walked.stats.tree_blobs == 0
+    walker.close()
     other = fresh(engine, tmp_path, "other")
     other.restore(second.id, tmp_path / "out")
     assert (tmp_path / "out" / changed).read_text() == "changed\n"
@@ -313,3 +320,49 @@ def test_a_listing_that_inflates_past_its_reference_is_refused(engine: SnapshotE
     writer.finish()
     ref = writer.resolve(ref)
     refused(engine, tmp_path, plant_root(engine, [line("a", refs=[ref])], 1), "fails its hash check")
+
+
+@pytest.mark.parametrize("hinted", [False, True])
+def test_reused_listings_give_the_tree_a_whole_walk_gives(engine: SnapshotEngine, tmp_path: Path, hinted: bool) -> None:
+    """Spliced snapshots take the parent's listings of untouched folders as they are (merkle.split_changed): after
+    each round of random edits - files changed, added, removed, folders made and removed, nested - the tree is the
+    very one a fresh worker's whole walk of the folder stores."""
+    import random
+    import shutil
+
+    rng = random.Random(12)
+    ws = workspace(tmp_path / "ws", folders=6, files=3)
+    cache = tmp_path / "cache"
+    parent = engine.create(ws, cache_path=cache)
+    for round_ in range(6):
+        time.sleep(1.1)  # past the stat cache's racy window
+        touched: set[str] = set()
+        for _ in range(4):
+            folders = sorted(str(p.relative_to(ws)) for p in ws.rglob("*") if p.is_dir())
+            folder = rng.choice(folders)
+            what = rng.choice(["edit", "add", "nest", "remove"])
+            if what == "edit" and (files := sorted((ws / folder).glob("*.txt"))):
+                rng.choice(files).write_text(f"edited {round_}\n")
+                touched.add(folder)
+            elif what == "add":
+                (ws / folder / f"new{round_}-{rng.randrange(99)}.txt").write_text("new\n")
+                touched.add(folder)
+            elif what == "nest":
+                (ws / folder / f"n{round_}" / "m").mkdir(parents=True, exist_ok=True)
+                (ws / folder / f"n{round_}" / "m" / "x.txt").write_text("x\n")
+                touched.add(folder)
+            elif what == "remove" and folder.count("/") >= 1:
+                shutil.rmtree(ws / folder)
+                touched.add(folder.rpartition("/")[0])
+        changes = ChangeSet(frozenset(touched)) if hinted else None
+        child = engine.create(ws, cache_path=cache, parent=parent.id, changes=changes)
+        assert child.stats and child.stats.spliced
+        walker = fresh(engine, tmp_path, f"walker{round_}")
+        assert walker.create(ws).id == child.id, f"round {round_}: {sorted(touched)}"
+        walker.close()
+        parent = child
+    out = tmp_path / "out"
+    fresh(engine, tmp_path, "reader").restore(parent.id, out)
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == sorted(
+        str(p.relative_to(ws)) for p in ws.rglob("*")
+    )

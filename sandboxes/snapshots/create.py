@@ -385,9 +385,10 @@ def create_snapshot(
 ) -> CreateResult:
     """Store everything under ``root`` that ``selection`` covers.
 
-    ``publish(flat_id, tree_body, side)`` stores the tree once all packs are stored and returns the snapshot id
+    ``publish(flat_id, tree_body, side, spliced)`` stores the tree once all packs are stored and returns the snapshot id
     and whether it wrote the tree object (False: an identical tree already existed) as `Published`; ``flat_id`` is
-    the hash of the flat body, ``side`` the body's side file and the packs it names (splice.py), or None. The stat
+    the hash of the flat body, ``side`` the body's side file and the packs it names (splice.py), or None, and
+    ``spliced`` what a spliced body can differ from its parent in (createbase.Spliced), or None. The stat
     cache is replaced only after that succeeded. The stat cache belongs to ``store_id`` (the store's identity; its
     URL by default); files it describes with chunks in ``avoid_packs`` (packs found missing from the store) are
     read again.
@@ -502,10 +503,11 @@ def _create(
                 raise
             # The stored tree's id is the snapshot id (for tardigrade-tree/2 not the flat body's hash): it is what
             # the stat cache and the result name.
-            published = inputs.publish(snapshot_id, body, builder.side)
+            published = inputs.publish(snapshot_id, body, builder.side, None)
             snapshot_id = published.snapshot_id
             stats.tree_written = published.written
             stats.tree_blobs, stats.tree_bytes = published.tree_blobs, published.tree_bytes
+            stats.tree_deduped = published.tree_deduped
             if cache_out is not None:
                 if walked is None:
                     # Not a third walk after the tree was built: a file changed since would get the new stat in

@@ -29,10 +29,15 @@ class Published:
     written: bool
     tree_blobs: int = 0
     tree_bytes: int = 0
+    tree_deduped: int = 0
 
 
-#: ``publish(flat body's id, flat body, side file and its packs or None)``: see `create_snapshot`.
-Publish = Callable[[str, Path, "tuple[Path, frozenset[str]] | None"], Published]
+#: A spliced tree's parent (its snapshot id) and the (path, whole subtree?) targets the splice replaced: the only
+#: places where the new tree can differ from the parent's (splice.py).
+Spliced = tuple[str, list[tuple[str, bool]]]
+
+#: ``publish(flat body's id, flat body, side file and its packs or None, Spliced or None)``: see `create_snapshot`.
+Publish = Callable[[str, Path, "tuple[Path, frozenset[str]] | None", "Spliced | None"], Published]
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,7 @@ class CreateStats:
     tree_written: bool = False
     tree_blobs: int = 0  # folder listings newly stored (tardigrade-tree/2, merkle.py)
     tree_bytes: int = 0  # their stored bytes plus the tree object's (uncompressed), if it was new
+    tree_deduped: int = 0  # folder listings encoded and hashed, and found stored already
     spliced: bool = False  # the tree is the parent's with only the hinted paths replaced (splice.py)
     seconds: float = 0.0
 

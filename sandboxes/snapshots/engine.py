@@ -34,7 +34,7 @@ from tardigrade.sandboxes.snapshots import merkle
 from tardigrade.sandboxes.snapshots import tree as t
 from tardigrade.sandboxes.snapshots.changes import ChangeSet
 from tardigrade.sandboxes.snapshots.create import CreateResult, CreateStats, create_snapshot
-from tardigrade.sandboxes.snapshots.createbase import Published
+from tardigrade.sandboxes.snapshots.createbase import Published, Spliced
 from tardigrade.sandboxes.snapshots.crypto import EncryptedStore, Encryption, EncryptionError, require_no_encryption
 from tardigrade.sandboxes.snapshots.gc import Epoch, GcPolicy, GcReport, collect_garbage, load_epochs
 from tardigrade.sandboxes.snapshots.hinted import check_changes
@@ -311,23 +311,31 @@ class SnapshotEngine:
         known.sync_gc(epochs)
         known.refresh()
 
-        def publish(flat_id: str, body: Path, side: tuple[Path, frozenset[str]] | None) -> Published:
+        def publish(
+            flat_id: str, body: Path, side: tuple[Path, frozenset[str]] | None, spliced: Spliced | None
+        ) -> Published:
             """Store the folder listings of the flat tree ``body`` (tardigrade-tree/2), then queue the root object
             once every pack the tree names is known to be in the store; `create` flushes it together with the
-            record (packs were flushed before). ``side``: the body's side file and packs, if it has one."""
+            record (packs were flushed before). ``side``: the body's side file and packs, if it has one;
+            ``spliced``: where a spliced body can differ from its parent, whose untouched listings are reused."""
             packs = set(side[1]) if side is not None else tree_packs(body)
             root = body.with_name(body.name + ".root")
             try:
                 if self.tree_format == 1:
-                    snapshot_id, tree_object, folders, blobs, stored = flat_id, body, {}, 0, 0
+                    snapshot_id, tree_object, folders, blobs, stored, deduped = flat_id, body, {}, 0, 0, 0
                 else:
+                    reusable = self._reusable_listings(spliced[0]) if spliced is not None else None
                     writer = PackWriter(self.store, known, encryption=self.encryption)
                     try:
-                        folders = merkle.split(body, writer, root)
+                        if spliced is not None and reusable:
+                            folders = merkle.split_changed(body, reusable, spliced[1], writer, root)
+                        else:
+                            folders = merkle.split(body, writer, root)
                     finally:
                         writer.close()
                     snapshot_id, tree_object = _file_hash(root), root
                     blobs, stored = writer.stats.blobs_new, writer.stats.bytes_stored
+                    deduped = writer.stats.blobs_reused
                     packs |= {ref.pack for refs in folders.values() for ref in refs}
                 self._require_packs(known, packs, since)
                 if self.identity != identity:
@@ -342,7 +350,7 @@ class SnapshotEngine:
                 self._remember_tree(snapshot_id, body, packs, side[0] if side is not None else None, folders)
             finally:
                 root.unlink(missing_ok=True)
-            return Published(snapshot_id, written, blobs, stored if written or blobs else 0)
+            return Published(snapshot_id, written, blobs, stored if written or blobs else 0, deduped)
 
         def tree_usable(snapshot_id: str) -> bool:
             """The unchanged workspace's last tree may be reused: it and every pack it names are in the store."""
@@ -429,6 +437,19 @@ class SnapshotEngine:
             listings = {ref.pack for refs in self.folders_of(snapshot_id).values() for ref in refs}
             packs = self._note_packs(snapshot_id, files | listings)
         return packs
+
+    def _reusable_listings(self, parent: str) -> merkle.FolderRefs | None:
+        """The parent's folder listings, if a spliced child may name them without looking: none in a pack that
+        garbage collection condemned or that was found missing (those are stored again, under new packs)."""
+        try:
+            folders = self.folders_of(parent)
+        except SnapshotError as e:
+            log.info("the listings of %s are not reused: %s", parent, e)
+            return None
+        avoid = self.known.condemned | self.known.vanished
+        if any(ref.pack in avoid for refs in folders.values() for ref in refs):
+            return None
+        return folders
 
     def folders_of(self, snapshot_id: str) -> merkle.FolderRefs:
         """The folder listings of the snapshot's tree as stored (none for a flat tardigrade-tree/1 tree), from the

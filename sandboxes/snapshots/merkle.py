@@ -26,8 +26,9 @@ bounded by the path limit; and the entry count must match the root footer's.
 from __future__ import annotations
 
 import json
+import mmap
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -36,6 +37,7 @@ from tardigrade.sandboxes.errors import SnapshotCorrupt, UnsafeTree
 from tardigrade.sandboxes.snapshots import tree as t
 from tardigrade.sandboxes.snapshots.crypto import Encryption, EncryptionError
 from tardigrade.sandboxes.snapshots.packs import BlobUndecodable, PackWriter, blob_hash, decode_blob
+from tardigrade.sandboxes.snapshots.splice import first_line
 from tardigrade.sandboxes.snapshots.tree_check import head_canonical
 from tardigrade.sandboxes.store_keys import pack_key
 from tardigrade.sandboxes.stores.base import ObjectMissing, ObjectStore
@@ -129,6 +131,89 @@ def split(body: Path, writer: PackWriter, root_out: Path) -> FolderRefs:
             out.write(line + b"\n")
         out.write(_ROOT_HEAD + footer[len(_FLAT_HEAD) :])
     return resolved
+
+
+def split_changed(
+    body: Path, parent: FolderRefs, targets: Iterable[tuple[str, bool]], writer: PackWriter, root_out: Path
+) -> FolderRefs:
+    """`split` of a tree body spliced from its parent's (splice.py), where only ``targets`` - (path, whole subtree?)
+    pairs, the parent's lines the splice replaced - can differ: a folder above a target, or within a subtree
+    target, is listed anew; every other folder's subtree is the parent's byte for byte, so its listing is the
+    parent's (``parent``: its folder references), neither read nor encoded nor hashed. The body is read only
+    where it is listed anew, a folder's subtree skipped by binary search: what the change touches, not what the
+    workspace holds. The result is the one `split` gives."""
+    above: set[str] = set()  # every folder with a target beneath it
+    subtrees: set[str] = set()
+    for path, subtree in targets:
+        parts = path.split("/")
+        above.update("/".join(parts[:i]) for i in range(1, len(parts)))
+        if subtree:
+            subtrees.add(path)
+
+    def listed_anew(folder: str) -> bool:
+        if folder in above or folder in subtrees:
+            return True
+        parts = folder.split("/")
+        return any("/".join(parts[:i]) in subtrees for i in range(1, len(parts)))
+
+    folders = {path: refs for path, refs in parent.items() if not listed_anew(path)}
+    pending: list[_Folder] = []
+    held = 0
+    with open(body, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        end = buf.rfind(b"\n") + 1  # the footer follows the last line
+        footer = buf[end:]
+        root = _Folder("")
+        stack: list[tuple[_Folder, int]] = [(root, 0)]  # a folder listed anew, where its next child's line starts
+        while stack:
+            folder, at = stack[-1]
+            line_end = buf.find(b"\n", at, end) if at < end else -1
+            line = buf[at:line_end] if line_end >= 0 else b""
+            path, kind = head_canonical(line) if line else ("", "")
+            if not line or (folder.path and not path.startswith(folder.path + "/")):
+                stack.pop()  # past its last child: its parent goes on from here
+                if stack:
+                    pending.append(folder)
+                    held += folder.size
+                    stack[-1] = (stack[-1][0], at)
+                continue
+            if path.rpartition("/")[0] != folder.path:
+                raise ValueError(f"tree line {path[:200]!r} comes without its folder (not in canonical order)")
+            if kind == t.DIR:
+                folder.children[len(folder.lines)] = path
+            folder.lines.append(line)
+            folder.size += len(line) + 1
+            after = line_end + 1
+            if kind == t.DIR and path not in folders:
+                stack[-1] = (folder, after)  # for now; the child's end replaces it when the child is done
+                stack.append((_Folder(path), after))
+                continue
+            if kind == t.DIR:  # the parent's listing holds: skip its subtree
+                after = _subtree_end(buf, after, end, path)
+            stack[-1] = (folder, after)
+            if held > PENDING_LIMIT:
+                _store(pending, writer, folders)
+                pending, held = [], 0
+    _store(pending, writer, folders)
+    writer.finish()
+    resolved = {path: [writer.resolve(r) for r in refs] for path, refs in folders.items()}
+    with open(root_out, "wb") as out:
+        for listed in _listed(root, resolved):
+            out.write(listed + b"\n")
+        if not footer.startswith(_FLAT_HEAD):
+            raise ValueError("the tree body has no tardigrade-tree/1 footer")
+        out.write(_ROOT_HEAD + footer[len(_FLAT_HEAD) :])
+    return resolved
+
+
+def _path_of(buf: mmap.mmap, start: int, end: int) -> str:
+    return head_canonical(buf[start:end])[0]
+
+
+def _subtree_end(buf: mmap.mmap, start: int, end: int, folder: str) -> int:
+    """Where the lines beneath ``folder`` (from ``start``, just past its own line) end."""
+    key = t.sort_key(folder)
+    depth = len(key)
+    return first_line(buf, start, end, _path_of, lambda k: k[:depth] > key)
 
 
 def _store(pending: list[_Folder], writer: PackWriter, folders: FolderRefs) -> None:
