@@ -4,6 +4,7 @@ garbage collection of listing packs, and crafted listings and root objects in a 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import time
@@ -366,3 +367,23 @@ def test_reused_listings_give_the_tree_a_whole_walk_gives(engine: SnapshotEngine
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == sorted(
         str(p.relative_to(ws)) for p in ws.rglob("*")
     )
+
+
+def test_a_worker_without_the_tree_reads_listings_a_few_mib_at_a_time(engine: SnapshotEngine, tmp_path: Path) -> None:
+    ws = tmp_path / "ws"
+    for d in range(100):
+        for sub in ("a", "b"):
+            (ws / f"d{d:03}" / sub).mkdir(parents=True)
+            (ws / f"d{d:03}" / sub / "f.txt").write_text(f"{d}{sub}\n")
+    info = engine.create(ws)
+    root = zstandard.ZstdDecompressor().decompress(engine.store.get(tree_key(info.id)), max_output_size=1 << 24)
+    reader = merkle.ListingReader(engine.store, None, info.id)
+    out = io.BytesIO()
+    folders = merkle.assemble(info.id, root, reader, out)
+    assert len(folders) == 300 and out.getvalue() == flat(engine, info.id)
+    assert reader.reads <= 4, "300 listings in two packs: a ranged read per pack, not one per folder"
+    # A reference past its pack's end is named, not read.
+    (ref,) = folders["d000"]
+    past = merkle.ListingReader(engine.store, None, info.id)
+    with pytest.raises(SnapshotCorrupt, match="is shorter than"):
+        past("d000", [ref._replace(offset=ref.offset + (1 << 30))])

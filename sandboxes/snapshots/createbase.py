@@ -23,7 +23,7 @@ from tardigrade.sandboxes.stores.base import ObjectStore
 class Published:
     """What publishing a tree did: the snapshot id (the stored tree object's hash, which for a tardigrade-tree/2
     tree is not the flat body's, see merkle.py), whether the tree object was new, and the folder listings and
-    tree bytes it wrote (new listing blobs' stored bytes plus the tree object's uncompressed size, if new)."""
+    bytes it stored (the tree object aside), and how many listings it encoded only to find them stored."""
 
     snapshot_id: str
     written: bool
@@ -69,7 +69,7 @@ class CreateStats:
     packs: int = 0
     tree_written: bool = False
     tree_blobs: int = 0  # folder listings newly stored (tardigrade-tree/2, merkle.py)
-    tree_bytes: int = 0  # their stored bytes plus the tree object's (uncompressed), if it was new
+    tree_bytes: int = 0  # their stored bytes (the tree object aside)
     tree_deduped: int = 0  # folder listings encoded and hashed, and found stored already
     spliced: bool = False  # the tree is the parent's with only the hinted paths replaced (splice.py)
     seconds: float = 0.0

@@ -1,9 +1,12 @@
 """`SnapshotEngine`: create, restore, verify and list snapshots in one object store.
 
-Its objects - packs of compressed blobs, pack indexes, trees (zstd JSON lines; the snapshot id is the hash of
-the tree) and small records for listing - are immutable and verified on read; where each lives is in
-sandboxes/store_keys.py. A snapshot is usable once its tree exists; the tree is written only after its packs, and
-the record only after the tree. This module holds no Temporal code: activities and the CLI call it.
+Its objects - packs of compressed blobs (file contents, and the folder listings of trees), pack indexes, tree
+objects (a tardigrade-tree/2 root, merkle.py, or a flat tardigrade-tree/1 tree; the snapshot id is the hash of
+the object) and small records for listing - are immutable and verified on read; where each lives is in
+sandboxes/store_keys.py. A snapshot is usable once its tree object exists; it is written only after every pack
+(contents and listings), and the record only after the tree. Trees are used in their flat form (tree.py), kept
+per worker in a cache keyed by snapshot id, next to their folder listings' references and splice side file.
+This module holds no Temporal code: activities and the CLI call it.
 """
 
 from __future__ import annotations
@@ -343,14 +346,13 @@ class SnapshotEngine:
                 written = False
                 if not self.store.exists(tree_key(snapshot_id)):
                     self._put_tree(snapshot_id, tree_object)
-                    stored += tree_object.stat().st_size
                     written = True
                 if side is not None and snapshot_id != flat_id and not retarget_side(side[0], snapshot_id):
                     side = None
                 self._remember_tree(snapshot_id, body, packs, side[0] if side is not None else None, folders)
             finally:
                 root.unlink(missing_ok=True)
-            return Published(snapshot_id, written, blobs, stored if written or blobs else 0, deduped)
+            return Published(snapshot_id, written, blobs, stored, deduped)
 
         def tree_usable(snapshot_id: str) -> bool:
             """The unchanged workspace's last tree may be reused: it and every pack it names are in the store."""
@@ -613,9 +615,7 @@ class SnapshotEngine:
                         folders = merkle.assemble(
                             snapshot_id,
                             body.read_bytes(),  # the root folder's listing, bounded like any tree object
-                            lambda path, refs: merkle.fetch_listing(
-                                self.store, self.encryption, snapshot_id, path, refs
-                            ),
+                            merkle.ListingReader(self.store, self.encryption, snapshot_id),
                             out,
                         )
                     os.replace(flat, body)

@@ -1,8 +1,16 @@
-"""The tree object: one line per path of a snapshot, in canonical order, plus the workspace digest.
+"""The flat tree (tardigrade-tree/1): one line per path of a snapshot, in canonical order, plus the workspace digest.
 
-A tree is JSON lines, zstd-compressed. Its id - the snapshot id - is the BLAKE3 hash of the uncompressed bytes,
-so a tree can be verified on every read. Entries are sorted depth-first with siblings by name (the order a walk
-produces), which lets create and restore stream-merge a tree against a live folder in bounded memory.
+A flat tree is JSON lines, then a footer line (format, entry count, bytes, workspace digest, selection). Entries
+are sorted depth-first with siblings by name (the order a walk produces), which lets create and restore
+stream-merge a tree against a live folder in bounded memory, and splice and binary-search it as bytes. Every
+reader (restore, verify, diff, GC) and every writer (create, splice) works on this form.
+
+How a tree is stored: new snapshots store it as a Merkle tree of folder listings in packs (tardigrade-tree/2,
+merkle.py), whose root object is ``trees/xx/<snapshot id>`` and whose lines are these lines (plus, on a folder's
+line, ``"x"``: where its listing is), so the flat tree is assembled from it on read, byte for byte what was
+split, and the workspace digest does not depend on the form. Stores written before hold flat trees as one
+zstd-compressed object, whose id - the snapshot id - is the BLAKE3 hash of the uncompressed flat tree; those are
+read as they are. Either way the snapshot id verifies the whole tree.
 
 Entry fields (short keys keep trees small): ``p`` path, ``k`` kind (``d`` folder, ``f`` file, ``l`` symlink,
 ``h`` hard link to an earlier file), ``m`` permission bits, ``t`` mtime in ns, ``s`` size, ``h`` BLAKE3 of the
