@@ -22,6 +22,7 @@ from tardigrade.sandboxes.snapshots.changes import ChangeSet
 from tardigrade.sandboxes.snapshots.gc import GcPolicy
 from tardigrade.sandboxes.snapshots.index import BlobIndex
 from tardigrade.sandboxes.snapshots.packs import PackWriter
+from tardigrade.sandboxes.snapshots.splice import SideFooter
 from tardigrade.sandboxes.store_keys import INDEX, TREES, pack_key, record_key, tree_key
 from tardigrade.sandboxes.stores import FileStore
 
@@ -88,6 +89,10 @@ def test_one_changed_file_writes_only_the_listings_on_its_path(
     assert sum(1 for k in new if k.startswith(TREES)) == 1
     # The untouched folders' listings are the parent's, taken as they were: not encoded, hashed or looked up.
     assert second.stats.spliced and second.stats.tree_deduped == 0
+    # The side file kept for the next splice names the snapshot (the root object's id), not the flat body's hash.
+    side = (engine.scratch / "trees" / engine.identity / f"{second.id}.side").read_bytes()
+    footer = SideFooter.decode(side.rsplit(b"\n", 1)[-1])
+    assert footer is not None and footer.tree == second.id
     # And the tree is the one a whole walk of the folder gives, each listing encoded and found stored by its hash.
     walker = fresh(engine, tmp_path, "walker")
     walked = walker.create(ws)
