@@ -392,3 +392,32 @@ def test_a_worker_without_the_tree_reads_listings_a_few_mib_at_a_time(engine: Sn
     past = merkle.ListingReader(engine.store, None, info.id)
     with pytest.raises(SnapshotCorrupt, match="is shorter than"):
         past("d000", [ref._replace(offset=ref.offset + (1 << 30))])
+
+
+def test_a_large_listing_is_pieces_and_an_edit_rewrites_few_of_them(
+    engine: SnapshotEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A folder too large for one blob is listed in pieces cut at line boundaries by content, so an edit in it
+    rewrites the pieces around the edit, not the whole listing (small pieces here stand for the real MiB sizes)."""
+    monkeypatch.setattr(merkle, "PIECE_MIN", 2048)
+    monkeypatch.setattr(merkle, "PIECE_MAX", 8192)
+    ws = tmp_path / "ws"
+    (ws / "big").mkdir(parents=True)
+    for f in range(400):
+        (ws / "big" / f"file-{f:04}.txt").write_text(f"{f}\n")
+    cache = tmp_path / "cache"
+    first = engine.create(ws, cache_path=cache)
+    before = engine.folders_of(first.id)["big"]
+    assert len(before) >= 8
+    time.sleep(1.1)  # past the stat cache's racy window
+    (ws / "big" / "file-0200.txt").write_text("edited\n")
+    second = engine.create(ws, cache_path=cache, parent=first.id)
+    after = engine.folders_of(second.id)["big"]
+    assert second.stats and 1 <= second.stats.tree_blobs <= 3
+    assert len(set(after) - set(before)) == second.stats.tree_blobs
+    reader = fresh(engine, tmp_path, "reader")
+    reader.restore(second.id, tmp_path / "out")
+    assert (tmp_path / "out" / "big" / "file-0200.txt").read_text() == "edited\n"
+    assert (tmp_path / "out" / "big" / "file-0399.txt").read_text() == "399\n"
+    assert flat(reader, second.id) == flat(engine, second.id)
+    reader.close()
