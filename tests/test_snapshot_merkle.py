@@ -421,3 +421,25 @@ def test_a_large_listing_is_pieces_and_an_edit_rewrites_few_of_them(
     assert (tmp_path / "out" / "big" / "file-0399.txt").read_text() == "399\n"
     assert flat(reader, second.id) == flat(engine, second.id)
     reader.close()
+
+
+@pytest.mark.parametrize("hinted", [False, True])
+def test_listings_stored_in_many_batches_make_the_same_tree(
+    engine: SnapshotEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hinted: bool
+) -> None:
+    """A large tree's closed folders are stored in batches (merkle.PENDING_LIMIT); a batch's last listings may
+    still be in the open pack when their parent's batch comes. One folder per batch here: the same tree."""
+    ws = workspace(tmp_path / "ws", folders=6, files=2)
+    (ws / "top1" / "z.txt").write_text("after the subfolders: top1 closes a line after them\n")
+    cache = tmp_path / "cache"
+    first = engine.create(ws, cache_path=cache)
+    time.sleep(1.1)  # past the stat cache's racy window
+    (ws / "top1" / "d05" / "deep" / "f01.txt").write_text("changed\n")
+    (ws / "top2" / "new" / "deeper").mkdir(parents=True)
+    monkeypatch.setattr(merkle, "PENDING_LIMIT", 0)
+    changes = ChangeSet(frozenset({"top1/d05/deep/f01.txt", "top2/new"})) if hinted else None
+    second = engine.create(ws, cache_path=cache, parent=first.id, changes=changes)
+    batched = fresh(engine, tmp_path, "batched").create(ws)
+    monkeypatch.undo()
+    whole = fresh(engine, tmp_path, "whole").create(ws)
+    assert second.id == batched.id == whole.id

@@ -219,6 +219,7 @@ def _subtree_end(buf: mmap.mmap, start: int, end: int, folder: str) -> int:
 def _store(pending: list[_Folder], writer: PackWriter, folders: FolderRefs) -> None:
     """Store the listings of closed folders (children before parents), in rounds: a folder whose children all
     have sealed packs is stored (or found stored) now; the others wait for the seal that ends the round."""
+    stalled = False
     while pending:
         rest = []
         for folder in pending:
@@ -228,8 +229,12 @@ def _store(pending: list[_Folder], writer: PackWriter, folders: FolderRefs) -> N
             resolved = {c: [writer.resolve(r) for r in folders[c]] for c in folder.children.values()}
             folders[folder.path] = [writer.add(piece) for piece in _pieces(folder, resolved)]
             folder.lines = []
-        if len(rest) == len(pending):
-            raise RuntimeError("folder listings wait for each other (a tree body out of order)")
+        if len(rest) == len(pending):  # their children went into the open pack in an earlier call: seal it
+            if stalled:
+                raise RuntimeError("folder listings wait for each other (a tree body out of order)")
+            stalled = True
+        else:
+            stalled = False
         if rest:
             writer.seal()
         pending = rest
