@@ -14,10 +14,13 @@ the flat footer: the workspace digest (over entries, never over objects) is the 
 
 A listing's children must have their pack names before the listing is hashed, and a pack is named only when it is
 sealed: so the listings are stored in rounds (`_store`), each round the folders whose children are all in sealed
-packs, one seal between rounds. A one-file change at depth d makes d rounds of one new blob each.
+packs, one seal between rounds. A one-file change at depth d makes d rounds of one new blob each (d small packs).
+`split` encodes every listing of a flat tree and finds the unchanged ones stored by their hash; `split_changed`,
+for a tree spliced from its parent's, takes the parent's listings of untouched folders as they are, so it costs
+what the change touches. Both give the same tree.
 
 Listings come from a store: `assemble` takes nothing on trust. Each blob is checked against its hash
-(`fetch_listing`), with its inflation bounded by its reference; each line must be a direct child of the folder
+(`ListingReader`), with its inflation bounded by its reference; each line must be a direct child of the folder
 whose listing holds it, and a listing must name the folder it was fetched for; no blob may be used twice in one
 tree (a few crafted listings naming each other over and over would expand to billions of entries); depth is
 bounded by the path limit; and the entry count must match the root footer's.
