@@ -32,13 +32,16 @@ NO_GRACE = GcPolicy(keep_last=1, keep_within=0, grace=0)
 @pytest.fixture
 def engine(tmp_path: Path) -> Iterator[SnapshotEngine]:
     e = SnapshotEngine(FileStore(tmp_path / "store"), scratch_dir=tmp_path / "scratch", encryption=None)
+    e.merkle_from_bytes = 0  # tree/2 however small the workspace
     yield e
     e.close()
 
 
 def fresh(engine: SnapshotEngine, tmp_path: Path, name: str) -> SnapshotEngine:
     """Another worker on the same store: nothing cached locally, every tree read from the store."""
-    return SnapshotEngine(engine.raw_store, scratch_dir=tmp_path / name, encryption=None)
+    other = SnapshotEngine(engine.raw_store, scratch_dir=tmp_path / name, encryption=None)
+    other.merkle_from_bytes = engine.merkle_from_bytes
+    return other
 
 
 def workspace(root: Path, folders: int = 20, files: int = 20) -> Path:
@@ -443,3 +446,41 @@ def test_listings_stored_in_many_batches_make_the_same_tree(
     monkeypatch.undo()
     whole = fresh(engine, tmp_path, "whole").create(ws)
     assert second.id == batched.id == whole.id
+
+
+def test_small_trees_stay_one_object_and_a_chain_may_cross_the_threshold(
+    engine: SnapshotEngine, tmp_path: Path
+) -> None:
+    """Below `merkle_from_bytes` a tree is one tardigrade-tree/1 object (cheaper per checkpoint); a chain of
+    spliced snapshots whose tree grows past it and shrinks back switches form and keeps the tree a walk gives."""
+    ws = workspace(tmp_path / "ws", folders=4, files=5)
+    cache = tmp_path / "cache"
+    engine.merkle_from_bytes = 10_000  # between the two sizes below (flat bodies of ~7 KB and ~15 KB)
+    parent = engine.create(ws, cache_path=cache)
+    ids = [parent.id]
+    time.sleep(1.1)  # past the stat cache's racy window for the files just written
+    steps: list[set[str]] = []
+    grown = {f"top0/d00/deep/g{i:02}.txt" for i in range(40)}
+    steps.append(grown)
+    steps.append(grown)  # removed again
+    for n, changed in enumerate(steps):
+        for rel in changed:
+            path = ws / rel
+            if n == 0:
+                path.write_text(rel)
+            else:
+                path.unlink()
+        parent = engine.create(ws, cache_path=cache, parent=parent.id, changes=ChangeSet(frozenset(changed)))
+        ids.append(parent.id)
+    forms = []
+    for snapshot_id in ids:
+        stored = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(engine.store.get(tree_key(snapshot_id))))
+        forms.append(merkle.FORMAT.encode() in stored.read())  # the format is named in the footer, the last line
+    assert forms == [False, True, False], forms
+    reader = fresh(engine, tmp_path, "reader")
+    walked = reader.create(ws)
+    assert walked.id == ids[2]
+    reader.restore(ids[1], tmp_path / "grown")
+    assert (tmp_path / "grown" / "top0" / "d00" / "deep" / "g39.txt").read_text() == "top0/d00/deep/g39.txt"
+    assert reader.verify(ids[1]).ok
+    reader.close()

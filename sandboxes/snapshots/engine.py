@@ -59,6 +59,7 @@ _LIST_SHARD_AT = 8  # unconfirmed packs in one packs/xx/ folder from which one l
 _CHECK_THREADS = 16
 _LIST_PAGE = 1000  # keys per listing request (S3, GCS and Azure alike)
 _TREE_PACKS_LIMIT = 64
+MERKLE_FROM_BYTES = 4 << 20  # flat trees from this size are stored as listings (tree/2): see merkle_from_bytes
 log = logging.getLogger("tardigrade.snapshots")
 _TREE_CACHE_LIMIT = 32
 SIDE_SUFFIX = ".side"  # a cached tree's digest records (splice.py), next to it
@@ -180,6 +181,11 @@ class SnapshotEngine:
         #: The form new trees are stored in: 2, a Merkle tree of folder listings in packs (merkle.py); 1, one flat
         #: object (what stores written before hold). Every form is read, whatever this says.
         self.tree_format = 2
+        #: Flat trees smaller than this are stored as one tardigrade-tree/1 object even when `tree_format` is 2:
+        #: below it a one-object tree costs less per checkpoint than the listings' packs (measured: 4 MiB is
+        #: about 20,000 files), above it the listings on a change's path are what a one-file
+        #: change writes. Tests set 0 to exercise tree/2 on small workspaces.
+        self.merkle_from_bytes = MERKLE_FROM_BYTES
         #: Which store this is (stores/identity.py). Every cache below is keyed by it, never by the URL.
         self.identity = ensure_identity(self.raw_store)
         self._open_caches(self.identity)
@@ -324,7 +330,7 @@ class SnapshotEngine:
             packs = set(side[1]) if side is not None else tree_packs(body)
             root = body.with_name(body.name + ".root")
             try:
-                if self.tree_format == 1:
+                if self.tree_format == 1 or body.stat().st_size < self.merkle_from_bytes:
                     snapshot_id, tree_object, folders, blobs, stored, deduped = flat_id, body, {}, 0, 0, 0
                 else:
                     reusable = self._reusable_listings(spliced[0]) if spliced is not None else None
