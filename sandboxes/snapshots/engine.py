@@ -461,15 +461,19 @@ class SnapshotEngine:
 
     def folders_of(self, snapshot_id: str) -> merkle.FolderRefs:
         """The folder listings of the snapshot's tree as stored (none for a flat tardigrade-tree/1 tree), from the
-        file kept next to its cached tree; read from the store if that is gone."""
+        file kept next to its cached tree; read from the store if that is gone or fails its checks."""
         companion = self._trees / f"{snapshot_id}{FOLDERS_SUFFIX}"
         for _ in range(2):
             try:
-                return merkle.read_folder_refs(companion)
+                return merkle.read_folder_refs(companion, snapshot_id)
             except FileNotFoundError:
                 (self._trees / snapshot_id).unlink(missing_ok=True)  # pruned meanwhile: fetch both again
-                with self.open_tree(snapshot_id):
-                    pass
+            except ValueError as e:  # cut short (a full disk), damaged, another tree's: the store's root says
+                log.warning("the cached folder listings of %s are read again from the store: %s", snapshot_id, e)
+                companion.unlink(missing_ok=True)
+                (self._trees / snapshot_id).unlink(missing_ok=True)
+            with self.open_tree(snapshot_id):
+                pass
         raise SnapshotError(f"the folder listings of cached tree {snapshot_id} keep vanishing from {self._trees}")
 
     def _note_packs(self, snapshot_id: str, packs: set[str] | frozenset[str]) -> frozenset[str]:
@@ -514,7 +518,7 @@ class SnapshotEngine:
         if folders is not None and not companion.exists():
             scratch = body.with_name(body.name + FOLDERS_SUFFIX)
             try:
-                merkle.write_folder_refs(scratch, folders)
+                merkle.write_folder_refs(scratch, snapshot_id, folders)
                 self._keep_file(scratch, companion)
             finally:
                 scratch.unlink(missing_ok=True)

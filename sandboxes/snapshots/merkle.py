@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+import blake3
+
 from tardigrade.sandboxes.errors import SnapshotCorrupt, UnsafeTree
 from tardigrade.sandboxes.snapshots import tree as t
 from tardigrade.sandboxes.snapshots.crypto import Encryption, EncryptionError
@@ -462,11 +464,28 @@ class _Opened:
     next: int = 0
 
 
-def read_folder_refs(path: Path) -> FolderRefs:
-    """The folder references kept next to a cached flat tree (written by `write_folder_refs`)."""
-    data = json.loads(path.read_bytes())
-    return {p: [t.ChunkRef(*c) for c in refs] for p, refs in data["folders"].items()}
+def read_folder_refs(path: Path, snapshot_id: str) -> FolderRefs:
+    """The folder references of tree ``snapshot_id`` kept next to its cached flat tree (by `write_folder_refs`).
+    Raises ``FileNotFoundError``, or ``ValueError`` for a file cut short, damaged or written for another tree:
+    a spliced child names these listings unread and GC keeps only their packs, so a wrong one would make a wrong
+    checkpoint or lose a kept snapshot's listings."""
+    data = path.read_bytes()
+    body, _, check = data.rpartition(b"\n")
+    if not body or blake3.blake3(body).hexdigest().encode() != check:
+        raise ValueError(f"{path} is damaged (it fails its check hash)")
+    try:
+        parsed = json.loads(body)
+        if parsed["tree"] != snapshot_id:
+            raise ValueError(f"{path} holds the folder listings of another tree ({str(parsed['tree'])[:16]}...)")
+        return {p: [t.ChunkRef(*c) for c in refs] for p, refs in parsed["folders"].items()}
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{path} is malformed ({e!r})") from None
 
 
-def write_folder_refs(path: Path, folders: FolderRefs) -> None:
-    path.write_bytes(json.dumps({"folders": {p: [list(r) for r in refs] for p, refs in folders.items()}}).encode())
+def write_folder_refs(path: Path, snapshot_id: str, folders: FolderRefs) -> None:
+    """Write the folder references of tree ``snapshot_id``: JSON naming the tree, then a line with its BLAKE3."""
+    body = json.dumps(
+        {"tree": snapshot_id, "folders": {p: [list(r) for r in refs] for p, refs in folders.items()}},
+        separators=(",", ":"),
+    ).encode()
+    path.write_bytes(body + b"\n" + blake3.blake3(body).hexdigest().encode())
