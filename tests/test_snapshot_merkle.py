@@ -331,6 +331,44 @@ def test_a_listing_that_inflates_past_its_reference_is_refused(engine: SnapshotE
     refused(engine, tmp_path, plant_root(engine, [line("a", refs=[ref])], 1), "fails its hash check")
 
 
+def test_a_listing_of_tiny_lines_is_held_as_bytes(engine: SnapshotEngine, tmp_path: Path) -> None:
+    """A memory bomb: a listing of hundreds of thousands of tiny lines compresses to little, and held as an
+    object per line it took about six times its size (a crafted 1 GiB listing: gigabytes). Held as bytes, reading
+    it costs about its size twice (fetched, then cut from its footer)."""
+    import tracemalloc
+
+    count = 150_000  # one blob, under its 8 MiB bound
+    lines = [line(f"a/{i:07}", "l") for i in range(count)]
+    refs = listing(engine, "a", lines)
+    snapshot_id = plant_root(engine, [line("a", refs=refs)], count + 1)
+    raw = refs[0].raw_length
+    tracemalloc.start()
+    try:
+        assert len(flat(engine, snapshot_id)) > raw
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * raw, f"assembling a {raw >> 20} MiB listing peaked at {peak >> 20} MiB"
+
+
+def test_listings_held_together_are_bounded(
+    engine: SnapshotEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each listing under the bound, but a chain of them (all held while the walk is inside the deepest) over it:
+    a crafted tree of thousands of nested big listings would hold them all at once."""
+    monkeypatch.setattr(merkle, "MAX_LISTING", 4000)
+    deepest = "/".join("d" * 4)
+    refs = listing(engine, deepest, [line(f"{deepest}/l{i:02}", "l") for i in range(30)])
+    entries = 1 + 30
+    for depth in range(4, 1, -1):
+        here = "/".join("d" * depth)
+        parent = here.rpartition("/")[0]
+        refs = listing(engine, parent, [line(here, refs=refs)] + [line(f"{parent}/z{i:02}", "l") for i in range(20)])
+        entries += 1 + 20
+    assert max(len(line(f"{deepest}/l{i:02}", "l")) for i in range(30)) * 30 < 4000, "each listing is under it"
+    refused(engine, tmp_path, plant_root(engine, [line("d", refs=refs)], entries), "with those of its folders")
+
+
 @pytest.mark.parametrize("hinted", [False, True])
 def test_reused_listings_give_the_tree_a_whole_walk_gives(engine: SnapshotEngine, tmp_path: Path, hinted: bool) -> None:
     """Spliced snapshots take the parent's listings of untouched folders as they are (merkle.split_changed): after

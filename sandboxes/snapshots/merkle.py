@@ -53,7 +53,9 @@ MAX_DEPTH = t.PATH_MAX // 2 + 1  # "a/a/a...": a deeper path is longer than Linu
 # A listing is cut into pieces at line boundaries where a line's CRC says so (past PIECE_MIN), so an edit in a huge
 # folder rewrites the pieces around it, not all; every piece is well under the largest blob readers accept.
 PIECE_MIN, PIECE_MAX, PIECE_MASK = 512 << 10, 4 << 20, 0x3F
-MAX_LISTING = 1 << 30  # a folder of a million entries lists ~200 MB: a listing claiming more is crafted
+# A folder of a million entries lists ~200 MB: listings claiming more, together with those of the folders they are
+# in (all held while a walk is inside them), are crafted.
+MAX_LISTING = 1 << 30
 PENDING_LIMIT = 32 << 20  # closed folders' lines held before a round of stores is forced
 _FLAT_HEAD = b'{"format":"' + t.FORMAT.encode() + b'",'
 _ROOT_HEAD = b'{"format":"' + FORMAT.encode() + b'",'
@@ -336,9 +338,19 @@ class ListingReader:
         return data[: ref.length]
 
 
-def _lines_and_footer(data: bytes) -> tuple[list[bytes], bytes]:
-    body, _, last = data.rpartition(b"\n")
-    return (body.split(b"\n") if _ else []), last
+def _body_and_footer(data: bytes) -> tuple[bytes, bytes]:
+    """A listing's lines (each ending in a newline) and its last line, the footer."""
+    cut = data.rfind(b"\n") + 1
+    return data[:cut], data[cut:]
+
+
+def _lines(body: bytes) -> Iterator[tuple[int, bytes]]:
+    """Each line of a listing body with where it starts, without copying the body into a list."""
+    at = 0
+    while at < len(body):
+        end = body.index(b"\n", at)
+        yield at, body[at:end]
+        at = end + 1
 
 
 def _parse_listed(snapshot_id: str, line: bytes) -> tuple[t.Entry, list[t.ChunkRef] | None, bytes]:
@@ -391,8 +403,11 @@ def assemble(snapshot_id: str, root: bytes, fetch: Fetch, out: BinaryIO) -> Fold
     """Write the flat tree (tardigrade-tree/1 lines and footer) of snapshot ``snapshot_id`` to ``out``, from its
     root object ``root`` (already checked against the id) and ``fetch`` (a `ListingReader`). Returns every
     folder's references. Raises `UnsafeTree` (or the reader's `SnapshotCorrupt`) on anything a writer of this
-    format cannot have produced. Each listing is checked whole before any listing it names is read."""
-    root_lines, last = _lines_and_footer(root)
+    format cannot have produced. Each listing is checked whole before any listing it names is read. Memory: the
+    listings of the folders the walk is inside of, as bytes (at most `MAX_LISTING` together), and their
+    subfolders' lines, never a parsed object per line (a crafted listing of tiny lines would be ten times its
+    size as those)."""
+    root_body, last = _body_and_footer(root)
     footer = _root_footer(snapshot_id, last)
     expected = footer["entries"]
     assert isinstance(expected, int)
@@ -400,13 +415,13 @@ def assemble(snapshot_id: str, root: bytes, fetch: Fetch, out: BinaryIO) -> Fold
     seen: set[str] = set()
     count = 0
 
-    def opened(folder: str, lines: list[bytes], depth: int) -> _Opened:
+    def opened(folder: str, body: bytes, depth: int) -> _Opened:
         nonlocal count
-        count += len(lines)
-        if count > expected:
-            raise UnsafeTree(snapshot_id, "", f"the folders list more than the {expected} entries the footer says")
-        listed = _Opened(folder, [])
-        for line in lines:
+        listed = _Opened(body)
+        for at, line in _lines(body):
+            count += 1
+            if count > expected:
+                raise UnsafeTree(snapshot_id, "", f"the folders list more than the {expected} entries the footer says")
             entry, refs, flat = _parse_listed(snapshot_id, line)
             path = entry.path
             t.check_path(snapshot_id, path)
@@ -427,25 +442,36 @@ def assemble(snapshot_id: str, root: bytes, fetch: Fetch, out: BinaryIO) -> Fold
                             snapshot_id, path[:200], "names a listing blob already used (a tree is no graph)"
                         )
                     seen.add(ref.blob)
-            listed.items.append((path, refs, flat))
+                listed.folders[at] = (path, refs, flat)
         return listed
 
-    stack = [opened("", root_lines, 0)]  # depth first: the folders the walk is in, each with what it has left
+    stack = [opened("", root_body, 0)]  # depth first: the folders the walk is in, each with what it has left
+    held = len(root_body)
     while stack:
         top = stack[-1]
-        if top.next >= len(top.items):
+        if top.next >= len(top.body):
+            held -= len(top.body)
             stack.pop()
             continue
-        path, refs, flat = top.items[top.next]
-        top.next += 1
-        out.write(flat + b"\n")
-        if refs is None:
+        at = top.next
+        top.next = top.body.index(b"\n", at) + 1
+        child = top.folders.pop(at, None)
+        if child is None:
+            out.write(top.body[at : top.next])  # no "x": the flat line as listed
             continue
-        children, child_footer = _lines_and_footer(fetch(path, refs))
+        path, refs, flat = child
+        out.write(flat + b"\n")
+        size = sum(r.raw_length for r in refs)
+        if held + size > MAX_LISTING:
+            raise UnsafeTree(
+                snapshot_id, path[:200], f"has a listing that, with those of its folders, is over {MAX_LISTING} bytes"
+            )
+        body, child_footer = _body_and_footer(fetch(path, refs))
         if child_footer != folder_footer(path):
             raise UnsafeTree(snapshot_id, path[:200], "names the listing of another folder (or none)")
         folders[path] = refs
-        stack.append(opened(path, children, len(stack)))
+        stack.append(opened(path, body, len(stack)))
+        held += len(body)
     if count != expected:
         raise UnsafeTree(snapshot_id, "", f"the folders list {count} entries but the footer says {expected}")
     selection = footer["selection"]
@@ -457,10 +483,11 @@ def assemble(snapshot_id: str, root: bytes, fetch: Fetch, out: BinaryIO) -> Fold
 
 @dataclass
 class _Opened:
-    """A listing being walked: its lines as (path, listing references or None, flat line), what is next."""
+    """A listing being walked: its lines as bytes, where its next line starts, and its subfolders' lines by where
+    they start: (path, listing references, flat line)."""
 
-    folder: str
-    items: list[tuple[str, list[t.ChunkRef] | None, bytes]]
+    body: bytes
+    folders: dict[int, tuple[str, list[t.ChunkRef], bytes]] = field(default_factory=dict)
     next: int = 0
 
 
