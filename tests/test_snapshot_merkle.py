@@ -435,6 +435,25 @@ def test_a_worker_without_the_tree_reads_listings_a_few_mib_at_a_time(engine: Sn
         past("d000", [ref._replace(offset=ref.offset + (1 << 30))])
 
 
+def test_listings_read_backwards_do_not_each_download_a_window(engine: SnapshotEngine, tmp_path: Path) -> None:
+    """A bandwidth bomb: a read brings the few MiB after the listing asked for along, so listings stored in
+    reverse of the order a walk reads them, before a few MiB of filler, made every listing a download of a whole
+    window (a hundred thousand tiny folders: hundreds of GB from a pack of a few MiB). Speculative bytes are
+    bounded by what the listings used."""
+    names = [f"f{i:03}" for i in range(40)]
+    writer = PackWriter(engine.store, BlobIndex(engine.store, None))
+    added = {name: writer.add(merkle.folder_footer(name)) for name in reversed(names)}  # f000 last: read first
+    writer.add(os.urandom(merkle.WINDOW_BYTES))
+    writer.finish()
+    refs = {name: writer.resolve(ref) for name, ref in added.items()}
+    assert len({ref.pack for ref in refs.values()}) == 1
+    root = plant_root(engine, [line(name, refs=[refs[name]]) for name in names], len(names))
+    reader = merkle.ListingReader(engine.store, None, root)
+    body = zstandard.ZstdDecompressor().decompress(engine.store.get(tree_key(root)), max_output_size=1 << 20)
+    merkle.assemble(root, body, reader, io.BytesIO())
+    assert reader.bytes_read < 3 * merkle.WINDOW_BYTES, f"{reader.bytes_read >> 20} MiB for 40 tiny listings"
+
+
 def test_a_large_listing_is_pieces_and_an_edit_rewrites_few_of_them(
     engine: SnapshotEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
