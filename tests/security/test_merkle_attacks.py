@@ -4,6 +4,7 @@ another tree must never make a checkpoint wrong or stuck."""
 
 from __future__ import annotations
 
+import base64
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 
 from tardigrade.sandboxes.snapshots import SnapshotEngine
 from tardigrade.sandboxes.snapshots.changes import ChangeSet
+from tardigrade.sandboxes.snapshots.crypto import Encryption, new_key
 from tardigrade.sandboxes.snapshots.gc import GcPolicy
 from tardigrade.sandboxes.stores import FileStore
 
@@ -96,3 +98,24 @@ def test_a_foreign_folders_file_never_loses_a_kept_snapshots_listings_to_gc(
     reader.restore(second, tmp_path / "out")
     reader.close()
     assert (tmp_path / "out" / "a" / "f").read_text() == "two\n"
+
+
+def test_encrypted_listings_leave_no_name_readable_in_the_store(tmp_path: Path) -> None:
+    """With encryption on, folder listings are blobs in packs like file contents: encrypted, so no folder or file
+    name reaches the store in plain text, and another worker with the key assembles and restores the tree."""
+    enc = Encryption(base64.b64decode(new_key()))
+    engine = SnapshotEngine(FileStore(tmp_path / "store"), scratch_dir=tmp_path / "s", encryption=enc)
+    engine.merkle_from_bytes = 0
+    ws = tmp_path / "ws"
+    (ws / "secret-folder" / "inner-secret").mkdir(parents=True)
+    (ws / "secret-folder" / "inner-secret" / "secret-name.txt").write_text("x\n")
+    info = engine.create(ws)
+    assert engine.folders_of(info.id), "stored as tardigrade-tree/2"
+    for o in engine.raw_store.list(""):
+        data = engine.raw_store.get(o.key)
+        assert b"secret" not in data, o.key
+    engine.close()
+    reader = SnapshotEngine(FileStore(tmp_path / "store"), scratch_dir=tmp_path / "r", encryption=enc)
+    reader.restore(info.id, tmp_path / "out")
+    reader.close()
+    assert (tmp_path / "out" / "secret-folder" / "inner-secret" / "secret-name.txt").read_text() == "x\n"
