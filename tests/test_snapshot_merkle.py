@@ -415,6 +415,28 @@ def test_reused_listings_give_the_tree_a_whole_walk_gives(engine: SnapshotEngine
     )
 
 
+@pytest.mark.parametrize("hinted", [False, True])
+def test_a_spliced_tree_names_no_listing_of_a_removed_folder(
+    engine: SnapshotEngine, tmp_path: Path, hinted: bool
+) -> None:
+    """The folder references kept for a spliced tree (GC marks their packs, the next splice reuses them) are the
+    ones its root names: a removed empty folder's listing is not carried along from the parent."""
+    ws, cache = tmp_path / "ws", tmp_path / "cache"
+    (ws / "keep").mkdir(parents=True)
+    (ws / "keep" / "f").write_text("1\n")
+    (ws / "gone" / "inner").mkdir(parents=True)
+    first = engine.create(ws, cache_path=cache)
+    time.sleep(1.1)  # past the stat cache's racy window
+    (ws / "gone" / "inner").rmdir()
+    (ws / "gone").rmdir()
+    changes = ChangeSet(frozenset({"gone"})) if hinted else None
+    second = engine.create(ws, cache_path=cache, parent=first.id, changes=changes)
+    assert second.stats and second.stats.spliced
+    reader = fresh(engine, tmp_path, "reader")
+    assert engine.folders_of(second.id) == reader.folders_of(second.id) == {"keep": engine.folders_of(first.id)["keep"]}
+    reader.close()
+
+
 def test_a_worker_without_the_tree_reads_listings_a_few_mib_at_a_time(engine: SnapshotEngine, tmp_path: Path) -> None:
     ws = tmp_path / "ws"
     for d in range(100):

@@ -164,6 +164,7 @@ def split_changed(
         return any("/".join(parts[:i]) in subtrees for i in range(1, len(parts)))
 
     folders = {path: refs for path, refs in parent.items() if not listed_anew(path)}
+    reused: set[str] = set()  # folders of the new tree whose subtree is the parent's
     pending: list[_Folder] = []
     held = 0
     with open(body, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
@@ -195,6 +196,7 @@ def split_changed(
                 stack.append((_Folder(path), after))
                 continue
             if kind == t.DIR:  # the parent's listing holds: skip its subtree
+                reused.add(path)
                 after = _subtree_end(buf, after, end, path)
             stack[-1] = (folder, after)
             if held > PENDING_LIMIT:
@@ -202,7 +204,15 @@ def split_changed(
                 pending, held = [], 0
     _store(pending, writer, folders)
     writer.finish()
-    resolved = {path: [writer.resolve(r) for r in refs] for path, refs in folders.items()}
+
+    def in_tree(path: str) -> bool:
+        """Listed anew, or in a reused subtree: not a folder of the parent's that the change removed."""
+        if path not in parent or listed_anew(path):
+            return True
+        parts = path.split("/")
+        return any("/".join(parts[:i]) in reused for i in range(1, len(parts) + 1))
+
+    resolved = {path: [writer.resolve(r) for r in refs] for path, refs in folders.items() if in_tree(path)}
     with open(root_out, "wb") as out:
         for listed in _listed(root, resolved):
             out.write(listed + b"\n")
