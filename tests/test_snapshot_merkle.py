@@ -369,6 +369,17 @@ def test_listings_held_together_are_bounded(
     refused(engine, tmp_path, plant_root(engine, [line("d", refs=refs)], entries), "with those of its folders")
 
 
+def test_a_listing_that_inflates_past_any_real_one_is_refused(engine: SnapshotEngine, tmp_path: Path) -> None:
+    """A disk bomb: one line repeated for 7 MiB stores in under a KiB (ten thousand times smaller), so a small
+    crafted store object became gigabytes of flat tree on the worker's disk; refused before it is read, like a
+    flat tree object past its inflation bound."""
+    repeated = line("a/x", "l") + b"\n"
+    refs = listing(engine, "a", [line("a/x", "l")] * ((7 << 20) // len(repeated)))
+    assert refs[0].raw_length > 1000 * refs[0].length
+    snapshot_id = plant_root(engine, [line("a", refs=refs)], 1 + (7 << 20) // len(repeated))
+    refused(engine, tmp_path, snapshot_id, "inflates over 1024 times")
+
+
 @pytest.mark.parametrize("hinted", [False, True])
 def test_reused_listings_give_the_tree_a_whole_walk_gives(engine: SnapshotEngine, tmp_path: Path, hinted: bool) -> None:
     """Spliced snapshots take the parent's listings of untouched folders as they are (merkle.split_changed): after

@@ -56,6 +56,10 @@ PIECE_MIN, PIECE_MAX, PIECE_MASK = 512 << 10, 4 << 20, 0x3F
 # A folder of a million entries lists ~200 MB: listings claiming more, together with those of the folders they are
 # in (all held while a walk is inside them), are crafted.
 MAX_LISTING = 1 << 30
+# A listing's piece may claim to inflate this many times its stored size (past a floor): real listings are well
+# under 100x (paths, mtimes and hashes differ line by line), the flat tree object's bound is the same (engine.py),
+# and a piece of one line repeated inflates ten thousand times, a worker's disk filled from a small store object.
+LISTING_INFLATE_RATIO, LISTING_INFLATE_FLOOR = 1024, 64 << 10
 PENDING_LIMIT = 32 << 20  # closed folders' lines held before a round of stores is forced
 _FLAT_HEAD = b'{"format":"' + t.FORMAT.encode() + b'",'
 _ROOT_HEAD = b'{"format":"' + FORMAT.encode() + b'",'
@@ -454,6 +458,10 @@ def assemble(snapshot_id: str, root: bytes, fetch: Fetch, out: BinaryIO) -> Fold
                     raise UnsafeTree(snapshot_id, path[:200], f"is nested deeper than {MAX_DEPTH} folders")
                 if sum(r.raw_length for r in refs) > MAX_LISTING:
                     raise UnsafeTree(snapshot_id, path[:200], f"has a listing larger than {MAX_LISTING} bytes")
+                if any(r.raw_length > max(LISTING_INFLATE_FLOOR, LISTING_INFLATE_RATIO * r.length) for r in refs):
+                    raise UnsafeTree(
+                        snapshot_id, path[:200], f"has a listing that inflates over {LISTING_INFLATE_RATIO} times"
+                    )
                 for ref in refs:
                     if ref.blob in seen:
                         raise UnsafeTree(
