@@ -20,10 +20,13 @@ for a tree spliced from its parent's, takes the parent's listings of untouched f
 what the change touches. Both give the same tree.
 
 Listings come from a store: `assemble` takes nothing on trust. Each blob is checked against its hash
-(`ListingReader`), with its inflation bounded by its reference; each line must be a direct child of the folder
-whose listing holds it, and a listing must name the folder it was fetched for; no blob may be used twice in one
-tree (a few crafted listings naming each other over and over would expand to billions of entries); depth is
-bounded by the path limit; and the entry count must match the root footer's.
+(`ListingReader`), with its inflation bounded by its reference and the reference's by its stored size; each line
+must be a direct child of the folder whose listing holds it, and a listing must name the folder it was fetched
+for; no blob may be used twice in one tree (a few crafted listings naming each other over and over would expand
+to billions of entries); depth is bounded by the path limit, and the listings held along the walk's path by
+`MAX_LISTING`, as bytes; the reader's read-ahead by what it used; and the entry count must match the root
+footer's. The `.folders` file kept next to a cached tree (`write_folder_refs`) names its tree and carries a check
+hash: a spliced child names those listings unread, and GC keeps only their packs.
 """
 
 from __future__ import annotations
