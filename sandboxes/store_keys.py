@@ -1,8 +1,10 @@
 """Where everything lives in a snapshot store: one place for the key layout, as restic has for its repository.
 
-    packs/ab/<pack>          content: blobs packed together (pack name = hash of its index)
+    packs/ab/<pack>          blobs packed together: file content and trees' folder listings (pack name = hash of
+                             its index)
     index/ab/<pack>          a pack's index: which blobs it holds, at which offsets
-    trees/ab/<snapshot>      a snapshot's tree (snapshot id = hash of the tree)
+    trees/ab/<snapshot>      a snapshot's tree object: the root of its folder listings, or a flat tree (snapshot
+                             id = hash of the object; snapshots/merkle.py)
     snapshots/<snapshot>     a snapshot's record: labels, parent, counts - what `snapshot ls` and GC list
     gc/condemned/<epoch>     garbage collection's marks; gc/deleted/<epoch> once swept; gc/lock
     logs/<hash>.zst          full (redacted) output of a step whose tail did not fit in history

@@ -385,11 +385,13 @@ def create_snapshot(
 ) -> CreateResult:
     """Store everything under ``root`` that ``selection`` covers.
 
-    ``publish(snapshot_id, tree_body, side)`` stores the tree once all packs are stored and returns whether it
-    wrote it (False: an identical tree already existed); ``side`` is the tree's side file and the packs it names
-    (splice.py), or None. The stat cache is replaced only after that succeeded. The
-    stat cache belongs to ``store_id`` (the store's identity; its URL by default); files it describes with
-    chunks in ``avoid_packs`` (packs found missing from the store) are read again.
+    ``publish(flat_id, tree_body, side, spliced)`` stores the tree once all packs are stored and returns the snapshot id
+    and whether it wrote the tree object (False: an identical tree already existed) as `Published`; ``flat_id`` is
+    the hash of the flat body, ``side`` the body's side file and the packs it names (splice.py), or None, and
+    ``spliced`` what a spliced body can differ from its parent in (createbase.Spliced), or None. The stat
+    cache is replaced only after that succeeded. The stat cache belongs to ``store_id`` (the store's identity; its
+    URL by default); files it describes with chunks in ``avoid_packs`` (packs found missing from the store) are
+    read again.
 
     With ``changes`` and ``parent`` (its id and verified tree file), only the listed paths are looked at and every
     other entry is the parent's (see hinted.py); what needs a full walk after all falls back to one. With the
@@ -499,7 +501,13 @@ def _create(
             except BaseException:
                 builder.abort()
                 raise
-            stats.tree_written = inputs.publish(snapshot_id, body, builder.side)
+            # The stored tree's id is the snapshot id (for tardigrade-tree/2 not the flat body's hash): it is what
+            # the stat cache and the result name.
+            published = inputs.publish(snapshot_id, body, builder.side, None)
+            snapshot_id = published.snapshot_id
+            stats.tree_written = published.written
+            stats.tree_blobs, stats.tree_bytes = published.tree_blobs, published.tree_bytes
+            stats.tree_deduped = published.tree_deduped
             if cache_out is not None:
                 if walked is None:
                     # Not a third walk after the tree was built: a file changed since would get the new stat in

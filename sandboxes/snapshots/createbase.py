@@ -18,7 +18,26 @@ from tardigrade.sandboxes.snapshots.gc import Epoch
 from tardigrade.sandboxes.snapshots.packs import KnownBlobs
 from tardigrade.sandboxes.stores.base import ObjectStore
 
-Publish = Callable[[str, Path, "tuple[Path, frozenset[str]] | None"], bool]
+
+@dataclass(frozen=True)
+class Published:
+    """What publishing a tree did: the snapshot id (the stored tree object's hash, which for a tardigrade-tree/2
+    tree is not the flat body's, see merkle.py), whether the tree object was new, and the folder listings and
+    bytes it stored (the tree object aside), and how many listings it encoded only to find them stored."""
+
+    snapshot_id: str
+    written: bool
+    tree_blobs: int = 0
+    tree_bytes: int = 0
+    tree_deduped: int = 0
+
+
+#: A spliced tree's parent (its snapshot id) and the (path, whole subtree?) targets the splice replaced: the only
+#: places where the new tree can differ from the parent's (splice.py).
+Spliced = tuple[str, list[tuple[str, bool]]]
+
+#: ``publish(flat body's id, flat body, side file and its packs or None, Spliced or None)``: see `create_snapshot`.
+Publish = Callable[[str, Path, "tuple[Path, frozenset[str]] | None", "Spliced | None"], Published]
 
 
 @dataclass(frozen=True)
@@ -49,6 +68,9 @@ class CreateStats:
     bytes_stored: int = 0
     packs: int = 0
     tree_written: bool = False
+    tree_blobs: int = 0  # folder listings newly stored (tardigrade-tree/2, merkle.py)
+    tree_bytes: int = 0  # their stored bytes (the tree object aside)
+    tree_deduped: int = 0  # folder listings encoded and hashed, and found stored already
     spliced: bool = False  # the tree is the parent's with only the hinted paths replaced (splice.py)
     seconds: float = 0.0
 

@@ -1,9 +1,12 @@
 """`SnapshotEngine`: create, restore, verify and list snapshots in one object store.
 
-Its objects - packs of compressed blobs, pack indexes, trees (zstd JSON lines; the snapshot id is the hash of
-the tree) and small records for listing - are immutable and verified on read; where each lives is in
-sandboxes/store_keys.py. A snapshot is usable once its tree exists; the tree is written only after its packs, and
-the record only after the tree. This module holds no Temporal code: activities and the CLI call it.
+Its objects - packs of compressed blobs (file contents, and the folder listings of trees), pack indexes, tree
+objects (a tardigrade-tree/2 root, merkle.py, or a flat tardigrade-tree/1 tree; the snapshot id is the hash of
+the object) and small records for listing - are immutable and verified on read; where each lives is in
+sandboxes/store_keys.py. A snapshot is usable once its tree object exists; it is written only after every pack
+(contents and listings), and the record only after the tree. Trees are used in their flat form (tree.py), kept
+per worker in a cache keyed by snapshot id, next to their folder listings' references and splice side file.
+This module holds no Temporal code: activities and the CLI call it.
 """
 
 from __future__ import annotations
@@ -30,15 +33,18 @@ import zstandard
 
 from tardigrade.sandboxes.errors import SnapshotCorrupt, SnapshotError, SnapshotMissing
 from tardigrade.sandboxes.selection import Selection
+from tardigrade.sandboxes.snapshots import merkle
 from tardigrade.sandboxes.snapshots import tree as t
 from tardigrade.sandboxes.snapshots.changes import ChangeSet
 from tardigrade.sandboxes.snapshots.create import CreateResult, CreateStats, create_snapshot
+from tardigrade.sandboxes.snapshots.createbase import Published, Spliced
 from tardigrade.sandboxes.snapshots.crypto import EncryptedStore, Encryption, EncryptionError, require_no_encryption
 from tardigrade.sandboxes.snapshots.gc import Epoch, GcPolicy, GcReport, collect_garbage, load_epochs
 from tardigrade.sandboxes.snapshots.hinted import check_changes
 from tardigrade.sandboxes.snapshots.index import BlobIndex
-from tardigrade.sandboxes.snapshots.packs import MAX_WINDOW, BlobUndecodable, blob_hash, decode_blob
+from tardigrade.sandboxes.snapshots.packs import MAX_WINDOW, BlobUndecodable, PackWriter, blob_hash, decode_blob
 from tardigrade.sandboxes.snapshots.restore import RestoreStats, read_footer, restore_tree, tree_entries
+from tardigrade.sandboxes.snapshots.splice import retarget_side
 from tardigrade.sandboxes.store_keys import PACKS, RECORDS, index_key, pack_key, record_key, tree_key
 from tardigrade.sandboxes.stores.base import ObjectMissing, ObjectStore
 from tardigrade.sandboxes.stores.folder import FileStore
@@ -53,9 +59,13 @@ _LIST_SHARD_AT = 8  # unconfirmed packs in one packs/xx/ folder from which one l
 _CHECK_THREADS = 16
 _LIST_PAGE = 1000  # keys per listing request (S3, GCS and Azure alike)
 _TREE_PACKS_LIMIT = 64
+MERKLE_FROM_BYTES = 4 << 20  # flat trees from this size are stored as listings (tree/2): see merkle_from_bytes
 log = logging.getLogger("tardigrade.snapshots")
 _TREE_CACHE_LIMIT = 32
 SIDE_SUFFIX = ".side"  # a cached tree's digest records (splice.py), next to it
+# A cached tree's folder listings (merkle.py; empty for a flat tree), next to it: a cached tree is used only with
+# it, since the packs of its listings are the tree's too (GC marks them, a reused tree needs them).
+FOLDERS_SUFFIX = ".folders"
 _PRUNE_SLACK = 8
 _IN_MEMORY_TREE = 32 << 20  # trees up to this size are compressed in memory
 # A stored tree may inflate to this many times its size (real trees: under 70x, folders-only ones with equal
@@ -102,6 +112,21 @@ class VerifyReport:
     @property
     def ok(self) -> bool:
         return not self.problems
+
+
+def _last_line(path: Path) -> bytes:
+    """A file's last line, read from its end (a footer: never more than a block)."""
+    with open(path, "rb") as f:
+        f.seek(max(0, os.path.getsize(path) - 65536))
+        return f.read().rsplit(b"\n", 1)[-1]
+
+
+def _file_hash(path: Path) -> str:
+    hasher = blake3.blake3()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            hasher.update(block)
+    return hasher.hexdigest()
 
 
 def check_snapshot_id(snapshot_id: str) -> str:
@@ -153,6 +178,14 @@ class SnapshotEngine:
         self._lock = threading.Lock()
         self._remembered = 0
         self._retired: list[BlobIndex] = []  # indexes of a store that went away, closed with the engine
+        #: The form new trees are stored in: 2, a Merkle tree of folder listings in packs (merkle.py); 1, one flat
+        #: object (what stores written before hold). Every form is read, whatever this says.
+        self.tree_format = 2
+        #: Flat trees smaller than this are stored as one tardigrade-tree/1 object even when `tree_format` is 2:
+        #: below it a one-object tree costs less per checkpoint than the listings' packs (measured: 4 MiB is
+        #: about 20,000 files), above it the listings on a change's path are what a one-file
+        #: change writes. Tests set 0 to exercise tree/2 on small workspaces.
+        self.merkle_from_bytes = MERKLE_FROM_BYTES
         #: Which store this is (stores/identity.py). Every cache below is keyed by it, never by the URL.
         self.identity = ensure_identity(self.raw_store)
         self._open_caches(self.identity)
@@ -287,30 +320,61 @@ class SnapshotEngine:
         known.sync_gc(epochs)
         known.refresh()
 
-        def publish(snapshot_id: str, body: Path, side: tuple[Path, frozenset[str]] | None) -> bool:
-            """Queue the tree once every pack it names is known to be in the store; `create` flushes it together
-            with the record (packs were flushed before). ``side``: its side file and packs, if it has one."""
+        def publish(
+            flat_id: str, body: Path, side: tuple[Path, frozenset[str]] | None, spliced: Spliced | None
+        ) -> Published:
+            """Store the folder listings of the flat tree ``body`` (tardigrade-tree/2), then queue the root object
+            once every pack the tree names is known to be in the store; `create` flushes it together with the
+            record (packs were flushed before). ``side``: the body's side file and packs, if it has one;
+            ``spliced``: where a spliced body can differ from its parent, whose untouched listings are reused."""
             packs = set(side[1]) if side is not None else tree_packs(body)
-            self._require_packs(known, packs, since)
-            if self.identity != identity:
-                raise _PacksVanished(set())  # the store changed under this snapshot: start over against the new one
-            written = False
-            if not self.store.exists(tree_key(snapshot_id)):
-                self._put_tree(snapshot_id, body)
-                written = True
-            self._remember_tree(snapshot_id, body, packs, side[0] if side is not None else None)
-            return written
+            root = body.with_name(body.name + ".root")
+            try:
+                if self.tree_format == 1 or body.stat().st_size < self.merkle_from_bytes:
+                    snapshot_id, tree_object, folders, blobs, stored, deduped = flat_id, body, {}, 0, 0, 0
+                else:
+                    reusable = self._reusable_listings(spliced[0]) if spliced is not None else None
+                    writer = PackWriter(self.store, known, encryption=self.encryption)
+                    try:
+                        if spliced is not None and reusable:
+                            folders = merkle.split_changed(body, reusable, spliced[1], writer, root)
+                        else:
+                            folders = merkle.split(body, writer, root)
+                    finally:
+                        writer.close()
+                    snapshot_id, tree_object = _file_hash(root), root
+                    blobs, stored = writer.stats.blobs_new, writer.stats.bytes_stored
+                    deduped = writer.stats.blobs_reused
+                    packs |= {ref.pack for refs in folders.values() for ref in refs}
+                self._require_packs(known, packs, since)
+                if self.identity != identity:
+                    raise _PacksVanished(set())  # the store changed under this snapshot: start over against it
+                written = False
+                if not self.store.exists(tree_key(snapshot_id)):
+                    self._put_tree(snapshot_id, tree_object)
+                    written = True
+                if side is not None and snapshot_id != flat_id and not retarget_side(side[0], snapshot_id):
+                    side = None
+                self._remember_tree(snapshot_id, body, packs, side[0] if side is not None else None, folders)
+            finally:
+                root.unlink(missing_ok=True)
+            return Published(snapshot_id, written, blobs, stored, deduped)
 
         def tree_usable(snapshot_id: str) -> bool:
             """The unchanged workspace's last tree may be reused: it and every pack it names are in the store."""
             if not self.store.exists(tree_key(snapshot_id)):
                 return False
             try:
-                self._require_packs(known, self._packs_of(snapshot_id), since)
+                packs = self._packs_of(snapshot_id)
+                self._require_packs(known, packs, since)
             except _PacksVanished as e:
                 known.vanish(e.packs)
                 return False
-            return True
+            except SnapshotError as e:
+                log.warning("the last snapshot's tree cannot be reused: %s", e)
+                return False
+            # A condemned pack (of a folder listing, say) may be deleted any moment: store the tree anew.
+            return packs.isdisjoint(known.condemned)
 
         return create_snapshot(
             self.store,
@@ -372,12 +436,45 @@ class SnapshotEngine:
             return set().union(*pool.map(check, checks))
 
     def _packs_of(self, snapshot_id: str) -> frozenset[str]:
+        """Every pack the snapshot needs: its files' and its folder listings'."""
         with self._lock:
             packs = self._tree_packs.get(snapshot_id)
         if packs is None:
             with self.open_tree(snapshot_id) as path:
-                packs = self._note_packs(snapshot_id, tree_packs(path))
+                files = tree_packs(path)
+            listings = {ref.pack for refs in self.folders_of(snapshot_id).values() for ref in refs}
+            packs = self._note_packs(snapshot_id, files | listings)
         return packs
+
+    def _reusable_listings(self, parent: str) -> merkle.FolderRefs | None:
+        """The parent's folder listings, if a spliced child may name them without looking: none in a pack that
+        garbage collection condemned or that was found missing (those are stored again, under new packs)."""
+        try:
+            folders = self.folders_of(parent)
+        except SnapshotError as e:
+            log.info("the listings of %s are not reused: %s", parent, e)
+            return None
+        avoid = self.known.condemned | self.known.vanished
+        if any(ref.pack in avoid for refs in folders.values() for ref in refs):
+            return None
+        return folders
+
+    def folders_of(self, snapshot_id: str) -> merkle.FolderRefs:
+        """The folder listings of the snapshot's tree as stored (none for a flat tardigrade-tree/1 tree), from the
+        file kept next to its cached tree; read from the store if that is gone or fails its checks."""
+        companion = self._trees / f"{snapshot_id}{FOLDERS_SUFFIX}"
+        for _ in range(2):
+            try:
+                return merkle.read_folder_refs(companion, snapshot_id)
+            except FileNotFoundError:
+                (self._trees / snapshot_id).unlink(missing_ok=True)  # pruned meanwhile: fetch both again
+            except ValueError as e:  # cut short (a full disk), damaged, another tree's: the store's root says
+                log.warning("the cached folder listings of %s are read again from the store: %s", snapshot_id, e)
+                companion.unlink(missing_ok=True)
+                (self._trees / snapshot_id).unlink(missing_ok=True)
+            with self.open_tree(snapshot_id):
+                pass
+        raise SnapshotError(f"the folder listings of cached tree {snapshot_id} keep vanishing from {self._trees}")
 
     def _note_packs(self, snapshot_id: str, packs: set[str] | frozenset[str]) -> frozenset[str]:
         frozen = frozenset(packs)
@@ -389,6 +486,7 @@ class SnapshotEngine:
         return frozen
 
     def _put_tree(self, snapshot_id: str, body: Path) -> None:
+        """Store a tree object: a flat tree, or a tardigrade-tree/2 root (merkle.py)."""
         if body.stat().st_size <= _IN_MEMORY_TREE:
             packed = zstandard.ZstdCompressor(level=1).compress(body.read_bytes())
             self.store.put_deferred(tree_key(snapshot_id), [packed])
@@ -404,12 +502,26 @@ class SnapshotEngine:
     # -- trees ------------------------------------------------------------------------------------------------
 
     def _remember_tree(
-        self, snapshot_id: str, body: Path, packs: set[str] | None = None, side: Path | None = None
+        self,
+        snapshot_id: str,
+        body: Path,
+        packs: set[str] | None = None,
+        side: Path | None = None,
+        folders: merkle.FolderRefs | None = None,
     ) -> None:
-        """Keep a verified, uncompressed copy of recent trees: rollbacks restore the same tree over and over. Its
-        side file (splice.py), if given, goes next to it: the next hinted checkpoint splices both."""
+        """Keep a verified, uncompressed copy of recent trees (flat, whatever their stored form): rollbacks restore
+        the same tree over and over. Its folder listings (``folders``, merkle.py) go next to it first, and its side
+        file (splice.py), if given: the next hinted checkpoint splices both."""
         if packs is not None:
             self._note_packs(snapshot_id, packs)
+        companion = self._trees / f"{snapshot_id}{FOLDERS_SUFFIX}"
+        if folders is not None and not companion.exists():
+            scratch = body.with_name(body.name + FOLDERS_SUFFIX)
+            try:
+                merkle.write_folder_refs(scratch, snapshot_id, folders)
+                self._keep_file(scratch, companion)
+            finally:
+                scratch.unlink(missing_ok=True)
         if side is not None and not (self._trees / f"{snapshot_id}{SIDE_SUFFIX}").exists():
             self._keep_file(side, self._trees / f"{snapshot_id}{SIDE_SUFFIX}")
         target = self._trees / snapshot_id
@@ -435,11 +547,12 @@ class SnapshotEngine:
         prune the same folder at the same time: a tree gone between the listing and its stat is simply gone."""
         with os.scandir(self._trees) as listing:
             entries = list(listing)
-        if sum(not e.name.endswith(SIDE_SUFFIX) for e in entries) <= _TREE_CACHE_LIMIT + _PRUNE_SLACK:
+        companions = (SIDE_SUFFIX, FOLDERS_SUFFIX)
+        if sum(not e.name.endswith(companions) for e in entries) <= _TREE_CACHE_LIMIT + _PRUNE_SLACK:
             return  # each CLI call adds a tree: stat them all only every few calls, not on every one
         aged, sides = [], []
         for cached in entries:
-            if cached.name.endswith(SIDE_SUFFIX):
+            if cached.name.endswith(companions):
                 sides.append(cached.name)
                 continue
             try:
@@ -450,13 +563,15 @@ class SnapshotEngine:
         for _, old in aged[:-_TREE_CACHE_LIMIT]:
             (self._trees / old).unlink(missing_ok=True)
         kept = {name for _, name in aged[-_TREE_CACHE_LIMIT:]}
-        for side in sides:  # a side file outlives its tree by one prune at most
-            if side[: -len(SIDE_SUFFIX)] not in kept:
+        for side in sides:  # a side file (or folders file) outlives its tree by one prune at most
+            if side.rpartition(".")[0] not in kept:
                 (self._trees / side).unlink(missing_ok=True)
 
     @contextmanager
     def open_tree(self, snapshot_id: str) -> Iterator[Path]:
-        """A verified, uncompressed copy of the snapshot's tree. Raises `SnapshotMissing` / `SnapshotCorrupt`."""
+        """A verified, uncompressed copy of the snapshot's tree, in flat form whatever form it is stored in (a
+        tardigrade-tree/2 tree is assembled from its folder listings, merkle.py). Raises `SnapshotMissing` /
+        `SnapshotCorrupt` / `UnsafeTree`."""
         check_snapshot_id(snapshot_id)
         cached = self._trees / snapshot_id
         try:
@@ -464,8 +579,9 @@ class SnapshotEngine:
         except FileNotFoundError:
             pass
         else:
-            yield cached
-            return
+            if (self._trees / f"{snapshot_id}{FOLDERS_SUFFIX}").exists():
+                yield cached
+                return
         key = tree_key(snapshot_id)
         fd, name = tempfile.mkstemp(dir=self.scratch, prefix="fetch-")
         os.close(fd)
@@ -501,7 +617,21 @@ class SnapshotEngine:
                 raise SnapshotCorrupt(snapshot_id, None, key, f"cannot be decompressed ({e})") from None
             if hasher.hexdigest() != snapshot_id:
                 raise SnapshotCorrupt(snapshot_id, None, key, "does not match its hash (the tree is corrupt)")
-            self._remember_tree(snapshot_id, body)
+            folders: merkle.FolderRefs = {}
+            if merkle.is_root_footer(_last_line(body)):
+                flat = Path(name + ".flat")
+                try:
+                    with open(flat, "wb") as out:
+                        folders = merkle.assemble(
+                            snapshot_id,
+                            body.read_bytes(),  # the root folder's listing, bounded like any tree object
+                            merkle.ListingReader(self.store, self.encryption, snapshot_id),
+                            out,
+                        )
+                    os.replace(flat, body)
+                finally:
+                    flat.unlink(missing_ok=True)
+            self._remember_tree(snapshot_id, body, folders=folders)
             yield body
         finally:
             compressed.unlink(missing_ok=True)
@@ -600,6 +730,8 @@ class SnapshotEngine:
             packs: set[str] = set()
             for entry in self.entries(snapshot_id):
                 packs.update(ref.pack for ref in entry.chunks)
+            # A tardigrade-tree/2 tree's folder listings live in packs too (merkle.py): those are kept as well.
+            packs.update(ref.pack for refs in self.folders_of(snapshot_id).values() for ref in refs)
             return packs
 
         return collect_garbage(self.store, policy, tree_packs=tree_packs, now=now)
@@ -624,6 +756,9 @@ class SnapshotEngine:
                     report.bytes += entry.size
                     for ref in entry.chunks:
                         by_pack.setdefault(ref.pack, {}).setdefault(ref.blob, (ref, entry.path))
+            for folder, refs in self.folders_of(snapshot_id).items():  # tardigrade-tree/2 listings, read again
+                for ref in refs:
+                    by_pack.setdefault(ref.pack, {}).setdefault(ref.blob, (ref, folder))
         except SnapshotError as e:
             key = getattr(e, "key", tree_key(snapshot_id))
             report.problems.append(VerifyProblem(None, key, str(e)))

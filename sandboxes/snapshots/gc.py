@@ -3,7 +3,8 @@
 Plain mark-and-sweep is not safe here: a snapshot being written may be about to reference an old pack (dedupe)
 that the sweep sees as unreferenced. So deletion takes two GC runs, separated by a grace period:
 
-1. A GC run decides which snapshots to keep, marks the packs their trees reference, deletes the records of the
+1. A GC run decides which snapshots to keep, marks the packs their trees reference (file contents, and the folder
+   listings a tardigrade-tree/2 tree is stored as: snapshots/merkle.py), deletes the records of the
    snapshots it drops, and *condemns* (does not delete) every unmarked pack older than the grace period, and the
    dropped trees, by writing an epoch object ``gc/condemned/<epoch>``.
 2. Writers read the epochs when a snapshot starts, and never reuse a condemned pack or tree: they store the

@@ -114,6 +114,31 @@ def _line_record(line: bytes, snapshot_id: str) -> tuple[bytes, str, int]:
     return t.entry_digest_record(entry), entry.kind, entry.size if entry.kind == t.FILE else 0
 
 
+def retarget_side(side_path: Path, snapshot_id: str) -> bool:
+    """Make a side file describe the tree stored as ``snapshot_id``: a tardigrade-tree/2 snapshot's id is its
+    root object's hash, not the hash of the flat body the side file was written next to (merkle.py). Rewrites the
+    footer in place; False if the file has no footer of ours (then it is rebuilt when needed)."""
+    with open(side_path, "r+b") as f:
+        end = f.seek(0, os.SEEK_END)
+        at = end
+        while at > 0:  # the footer is the last line; its pack counts can make it longer than one block
+            at = max(0, at - 65536)
+            f.seek(at)
+            cut = f.read(end - at).rfind(b"\n")
+            if cut >= 0:
+                at += cut + 1
+                break
+        f.seek(at)
+        footer = SideFooter.decode(f.read())
+        if footer is None:
+            return False
+        footer.tree = snapshot_id
+        f.seek(at)
+        f.truncate()
+        f.write(footer.encode())
+    return True
+
+
 def build_side(body_path: Path, snapshot_id: str, digest: str, side_path: Path) -> bool:
     """Rebuild the side file of a verified tree in one streaming pass over its lines. False if the tree cannot be
     spliced (its recorded digest is not the hash of its records, or a record spans lines)."""

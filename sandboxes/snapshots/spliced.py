@@ -127,14 +127,15 @@ def create_spliced(
     with contextlib.ExitStack() as release:
         release.callback(parent.close)
         subtrees, ancestors = _plan(root, selection, changes)
+        targets = [(p, True) for p in subtrees] + [(p, False) for p in ancestors]
         try:
-            cuts, where = plan_cuts(parent, [(p, True) for p in subtrees] + [(p, False) for p in ancestors])
+            cuts, where = plan_cuts(parent, targets)
         except Unspliceable as e:
             log.info("snapshot of %s is not spliced: %s", root, e)
             return None
         walked = ((path, st, ancestor, where[_target(path, subtrees, ancestors)])
                   for path, st, ancestor in _fresh(root, selection, subtrees, ancestors))  # fmt: skip
-        done = _splice(inputs, parent, cuts, walked, release, stats)
+        done = _splice(inputs, parent, cuts, walked, release, stats, targets)
         if done is None:
             return None
         snapshot_id, digest, _ = done
@@ -166,9 +167,11 @@ def _splice(
     walked: Iterable[tuple[str, os.stat_result, bool, int]],
     release: contextlib.ExitStack,
     stats: CreateStats,
+    targets: list[tuple[str, bool]],
 ) -> tuple[str, str, list[tuple[Fresh, bytes]]] | None:
     """Store the walked paths (each with the index of the cut it goes into, in canonical order) and publish the
-    parent's tree with the cuts replaced by them. Returns (id, digest, each fresh entry with its stat and tree line),
+    parent's tree with the cuts replaced by them (``targets``: the (path, whole subtree?) pairs the cuts were planned
+    from). Returns (id, digest, each fresh entry with its stat and tree line),
     or None if the removed lines do not match the side file (before anything is read)."""
     root, known, scratch = inputs.root, inputs.known, inputs.scratch
     side = parent.footer
@@ -228,7 +231,12 @@ def _splice(
     )
     with open(side_out, "ab") as f:
         f.write(footer.encode())
-    stats.tree_written = inputs.publish(snapshot_id, body, (side_out, frozenset(packs)) if splittable else None)
+    side_of = (side_out, frozenset(packs)) if splittable else None
+    published = inputs.publish(snapshot_id, body, side_of, (parent.snapshot_id, targets))
+    snapshot_id = published.snapshot_id  # the stored tree's id (merkle.py), not the flat body's hash
+    stats.tree_written = published.written
+    stats.tree_blobs, stats.tree_bytes = published.tree_blobs, published.tree_bytes
+    stats.tree_deduped = published.tree_deduped
     stats.spliced = True
     stats.entries = entries
     stats.files_unchanged = side.files - removed.files
@@ -306,7 +314,7 @@ def create_walk_spliced(
         items = sorted((walked[p] for p in paths if p in walked), key=lambda item: t.sort_key(item[0]))
         try:
             walked_items = ((path, st, ancestor, where[path]) for path, st, ancestor in items)
-            done = _splice(inputs, parent, cuts, walked_items, release, stats)
+            done = _splice(inputs, parent, cuts, walked_items, release, stats, [(p, False) for p in paths])
         except NeedsWalk as e:
             log.info("snapshot of %s walks the whole folder: %s", root, e)
             return None

@@ -1,8 +1,16 @@
-"""The tree object: one line per path of a snapshot, in canonical order, plus the workspace digest.
+"""The flat tree (tardigrade-tree/1): one line per path of a snapshot, in canonical order, plus the workspace digest.
 
-A tree is JSON lines, zstd-compressed. Its id - the snapshot id - is the BLAKE3 hash of the uncompressed bytes,
-so a tree can be verified on every read. Entries are sorted depth-first with siblings by name (the order a walk
-produces), which lets create and restore stream-merge a tree against a live folder in bounded memory.
+A flat tree is JSON lines, then a footer line (format, entry count, bytes, workspace digest, selection). Entries
+are sorted depth-first with siblings by name (the order a walk produces), which lets create and restore
+stream-merge a tree against a live folder in bounded memory, and splice and binary-search it as bytes. Every
+reader (restore, verify, diff, GC) and every writer (create, splice) works on this form.
+
+How a tree is stored: new snapshots store it as a Merkle tree of folder listings in packs (tardigrade-tree/2,
+merkle.py), whose root object is ``trees/xx/<snapshot id>`` and whose lines are these lines (plus, on a folder's
+line, ``"x"``: where its listing is), so the flat tree is assembled from it on read, byte for byte what was
+split, and the workspace digest does not depend on the form. Stores written before hold flat trees as one
+zstd-compressed object, whose id - the snapshot id - is the BLAKE3 hash of the uncompressed flat tree; those are
+read as they are. Either way the snapshot id verifies the whole tree.
 
 Entry fields (short keys keep trees small): ``p`` path, ``k`` kind (``d`` folder, ``f`` file, ``l`` symlink,
 ``h`` hard link to an earlier file), ``m`` permission bits, ``t`` mtime in ns, ``s`` size, ``h`` BLAKE3 of the
@@ -112,6 +120,11 @@ def parse_entry(snapshot_id: str, line: bytes) -> Entry:
         d = json.loads(line.decode("utf-8", "surrogateescape"))
     except ValueError:
         raise UnsafeTree(snapshot_id, "", "has a line that is not JSON") from None
+    return entry_from_dict(snapshot_id, d)
+
+
+def entry_from_dict(snapshot_id: str, d: object) -> Entry:
+    """`parse_entry` of a line already parsed as JSON."""
     if not isinstance(d, dict) or not isinstance(d.get("p"), str) or not isinstance(d.get("k"), str):
         raise UnsafeTree(snapshot_id, "", "has an entry without a path and a kind")
     path = d["p"]
@@ -119,16 +132,20 @@ def parse_entry(snapshot_id: str, line: bytes) -> Entry:
                     ("l", lambda v: isinstance(v, str)), ("c", lambda v: isinstance(v, list))):  # fmt: skip
         if key in d and not ok(d[key]):
             raise UnsafeTree(snapshot_id, path, f"has a malformed field {key!r}")
-    for c in d.get("c", ()):
-        if not (
-            isinstance(c, list)
-            and len(c) == 6
-            and isinstance(c[0], str)
-            and isinstance(c[1], str)
-            and all(_is_int(v) for v in c[2:])
-        ):
-            raise UnsafeTree(snapshot_id, path, "has a malformed chunk reference")
+    if not all(is_chunk_json(c) for c in d.get("c", ())):
+        raise UnsafeTree(snapshot_id, path, "has a malformed chunk reference")
     return Entry.from_json(d)
+
+
+def is_chunk_json(c: object) -> bool:
+    """Whether a parsed JSON value has the shape of a chunk reference: ``[str, str, int, int, int, int]``."""
+    return (
+        isinstance(c, list)
+        and len(c) == 6
+        and isinstance(c[0], str)
+        and isinstance(c[1], str)
+        and all(_is_int(v) for v in c[2:])
+    )
 
 
 _NEEDS_ESCAPE = re.compile(r'[\x00-\x1f"\\\ud800-\udfff]')
@@ -186,6 +203,18 @@ def check_path(snapshot_id: str, path: str) -> None:
         raise UnsafeTree(snapshot_id, path[:200], f"is longer than a path ({PATH_MAX}) or name ({NAME_MAX}) may be")
 
 
+def check_chunk(snapshot_id: str, path: str, c: ChunkRef) -> None:
+    """A chunk reference (type-checked by `parse_entry`) that names a possible blob: `UnsafeTree` otherwise."""
+    if c.codec & ~CODEC_ENCRYPTED not in (CODEC_RAW, CODEC_ZSTD):
+        raise UnsafeTree(snapshot_id, path, "uses an unknown codec")
+    if not (
+        0 <= c.raw_length <= MAX_BLOB_BYTES and 0 <= c.length <= MAX_STORED_BYTES and 0 <= c.offset <= MAX_PACK_OFFSET
+    ):
+        raise UnsafeTree(snapshot_id, path, f"has a chunk of impossible size (at most {MAX_BLOB_BYTES} bytes)")
+    if not (_HEX64.match(c.blob) and _HEX64.match(c.pack)):
+        raise UnsafeTree(snapshot_id, path, "has a chunk whose blob or pack is not a 64-hex-digit name")
+
+
 class TreeValidator:
     """Streaming checks that make a tree safe to restore: paths stay inside the target, entries are in canonical
     order without duplicates, nothing is written beneath a symlink, and hard links point at earlier files."""
@@ -219,17 +248,8 @@ class TreeValidator:
             raise UnsafeTree(sid, entry.path, f"is listed without its folder {parent!r}")
         if entry.kind == DIR:
             self._open_dirs.append(entry.path)
-        if any(c.codec & ~CODEC_ENCRYPTED not in (CODEC_RAW, CODEC_ZSTD) for c in entry.chunks):
-            raise UnsafeTree(sid, entry.path, "uses an unknown codec")
         for c in entry.chunks:
-            if not (
-                0 <= c.raw_length <= MAX_BLOB_BYTES
-                and 0 <= c.length <= MAX_STORED_BYTES
-                and 0 <= c.offset <= MAX_PACK_OFFSET
-            ):
-                raise UnsafeTree(sid, entry.path, f"has a chunk of impossible size (at most {MAX_BLOB_BYTES} bytes)")
-            if not (_HEX64.match(c.blob) and _HEX64.match(c.pack)):
-                raise UnsafeTree(sid, entry.path, "has a chunk whose blob or pack is not a 64-hex-digit name")
+            check_chunk(sid, entry.path, c)
         if entry.kind == SYMLINK:
             if not entry.link or "\0" in entry.link or len(entry.link.encode("utf-8", "surrogateescape")) > PATH_MAX:
                 raise UnsafeTree(sid, entry.path, "is a symlink without a valid target")
