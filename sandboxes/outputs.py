@@ -25,12 +25,11 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import blake3
-
 from tardigrade.sandboxes.errors import TardigradeError
 from tardigrade.sandboxes.manifest import Output, tree_path
 from tardigrade.sandboxes.selection import glob_to_regex
 from tardigrade.sandboxes.snapshots import Selection, SnapshotEngine
+from tardigrade.sandboxes.snapshots.packs import file_hash
 from tardigrade.sandboxes.stores import ObjectStore, StoreError, StoreUnavailable, open_store, redact_url
 
 
@@ -58,14 +57,6 @@ class OutputStats:
         return asdict(self)
 
 
-def _hash_file(path: Path) -> str:
-    hasher = blake3.blake3()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            hasher.update(block)
-    return hasher.hexdigest()
-
-
 def _same_content(store: ObjectStore, key: str, local: Path, digest: str, scratch: Path) -> bool:
     info = store.stat(key)
     if info.size != local.stat().st_size:
@@ -74,7 +65,7 @@ def _same_content(store: ObjectStore, key: str, local: Path, digest: str, scratc
     os.close(fd)
     try:
         store.get_file(key, Path(name))
-        return _hash_file(Path(name)) == digest
+        return file_hash(Path(name)) == digest
     finally:
         os.unlink(name)
 
@@ -136,7 +127,7 @@ def upload_output(
                         files.append((key, full))
         listing = []
         for key, full in files:
-            digest = _hash_file(full)
+            digest = file_hash(full)
             size = full.stat().st_size
             try:
                 created = destination.put_file(key, full)

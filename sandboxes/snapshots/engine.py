@@ -42,7 +42,14 @@ from tardigrade.sandboxes.snapshots.crypto import EncryptedStore, Encryption, En
 from tardigrade.sandboxes.snapshots.gc import Epoch, GcPolicy, GcReport, collect_garbage, load_epochs
 from tardigrade.sandboxes.snapshots.hinted import check_changes
 from tardigrade.sandboxes.snapshots.index import BlobIndex
-from tardigrade.sandboxes.snapshots.packs import MAX_WINDOW, BlobUndecodable, PackWriter, blob_hash, decode_blob
+from tardigrade.sandboxes.snapshots.packs import (
+    MAX_WINDOW,
+    BlobUndecodable,
+    PackWriter,
+    blob_hash,
+    decode_blob,
+    file_hash,
+)
 from tardigrade.sandboxes.snapshots.restore import RestoreStats, read_footer, restore_tree, tree_entries
 from tardigrade.sandboxes.snapshots.splice import retarget_side
 from tardigrade.sandboxes.store_keys import PACKS, RECORDS, index_key, pack_key, record_key, tree_key
@@ -119,14 +126,6 @@ def _last_line(path: Path) -> bytes:
     with open(path, "rb") as f:
         f.seek(max(0, os.path.getsize(path) - 65536))
         return f.read().rsplit(b"\n", 1)[-1]
-
-
-def _file_hash(path: Path) -> str:
-    hasher = blake3.blake3()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            hasher.update(block)
-    return hasher.hexdigest()
 
 
 def check_snapshot_id(snapshot_id: str) -> str:
@@ -342,7 +341,7 @@ class SnapshotEngine:
                             folders = merkle.split(body, writer, root)
                     finally:
                         writer.close()
-                    snapshot_id, tree_object = _file_hash(root), root
+                    snapshot_id, tree_object = file_hash(root), root
                     blobs, stored = writer.stats.blobs_new, writer.stats.bytes_stored
                     deduped = writer.stats.blobs_reused
                     packs |= {ref.pack for refs in folders.values() for ref in refs}

@@ -20,6 +20,7 @@ import threading
 from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Generic, Protocol, TypeVar
 
 import blake3
@@ -51,6 +52,15 @@ T = TypeVar("T")
 
 def blob_hash(data: bytes | bytearray | memoryview) -> str:
     return blake3.blake3(data).hexdigest()
+
+
+def file_hash(path: Path) -> str:
+    """BLAKE3 of a file's bytes, read 1 MiB at a time (a tree object, an output file)."""
+    hasher = blake3.blake3()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            hasher.update(block)
+    return hasher.hexdigest()
 
 
 def pack_index(refs: list[ChunkRef]) -> bytes:
