@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from tardigrade.sandboxes.errors import SnapshotError
 from tardigrade.sandboxes.snapshots.changes import ChangeSet
 from tests.security.fuzz_settings import fuzz_settings
-from tests.security.test_fuzz_tree import NASTY_PATHS, Lab, listing, tree_body
+from tests.security.test_fuzz_tree import NASTY_PATHS, Lab, listing, planted_jail, tree_body
 
 
 def _hint_accepts(path: str) -> bool:
@@ -56,15 +56,8 @@ def test_a_changeset_restore_of_any_planted_tree_writes_only_its_target(lab: Lab
         body = b"\n".join(line for line in body.split(b"\n") if b'"k":"h"' not in line)
     snapshot_id = lab.plant(body)
     changed = frozenset(data.draw(st.lists(st.sampled_from(CHANGED), min_size=1, max_size=4)))
-    with tempfile.TemporaryDirectory(dir=lab.base) as jail_name:
-        jail = Path(jail_name)
-        outside = jail / "outside"
-        outside.mkdir()
-        (outside / "secret").write_text("worker file")
-        target = jail / "target"
-        (target / "dir" / "sub").mkdir(parents=True)
-        (target / "dir" / "a.txt").write_text("old")
-        os.symlink("../outside", target / "escape")  # planted by the sandbox before the rollback
+    with planted_jail(lab) as (jail, outside, target):
+        (target / "dir" / "sub").mkdir()
         os.symlink("../outside", target / "rel-link")
         before = listing(outside)
         with contextlib.suppress(SnapshotError, ValueError):

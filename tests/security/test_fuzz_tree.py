@@ -177,6 +177,22 @@ def tree_body(draw: st.DrawFn, lab: Lab) -> bytes:
 # -- the property -------------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def planted_jail(lab: Lab) -> Iterator[tuple[Path, Path, Path]]:
+    """A folder holding a worker file (``outside/secret``) beside a restore target in which the sandbox planted a
+    symlink out (``escape``) and an old ``dir/a.txt``; yields (jail, outside, target) and removes it all after."""
+    with tempfile.TemporaryDirectory(dir=lab.base) as jail_name:
+        jail = Path(jail_name)
+        outside = jail / "outside"
+        outside.mkdir()
+        (outside / "secret").write_text("worker file")
+        target = jail / "target"
+        (target / "dir").mkdir(parents=True)
+        (target / "dir" / "a.txt").write_text("old")
+        os.symlink("../outside", target / "escape")  # planted by the sandbox before the rollback
+        yield jail, outside, target
+
+
 @fuzz_settings(examples=100)
 @given(data=st.data())
 def test_any_planted_tree_restores_or_fails_with_a_snapshot_error_and_writes_only_its_target(
@@ -184,16 +200,7 @@ def test_any_planted_tree_restores_or_fails_with_a_snapshot_error_and_writes_onl
 ) -> None:
     body = data.draw(tree_body(lab))
     snapshot_id = lab.plant(body)
-    with tempfile.TemporaryDirectory(dir=lab.base) as jail_name:
-        jail = Path(jail_name)
-        outside = jail / "outside"
-        outside.mkdir()
-        (outside / "secret").write_text("worker file")
-        target = jail / "target"
-        target.mkdir()
-        os.symlink("../outside", target / "escape")  # planted by the sandbox before the rollback
-        (target / "dir").mkdir()
-        (target / "dir" / "a.txt").write_text("old")
+    with planted_jail(lab) as (jail, outside, target):
         before = listing(outside)
         with contextlib.suppress(SnapshotError):
             lab.engine.restore(snapshot_id, target)

@@ -16,6 +16,7 @@ from tardigrade.sandboxes.snapshots.changes import ChangeSet
 from tardigrade.sandboxes.snapshots.crypto import Encryption, new_key
 from tardigrade.sandboxes.snapshots.gc import GcPolicy
 from tardigrade.sandboxes.stores import FileStore
+from tests.test_snapshot_merkle import fresh
 
 
 @pytest.fixture
@@ -28,8 +29,7 @@ def engine(tmp_path: Path) -> Iterator[SnapshotEngine]:
 
 def walked_id(engine: SnapshotEngine, tmp_path: Path, ws: Path, name: str) -> str:
     """The snapshot id a worker with nothing cached gives the folder."""
-    walker = SnapshotEngine(engine.raw_store, scratch_dir=tmp_path / name, encryption=None)
-    walker.merkle_from_bytes = engine.merkle_from_bytes
+    walker = fresh(engine, tmp_path, name)
     try:
         return walker.create(ws).id
     finally:
@@ -76,7 +76,7 @@ def test_a_damaged_or_foreign_folders_file_never_makes_a_checkpoint_wrong(
     (ws / "top").write_text("1\n")  # the change is elsewhere: the parent's listing of `a` is reused
     third = engine.create(ws, cache_path=cache, parent=second, changes=ChangeSet(frozenset({"top"})))
     assert third.id == walked_id(engine, tmp_path, ws, "walker")
-    reader = SnapshotEngine(engine.raw_store, scratch_dir=tmp_path / "reader", encryption=None)
+    reader = fresh(engine, tmp_path, "reader")
     reader.restore(third.id, tmp_path / "out")
     reader.close()
     assert (tmp_path / "out" / "a" / "f").read_text() == "two\n"
@@ -94,7 +94,7 @@ def test_a_foreign_folders_file_never_loses_a_kept_snapshots_listings_to_gc(
     kept = GcPolicy(keep_last=1, keep_within=0, grace=0)
     engine.collect_garbage(kept, now=time.time() + 1)
     engine.collect_garbage(kept, now=time.time() + 2)
-    reader = SnapshotEngine(engine.raw_store, scratch_dir=tmp_path / "reader", encryption=None)
+    reader = fresh(engine, tmp_path, "reader")
     reader.restore(second, tmp_path / "out")
     reader.close()
     assert (tmp_path / "out" / "a" / "f").read_text() == "two\n"
